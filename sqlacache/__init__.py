@@ -1,0 +1,22 @@
+"""sqlacache: a read-through query cache for SQLAlchemy 2.x sessions, invalidated at commit."""
+
+from sqlacache.backends import Backend, BackendError, MemoryBackend, RedisBackend
+from sqlacache.cache import Cache, configure, default_cache
+from sqlacache.policy import ConfigurationError
+from sqlacache.session import CachingAsyncSession, CachingSession, DeferredResult
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Cache",
+    "CachingAsyncSession",
+    "CachingSession",
+    "ConfigurationError",
+    "DeferredResult",
+    "MemoryBackend",
+    "RedisBackend",
+    "configure",
+    "default_cache",
+]
+
+__version__ = "0.2.0.dev0"

@@ -1,0 +1,89 @@
+"""The backend contract: the only thing the layers above ``backends/`` know about storage.
+
+The cache never asks a backend to find the entries a write affects. Instead every cached entry
+names the *dependencies* it was computed from (``"t:users"``, ``"r:users:…"``, …) and the
+*generation* at which its database read began. A backend keeps one version number per
+dependency; a commit bumps the versions of what it wrote. An entry is served only while every one
+of its dependencies exists and has a version no newer than the entry's generation. That gives:
+
+* invalidation whose cost depends on what was written, never on how much is cached;
+* the stale-set race closed: ``store`` refuses an entry whose dependencies were bumped after the
+  reader's generation was taken (check and store are one atomic step);
+* lost metadata is a miss, never a stale hit: a missing version counts as "bumped just now".
+
+Generations are strictly increasing per backend: any ``bump`` that happens after a call to
+``lookup``/``generation`` returned ``g`` assigns versions greater than ``g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class BackendError(Exception):
+    """A backend failed (connection, timeout, server error). The read falls back to the database."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A valid cached entry: the payload bytes as stored, and the dependencies it was stored with."""
+
+    payload: bytes
+    deps: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The answer to ``lookup``: the entry when there is a valid one, else the generation to read at."""
+
+    entry: Entry | None
+    generation: int
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend provides. All methods may raise :class:`BackendError`, nothing else.
+
+    Keys and dependency names are given without the prefix; the backend adds its own namespace.
+    Dependency names never contain ``"\\x1f"`` or ``"\\n"``.
+    """
+
+    def lookup(self, key: str) -> Lookup:
+        """One round trip: the entry under ``key`` if it is still valid, else the current generation.
+
+        An entry whose dependency versions are missing or newer than its generation is deleted and
+        reported as absent.
+        """
+        ...
+
+    def generation(self) -> int:
+        """The current generation (used at transaction start under REPEATABLE READ/SERIALIZABLE)."""
+        ...
+
+    def store(self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float) -> bool:
+        """Atomically store ``payload`` under ``key`` for ``ttl`` seconds, unless a dependency moved.
+
+        Refuses (returns ``False``, stores nothing) when any dependency's version is newer than
+        ``generation`` or missing; a missing version is created at the current generation so that
+        later readers can store. On success every dependency's version is kept alive at least as
+        long as the entry.
+        """
+        ...
+
+    def bump(self, deps: Sequence[str]) -> None:
+        """Give every dependency in ``deps`` a new version greater than every generation handed out."""
+        ...
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete entries by key (a corrupt or foreign entry found by a reader)."""
+        ...
+
+    def clear(self) -> None:
+        """Delete everything under this backend's prefix, and nothing else."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. The backend may not be used afterwards."""
+        ...

@@ -1,0 +1,167 @@
+"""In-process backend: a bounded LRU of entries plus a bounded LRU of dependency versions.
+
+Everything lives in two ordered dicts behind one lock. Each operation touches only the key and its
+dependencies, so the lock is held for a handful of dict operations; payloads are never copied or
+serialized under it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from sqlacache.backends.base import BackendError, Entry, Lookup
+
+__all__ = ["MemoryBackend"]
+
+
+class _Stored(NamedTuple):
+    payload: bytes
+    deps: tuple[str, ...]
+    generation: int
+    expires_at: float  # time.monotonic() deadline
+
+
+def _check_dep_names(deps: Sequence[str]) -> None:
+    # The Redis entry format cannot represent these; refusing them here too keeps both backends
+    # interchangeable, so a bad dependency name fails in development on the memory backend.
+    for dep in deps:
+        if "\x1f" in dep or "\n" in dep:
+            raise ValueError(f"dependency name {dep!r} contains a separator character (\\x1f or \\n)")
+
+
+class MemoryBackend:
+    """A :class:`~sqlacache.backends.base.Backend` for one process.
+
+    ``max_entries`` bounds the cached entries (least recently used is evicted first; a hit counts as a
+    use). ``max_versions`` bounds the dependency version table the same way: dropping a version is
+    safe because a missing version is treated as "bumped just now", which can only cause misses.
+
+    ``Lookup.generation`` is always the current generation, on a hit as on a miss.
+    """
+
+    def __init__(self, max_entries: int = 10_000, max_versions: int = 100_000) -> None:
+        if max_entries < 1 or max_versions < 1:
+            raise ValueError("max_entries and max_versions must be at least 1")
+        self._max_entries = max_entries
+        self._max_versions = max_versions
+        self._entries: OrderedDict[str, _Stored] = OrderedDict()
+        self._versions: OrderedDict[str, int] = OrderedDict()
+        # Starts above 0 so that a generation of 0 can never be mistaken for a real one.
+        self._generation = 1
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("MemoryBackend is closed")
+
+    def _next_generation(self) -> int:
+        # Caller holds the lock.
+        self._generation += 1
+        return self._generation
+
+    def _set_version(self, dep: str, generation: int) -> None:
+        # Caller holds the lock.
+        self._versions[dep] = generation
+        self._versions.move_to_end(dep)
+        while len(self._versions) > self._max_versions:
+            self._versions.popitem(last=False)
+
+    def lookup(self, key: str) -> Lookup:
+        now = time.monotonic()
+        with self._lock:
+            self._check_open()
+            stored = self._entries.get(key)
+            if stored is None:
+                return Lookup(None, self._generation)
+            valid = stored.expires_at > now
+            if valid:
+                versions = self._versions
+                for dep in stored.deps:
+                    version = versions.get(dep)
+                    if version is None or version > stored.generation:
+                        valid = False
+                        break
+            if not valid:
+                del self._entries[key]
+                return Lookup(None, self._generation)
+            self._entries.move_to_end(key)
+            for dep in stored.deps:
+                # Versions that live entries use are worth keeping longer than idle ones.
+                self._versions.move_to_end(dep)
+            return Lookup(Entry(stored.payload, stored.deps), self._generation)
+
+    def generation(self) -> int:
+        with self._lock:
+            self._check_open()
+            return self._generation
+
+    def store(self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float) -> bool:
+        _check_dep_names(deps)
+        if not ttl > 0:  # also rejects NaN
+            return False
+        deps = tuple(deps)
+        payload = bytes(payload)
+        expires_at = time.monotonic() + (ttl if math.isfinite(ttl) else 1e12)
+        with self._lock:
+            self._check_open()
+            accepted = True
+            fresh: int | None = None
+            for dep in deps:
+                version = self._versions.get(dep)
+                if version is None:
+                    # Lost metadata counts as a bump that happened just now: this reader may have
+                    # read before the (forgotten) write, so refuse; the next reader can store.
+                    if fresh is None:
+                        fresh = self._next_generation()
+                    self._set_version(dep, fresh)
+                    accepted = False
+                elif version > generation:
+                    accepted = False
+            if not accepted:
+                return False
+            for dep in deps:
+                self._versions.move_to_end(dep)
+            self._entries[key] = _Stored(payload, deps, generation, expires_at)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+            return True
+
+    def bump(self, deps: Sequence[str]) -> None:
+        if not deps:
+            return
+        with self._lock:
+            self._check_open()
+            generation = self._next_generation()
+            for dep in deps:
+                self._set_version(dep, generation)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self._check_open()
+            for key in keys:
+                self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._check_open()
+            self._entries.clear()
+            # The generation counter survives: generations must keep increasing for readers that
+            # took one before the clear.
+            self._versions.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._entries.clear()
+            self._versions.clear()
+
+    def __len__(self) -> int:
+        """The number of entries held, including expired ones not yet looked up or evicted."""
+        return len(self._entries)

@@ -1,0 +1,512 @@
+"""Redis backend: entries and dependency versions in Redis, every check-and-set in one Lua script.
+
+Key layout (``P`` is the prefix)::
+
+    P:e:<key>   an entry:  b"<generation>\\x1f<dep1>\\x1f<dep2>...\\n" + payload   (PX = entry ttl)
+    P:v:<dep>   a dependency version: the decimal generation of its last bump  (PX >= its entries')
+    P:gen       the generation counter (no TTL)
+
+Generations are microseconds on the Redis clock, pushed forward by one on every bump when bumps come
+faster than the clock. If ``P:gen`` is lost (eviction, ``clear``) the counter resumes from the clock,
+so generations keep increasing without any state surviving; a missing version is likewise treated
+as "bumped just now". Losing any key can therefore only cause misses, never a stale hit.
+
+Requires Redis >= 6.0 (``SET ... KEEPTTL``) and a client with ``decode_responses=False``.
+
+The scripts touch keys that are not declared in ``KEYS`` (the versions and the counter). That is
+fine on a standalone server or a replicated primary; Redis Cluster would need every key of a prefix
+in one hash slot (a ``{...}`` hash tag in the prefix) and the keys declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript, Script
+from redis.exceptions import RedisError
+from redis.retry import Retry
+from sqlalchemy.util import concurrency as _concurrency
+
+from sqlacache.backends.base import BackendError, Entry, Lookup
+
+__all__ = ["RedisBackend"]
+
+_T = TypeVar("_T")
+
+# SQLAlchemy 2.1 renamed await_only to await_ (the old name goes away in 2.2).
+_await: Callable[[Awaitable[Any]], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
+
+# Failures of the client or the server. RuntimeError is here because an asyncio client used from an
+# event loop other than the one it connected on fails with one ("attached to a different loop").
+_FAILURES: tuple[type[BaseException], ...] = (
+    RedisError,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+    RuntimeError,
+)
+
+_DEFAULT_VERSION_TTL = 7 * 86400.0
+# Longer TTLs are clamped: Redis rejects expiry times that overflow its millisecond clock.
+_MAX_TTL_MS = 100 * 365 * 86400 * 1000
+
+# Shared by every script. Values are parsed strictly (digits only) so that a foreign or damaged value
+# reads as missing instead of raising inside the script. Numbers are written back with
+# string.format('%d'): Lua would format a microsecond generation as 1.7e+15.
+_PRELUDE = r"""
+local function get(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' and value.err then
+    return nil, true
+  end
+  if not value then
+    return nil, false
+  end
+  return value, false
+end
+
+local function num(value)
+  if value and string.match(value, '^%d+$') then
+    return tonumber(value)
+  end
+  return nil
+end
+
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function current_generation(prefix)
+  local value = get(prefix .. ':gen')
+  if num(value) then
+    return value
+  end
+  return string.format('%d', clock())
+end
+
+local function next_generation(prefix)
+  local key = prefix .. ':gen'
+  local g = (num((get(key))) or 0) + 1
+  local now = clock()
+  if g <= now then
+    g = now + 1
+  end
+  local s = string.format('%d', g)
+  redis.call('SET', key, s)
+  return g, s
+end
+"""
+
+# KEYS[1] entry key; ARGV[1] prefix.
+# Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value} for a hit.
+_LOOKUP = (
+    _PRELUDE
+    + r"""
+local prefix = ARGV[1]
+local raw, wrong_type = get(KEYS[1])
+if wrong_type then
+  redis.call('DEL', KEYS[1])
+  return {2, current_generation(prefix)}
+end
+if not raw then
+  return {0, current_generation(prefix)}
+end
+local nl = string.find(raw, '\n', 1, true)
+if not nl then
+  redis.call('DEL', KEYS[1])
+  return {2, current_generation(prefix)}
+end
+local header = string.sub(raw, 1, nl - 1)
+local fields = {}
+local pos = 1
+while true do
+  local sep = string.find(header, '\31', pos, true)
+  if not sep then
+    fields[#fields + 1] = string.sub(header, pos)
+    break
+  end
+  fields[#fields + 1] = string.sub(header, pos, sep - 1)
+  pos = sep + 1
+end
+local generation = num(fields[1])
+if not generation then
+  redis.call('DEL', KEYS[1])
+  return {2, current_generation(prefix)}
+end
+for i = 2, #fields do
+  local version = num((get(prefix .. ':v:' .. fields[i])))
+  if not version or version > generation then
+    redis.call('DEL', KEYS[1])
+    return {0, current_generation(prefix)}
+  end
+end
+return {1, current_generation(prefix), raw}
+"""
+)
+
+# ARGV[1] prefix. Returns the current generation as a decimal string.
+_GENERATION = (
+    _PRELUDE
+    + r"""
+return current_generation(ARGV[1])
+"""
+)
+
+# KEYS[1] entry key; ARGV[1] prefix, ARGV[2] reader's generation, ARGV[3] entry ttl ms,
+# ARGV[4] entry value, ARGV[5] version ttl ms, ARGV[6..] deps. Returns 1 if stored, 0 if refused.
+_STORE = (
+    _PRELUDE
+    + r"""
+local prefix = ARGV[1]
+local generation = num(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local accepted = generation ~= nil
+local fresh = nil
+for i = 6, #ARGV do
+  local key = prefix .. ':v:' .. ARGV[i]
+  local version = num((get(key)))
+  if not version then
+    -- A lost version counts as bumped now: refuse, and create it so that the next reader can store.
+    if not fresh then
+      local _, s = next_generation(prefix)
+      fresh = s
+    end
+    redis.call('SET', key, fresh, 'PX', ARGV[5])
+    accepted = false
+  elseif not accepted or version > generation then
+    accepted = false
+  end
+end
+if not accepted then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
+for i = 6, #ARGV do
+  local key = prefix .. ':v:' .. ARGV[i]
+  local pttl = redis.call('PTTL', key)
+  -- -1: no expiry, keep it that way. Otherwise outlive the entry, never shorten.
+  if pttl >= 0 and pttl < ttl then
+    redis.call('PEXPIRE', key, ARGV[3])
+  end
+end
+return 1
+"""
+)
+
+# ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3..] deps. Returns the new generation.
+_BUMP = (
+    _PRELUDE
+    + r"""
+local prefix = ARGV[1]
+local _, g = next_generation(prefix)
+for i = 3, #ARGV do
+  local key = prefix .. ':v:' .. ARGV[i]
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('SET', key, g, 'KEEPTTL')
+  else
+    redis.call('SET', key, g, 'PX', ARGV[2])
+  end
+end
+return g
+"""
+)
+
+_GLOB_SPECIAL = frozenset("\\*?[]")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def _ttl_ms(seconds: float) -> int:
+    if not math.isfinite(seconds):
+        return _MAX_TTL_MS
+    return max(1, min(_MAX_TTL_MS, math.ceil(seconds * 1000)))
+
+
+def _decodes_responses(client: Any) -> bool:
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    return bool(kwargs.get("decode_responses")) if isinstance(kwargs, dict) else False
+
+
+def _in_greenlet() -> bool:
+    try:
+        return bool(_concurrency.in_greenlet())
+    except (ImportError, ValueError):  # greenlet not installed: nothing can be running in one
+        return False
+
+
+class _Side:
+    """One client with its registered scripts, and how to get a result out of its calls."""
+
+    __slots__ = ("bump", "client", "generation", "lookup", "resolve", "store")
+
+    def __init__(self, client: redis.Redis | redis.asyncio.Redis, resolve: Callable[[Any], Any]) -> None:
+        self.client: Any = client
+        # Sync clients return results, asyncio clients coroutines; resolve turns either into a result.
+        self.resolve = resolve
+        self.lookup: Script | AsyncScript = client.register_script(_LOOKUP)
+        self.generation: Script | AsyncScript = client.register_script(_GENERATION)
+        self.store: Script | AsyncScript = client.register_script(_STORE)
+        self.bump: Script | AsyncScript = client.register_script(_BUMP)
+
+
+def _identity(value: _T) -> _T:
+    return value
+
+
+class RedisBackend:
+    """A :class:`~sqlacache.backends.base.Backend` on Redis (redis-py sync and/or asyncio clients).
+
+    With both clients, calls made inside SQLAlchemy's greenlet (the sync core of an ``AsyncSession``)
+    await the asyncio client without blocking the event loop, and all other calls use the sync
+    client. An asyncio client is bound to the event loop it first connected on: use one backend per
+    event loop.
+
+    Clients passed in are not closed by :meth:`close` (their owner closes them); clients built by
+    :meth:`from_url` are.
+
+    ``Lookup.generation`` is always the current generation, on a hit as on a miss (the lookup script
+    reads it in the same round trip).
+
+    ``corrupt_entries`` counts stored values found in a format this backend cannot read (they are
+    deleted and reported as misses).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | None = None,
+        *,
+        async_client: redis.asyncio.Redis | None = None,
+        prefix: str = "sqlacache",
+        version_ttl: float = _DEFAULT_VERSION_TTL,
+    ) -> None:
+        if client is None and async_client is None:
+            raise ValueError("RedisBackend needs a client, an async_client, or both")
+        for c in (client, async_client):
+            if c is not None and _decodes_responses(c):
+                raise ValueError(
+                    "RedisBackend needs a client with decode_responses=False (payloads are bytes)"
+                )
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        if not version_ttl > 0:
+            raise ValueError("version_ttl must be positive")
+        self.prefix = prefix
+        self.corrupt_entries = 0
+        self._version_ttl_ms = str(_ttl_ms(version_ttl))
+        self._sync = _Side(client, _identity) if client is not None else None
+        self._async = _Side(async_client, _await) if async_client is not None else None
+        self._async_factory: Callable[[], redis.asyncio.Redis] | None = None
+        self._owns_clients = False
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "sqlacache",
+        version_ttl: float = _DEFAULT_VERSION_TTL,
+        socket_timeout: float = 0.05,
+        socket_connect_timeout: float = 0.05,
+        **client_kwargs: Any,
+    ) -> RedisBackend:
+        """Build a sync client now and an asyncio client on first use inside an ``AsyncSession``.
+
+        The short default timeouts are deliberate: a slow cache must fall back to the database fast.
+        Unless ``client_kwargs`` has a ``retry``, a failed command is retried once without backoff
+        (a pooled connection the server has closed is the common case); a ``retry`` given there must
+        work for both the sync and the asyncio client.
+        """
+        kwargs: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            **client_kwargs,
+        }
+        sync_kwargs = dict(kwargs)
+        async_kwargs = dict(kwargs)
+        if "retry" not in kwargs:
+            sync_kwargs["retry"] = Retry(NoBackoff(), 1)
+            async_kwargs["retry"] = AsyncRetry(NoBackoff(), 1)
+        backend = cls(redis.Redis.from_url(url, **sync_kwargs), prefix=prefix, version_ttl=version_ttl)
+        backend._async_factory = lambda: redis.asyncio.Redis.from_url(url, **async_kwargs)
+        backend._owns_clients = True
+        return backend
+
+    # -- dispatch -----------------------------------------------------------------------------------
+
+    def _side(self) -> _Side:
+        if self._closed:
+            raise BackendError("RedisBackend is closed")
+        if (self._async is not None or self._async_factory is not None) and _in_greenlet():
+            if self._async is None:
+                with self._lock:
+                    if self._async is None and self._async_factory is not None:
+                        self._async = _Side(self._async_factory(), _await)
+            if self._async is not None:
+                return self._async
+        if self._sync is not None:
+            return self._sync
+        raise BackendError(
+            "RedisBackend has only an asyncio client and was called outside an AsyncSession "
+            "(no SQLAlchemy greenlet to await in); pass a sync client too "
+            "(RedisBackend(client=..., async_client=...) or RedisBackend.from_url(...)), "
+            "or use it only from async sessions"
+        )
+
+    def _run(self, what: str, op: Callable[[_Side], Any]) -> Any:
+        side = self._side()
+        try:
+            return side.resolve(op(side))
+        except _FAILURES as exc:
+            raise BackendError(f"Redis {what} failed: {exc!r}") from exc
+
+    def _entry_key(self, key: str) -> str:
+        return f"{self.prefix}:e:{key}"
+
+    def _count_corrupt(self) -> None:
+        with self._lock:
+            self.corrupt_entries += 1
+
+    @staticmethod
+    def _int(value: Any, what: str) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"Redis returned a malformed {what}: {value!r}") from exc
+
+    # -- the contract -------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> Lookup:
+        entry_key = self._entry_key(key)
+        reply = self._run("lookup", lambda s: s.lookup(keys=[entry_key], args=[self.prefix]))
+        if not isinstance(reply, list) or len(reply) < 2:
+            raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
+        status = reply[0]
+        generation = self._int(reply[1], "generation")
+        if status == 1 and len(reply) == 3 and isinstance(reply[2], bytes):
+            entry = self._parse(reply[2])
+            if entry is not None:
+                return Lookup(entry, generation)
+            # The script accepted the header but its dependency names are not UTF-8: not ours.
+            self.delete([key])
+            status = 2
+        if status == 2:
+            self._count_corrupt()
+            return Lookup(None, generation)
+        if status == 0:
+            return Lookup(None, generation)
+        raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
+
+    @staticmethod
+    def _parse(raw: bytes) -> Entry | None:
+        header, _, payload = raw.partition(b"\n")
+        fields = header.split(b"\x1f")
+        try:
+            deps = tuple(field.decode() for field in fields[1:])
+        except UnicodeDecodeError:
+            return None
+        return Entry(payload, deps)
+
+    def generation(self) -> int:
+        reply = self._run("generation", lambda s: s.generation(args=[self.prefix]))
+        return self._int(reply, "generation")
+
+    def store(self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float) -> bool:
+        header_deps = []
+        for dep in deps:
+            if "\x1f" in dep or "\n" in dep:
+                raise ValueError(f"dependency name {dep!r} contains a separator character (\\x1f or \\n)")
+            header_deps.append(dep.encode())
+        if not ttl > 0:  # also rejects NaN
+            return False
+        value = b"\x1f".join([str(int(generation)).encode(), *header_deps]) + b"\n" + bytes(payload)
+        ttl_ms = str(_ttl_ms(ttl))
+        entry_key = self._entry_key(key)
+        args: list[str | bytes] = [self.prefix, str(int(generation)), ttl_ms, value, self._version_ttl_ms]
+        args.extend(deps)
+        reply = self._run("store", lambda s: s.store(keys=[entry_key], args=args))
+        return self._int(reply, "store reply") == 1
+
+    def bump(self, deps: Sequence[str]) -> None:
+        if not deps:
+            return
+        args = [self.prefix, self._version_ttl_ms, *deps]
+        self._run("bump", lambda s: s.bump(args=args))
+
+    def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        entry_keys = [self._entry_key(k) for k in keys]
+        self._run("delete", lambda s: s.client.unlink(*entry_keys))
+
+    def clear(self) -> None:
+        # SCAN + UNLINK in batches from the client, not one script: a script over a large keyspace
+        # would block Redis for everyone, and a blocked cache is an outage.
+        side = self._side()
+        pattern = _glob_escape(self.prefix) + ":*"
+        ours = self.prefix.encode() + b":"
+        try:
+            cursor: int = 0
+            while True:
+                cursor, keys = side.resolve(side.client.scan(cursor=cursor, match=pattern, count=1000))
+                # Only this backend's key shapes: prefix "app" must not wipe prefix "app:x"'s keys.
+                doomed = [k for k in keys if self._is_ours(k, ours)]
+                if doomed:
+                    side.resolve(side.client.unlink(*doomed))
+                if int(cursor) == 0:
+                    break
+        except _FAILURES as exc:
+            raise BackendError(f"Redis clear failed: {exc!r}") from exc
+
+    @staticmethod
+    def _is_ours(key: bytes, ours: bytes) -> bool:
+        if not key.startswith(ours):
+            return False
+        rest = key[len(ours) :]
+        return rest.startswith((b"e:", b"v:")) or rest == b"gen"
+
+    def close(self) -> None:
+        """Close the clients this backend built (see :meth:`from_url`); further calls fail.
+
+        Called inside an ``AsyncSession``'s greenlet, the asyncio client is closed too; elsewhere its
+        connections are left to be released with it (an asyncio client can only be closed on its
+        event loop): from async code prefer :meth:`aclose`.
+        """
+        self._closed = True
+        if not self._owns_clients:
+            return
+        try:
+            if self._sync is not None:
+                self._sync.client.close()
+            if self._async is not None and _in_greenlet():
+                client, self._async = self._async.client, None
+                _await(client.aclose())
+        except _FAILURES as exc:
+            raise BackendError(f"closing the Redis client failed: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        """Like :meth:`close`, from async code on the event loop the asyncio client is bound to."""
+        self._closed = True
+        if not self._owns_clients:
+            return
+        try:
+            if self._sync is not None:
+                self._sync.client.close()
+            if self._async is not None:
+                client, self._async = self._async.client, None
+                await client.aclose()
+        except _FAILURES as exc:
+            raise BackendError(f"closing the Redis client failed: {exc!r}") from exc

@@ -1,0 +1,338 @@
+"""``Cache``: configuration and the facade every other layer talks to.
+
+It owns the backend, the policy, the key builder and the counters, and it is where backend
+failures stop: a failed lookup or store is logged, counted and turned into "go to the database";
+a failed invalidation is kept and retried, and until it is delivered this process serves nothing
+from the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.util.concurrency import greenlet_spawn
+
+from sqlacache import dependencies as deps_mod
+from sqlacache.backends import Backend, BackendError, Lookup, MemoryBackend, RedisBackend
+from sqlacache.keys import KeyBuilder
+from sqlacache.policy import ConfigurationError, Policy, ttl_value
+
+log = logging.getLogger("sqlacache")
+
+
+class _RateLimitedLog:
+    """One log line per kind of failure per interval: a Redis outage must not flood the logs."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def __call__(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self._interval) >= self._interval:
+            self._last[kind] = now
+            log.warning(message, *args)
+
+
+def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int) -> Backend:
+    if isinstance(spec, str):
+        scheme = spec.partition("://")[0].lower()
+        if scheme in ("memory", "mem"):
+            return MemoryBackend(max_entries=max_entries)
+        if scheme in ("redis", "rediss", "unix"):
+            return RedisBackend.from_url(
+                spec, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            )
+        raise ConfigurationError(
+            f"backend {spec!r}: unknown scheme {scheme!r}; use 'memory://', 'redis://host:port/db', "
+            "a redis-py client, or a Backend instance"
+        )
+    if isinstance(spec, Backend):
+        return spec
+    module = type(spec).__module__
+    if module.startswith(("redis.asyncio", "fakeredis")) and hasattr(spec, "evalsha"):
+        import inspect as _inspect
+
+        if _inspect.iscoroutinefunction(spec.get):
+            return RedisBackend(async_client=spec, prefix=prefix)
+        return RedisBackend(spec, prefix=prefix)
+    if hasattr(spec, "evalsha") and hasattr(spec, "register_script"):
+        return RedisBackend(spec, prefix=prefix)
+    raise ConfigurationError(
+        f"backend {spec!r} is not a URL, a redis-py client or a sqlacache Backend; "
+        "pass e.g. backend='redis://localhost:6379/0' or backend='memory://'"
+    )
+
+
+_bound: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
+
+
+def bound_cache(session: Session) -> Cache | None:
+    """The cache a plain ``Session`` uses because its engine was passed to ``Cache.bind``."""
+    cache: Cache | None = None
+    if _bound:
+        bind = session.bind
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        cache = _bound.get(engine) if isinstance(engine, Engine) else None
+    session.__dict__["_sqlacache_cache"] = cache or False
+    return cache
+
+
+class _Bound:
+    """What ``bind`` returns: usable as is in sync code and awaitable in async code."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    def __await__(self) -> Any:
+        return self.cache
+        yield  # pragma: no cover - makes this a generator
+
+
+class Cache:
+    """A query cache for SQLAlchemy sessions.
+
+    ``backend``: ``"memory://"`` (alias ``"mem://"``), ``"redis://…"``, a redis-py client (sync or
+    asyncio; fakeredis works) or a :class:`~sqlacache.backends.Backend`.
+    ``models``: ``{Model or "pkg.mod.Model" or "*": {"ops": "all" | {...}, "ttl": seconds}}``;
+    ``None`` caches every mapped class with all ops. ``timeout``/``default_timeout`` are the 0.1
+    spellings of ``ttl``/``default_ttl``.
+    """
+
+    def __init__(
+        self,
+        backend: Any = "memory://",
+        models: Mapping[Any, Mapping[str, Any]] | None = None,
+        prefix: str = "sqlacache",
+        default_ttl: float | None = None,
+        enabled: bool = True,
+        *,
+        default_timeout: float | None = None,
+        socket_timeout: float = 0.05,
+        max_entries: int = 10_000,
+    ) -> None:
+        if default_ttl is not None and default_timeout is not None:
+            raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "\n\x1f*?[] "):
+            raise ConfigurationError(f"prefix {prefix!r} must be a non-empty string without spaces or glob characters")
+        ttl = default_ttl if default_ttl is not None else default_timeout
+        self.policy = Policy(models, ttl_value(ttl if ttl is not None else 3600, "default_ttl"))
+        self.enabled = bool(enabled)
+        self.prefix = prefix
+        self.keys = KeyBuilder()
+        self.backend: Backend = _backend_from(backend, prefix, socket_timeout, max_entries)
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+        self._warn = _RateLimitedLog()
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def _error(self, kind: str, exc: BaseException) -> None:
+        self.count("errors")
+        self.count(f"errors.{kind}")
+        self._warn(kind, "sqlacache: %s failed, using the database: %s", kind, exc)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: hits, misses, stores, stores_refused, invalidations, errors, …"""
+        with self._lock:
+            out: dict[str, Any] = {
+                k: self._counts.get(k, 0)
+                for k in ("hits", "misses", "stores", "stores_refused", "invalidations", "errors")
+            }
+            out.update({k: v for k, v in self._counts.items() if k not in out})
+            out["pending_invalidations"] = len(self._pending)
+        return out
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    # -- backend calls that never raise -----------------------------------------------------
+
+    def _deliver_pending(self) -> bool:
+        """Deliver invalidations that failed earlier; until they are, nothing is served."""
+        if not self._pending:
+            return True
+        with self._lock:
+            pending = list(self._pending)
+        try:
+            self.backend.bump(pending)
+        except BackendError as exc:
+            self._error("invalidate", exc)
+            return False
+        with self._lock:
+            del self._pending[: len(pending)]
+        return True
+
+    def lookup(self, key: str) -> Lookup | None:
+        if not self._deliver_pending():
+            return None
+        try:
+            return self.backend.lookup(key)
+        except BackendError as exc:
+            self._error("lookup", exc)
+            return None
+
+    def generation(self) -> int | None:
+        if not self._deliver_pending():
+            return None
+        try:
+            return self.backend.generation()
+        except BackendError as exc:
+            self._error("generation", exc)
+            return None
+
+    def store(self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float) -> bool:
+        if not self._deliver_pending():
+            return False
+        try:
+            stored = self.backend.store(key, payload, deps, generation, ttl)
+        except BackendError as exc:
+            self._error("store", exc)
+            return False
+        self.count("stores" if stored else "stores_refused")
+        return stored
+
+    def discard(self, key: str) -> None:
+        try:
+            self.backend.delete([key])
+        except BackendError as exc:
+            self._error("delete", exc)
+
+    def bump(self, deps: Iterable[str]) -> None:
+        """Invalidate: called after the database committed, so it must not raise."""
+        todo = sorted(set(deps))
+        if not todo:
+            return
+        self.count("invalidations")
+        if self._deliver_pending():
+            try:
+                self.backend.bump(todo)
+                return
+            except BackendError as exc:
+                self._error("invalidate", exc)
+        with self._lock:
+            self._pending.extend(todo)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def namespace(self, bind: Engine | Connection) -> str:
+        """Which database a key belongs to: the same server and database in every process."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        ns = self._namespaces.get(engine)
+        if ns is None:
+            url = engine.url
+            database = url.database or ""
+            if url.get_backend_name() == "sqlite":
+                if database in ("", ":memory:") or "mode=memory" in str(url):
+                    database = f":memory:{uuid.uuid4().hex}"  # private to this process and engine
+                else:
+                    database = os.path.abspath(database)
+            ns = f"{url.get_backend_name()}://{url.username or ''}@{url.host or ''}:{url.port or ''}/{database}"
+            self._namespaces[engine] = ns
+        return ns
+
+    # -- manual control ---------------------------------------------------------------------
+
+    def invalidate(self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()) -> None:
+        """Evict cached reads of ``model`` (rows ``pks`` only, if given) and of raw ``tables``.
+
+        With no arguments at all, evicts everything under this cache's prefix (see
+        :meth:`invalidate_all`). Use it after writes made outside the application.
+        """
+        if model is None and pks is None and not tables:
+            self.invalidate_all()
+            return
+        todo: list[str] = []
+        if model is not None:
+            mapper = inspect(model, raiseerr=False)
+            if not isinstance(mapper, Mapper):
+                raise ConfigurationError(f"invalidate: {model!r} is not a mapped class")
+            names = [deps_mod.table_name(t) for t in mapper.tables]
+            if pks is None:
+                for name in names:
+                    todo += deps_mod.unknown_rows_write_deps(name)
+            else:
+                for pk in pks:
+                    ident = tuple(pk) if isinstance(pk, (tuple, list)) else (pk,)
+                    for name in names:
+                        todo += deps_mod.row_write_deps(name, ident)
+        elif pks is not None:
+            raise ConfigurationError("invalidate: pks= needs a model")
+        for t in tables:
+            todo += deps_mod.unknown_rows_write_deps(t.lower())
+        self.bump(todo)
+
+    def invalidate_all(self) -> None:
+        """Evict every entry under this cache's prefix (never anything else: no FLUSHDB)."""
+        self.count("invalidations")
+        try:
+            self.backend.bump([deps_mod.ALL])
+            self.backend.clear()
+        except BackendError as exc:
+            self._error("invalidate", exc)
+            with self._lock:
+                self._pending.append(deps_mod.ALL)
+
+    async def ainvalidate(self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()) -> None:
+        """Async twin of :meth:`invalidate` (works with asyncio Redis clients)."""
+        await greenlet_spawn(self.invalidate, model, pks, tables=tables)
+
+    async def ainvalidate_all(self) -> None:
+        await greenlet_spawn(self.invalidate_all)
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def bind(self, engine: Engine | AsyncEngine) -> _Bound:
+        """Cache plain ``Session``/``AsyncSession`` objects bound to ``engine`` (``await`` it or not)."""
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        if not isinstance(sync_engine, Engine):
+            raise ConfigurationError(f"bind: {engine!r} is not an Engine or AsyncEngine")
+        _bound[sync_engine] = self
+        return _Bound(self)
+
+    def unbind(self, engine: Engine | AsyncEngine) -> None:
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        _bound.pop(sync_engine, None)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    async def aclose(self) -> None:
+        await greenlet_spawn(self.backend.close)
+
+    # 0.1 spelling
+    async def disconnect(self) -> None:
+        await self.aclose()
+
+
+_default: Cache | None = None
+
+
+def configure(**kwargs: Any) -> Cache:
+    """Create the default :class:`Cache`, used by sessions created without ``cache=``."""
+    global _default
+    _default = Cache(**kwargs)
+    return _default
+
+
+def default_cache() -> Cache | None:
+    return _default

@@ -1,0 +1,61 @@
+"""Per-session state: which cache a session uses, what its transaction has written, what it is capturing.
+
+Kept on the sync ``Session`` as ``session._sqlacache`` so both the read path and the write path reach
+it in one attribute lookup, for ``CachingSession`` and for plain sessions on an engine bound with
+``Cache.bind``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from sqlacache.cache import Cache
+    from sqlacache.reads import Frame
+
+
+@dataclass(slots=True)
+class TxFrame:
+    """Writes recorded inside one transaction or savepoint, not yet committed."""
+
+    deps: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class SessionContext:
+    cache: Cache
+    frames: list[Frame] = field(default_factory=list)
+    # Keyed by SessionTransaction (root or savepoint): what each has written and not yet committed.
+    tx: dict[Any, TxFrame] = field(default_factory=dict)
+    # Tables this root transaction has written: reads of them bypass the cache until it ends.
+    written: set[str] = field(default_factory=set)
+    # Under REPEATABLE READ / SERIALIZABLE: the generation taken when the transaction began.
+    tx_generation: int | None = None
+    # Raw SQL we could not read was executed: every read bypasses the cache until the end.
+    written_everything: bool = False
+    # Connections tagged as belonging to this session's transaction (untagged at its end).
+    connections: list[Any] = field(default_factory=list)
+    # Rows written by flushes in this root transaction, with old and new values.
+    rows: list[Any] = field(default_factory=list)
+    # Tables DML touched during the current flush, and those the mapper events accounted for.
+    flush_dml_tables: set[str] = field(default_factory=set)
+    flush_row_tables: set[str] = field(default_factory=set)
+
+
+def context_of(session: Session) -> SessionContext | None:
+    ctx: SessionContext | None = session.__dict__.get("_sqlacache")
+    if ctx is not None:
+        return ctx
+    cache = session.__dict__.get("_sqlacache_cache")
+    if cache is None:
+        from sqlacache.cache import bound_cache
+
+        cache = bound_cache(session)
+        if cache is None:
+            return None
+    ctx = SessionContext(cache)
+    session.__dict__["_sqlacache"] = ctx
+    return ctx

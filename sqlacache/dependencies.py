@@ -1,0 +1,179 @@
+"""Pure analysis: what a cached read depends on, and what a write invalidates.
+
+Dependency names (what backends version):
+  ``t:<table>``        every cached read of the table that is not a primary-key read;
+  ``a:<table>``        "all rows" — bumped by writes whose rows we cannot name (bulk, Core, raw SQL);
+  ``r:<table>:<pk>``   one row, for primary-key reads (including cached "not found");
+  ``*``                everything: bumped by raw SQL we cannot understand.
+A primary-key read depends on its rows and on ``a:`` of their tables; any other read on ``t:`` of
+every table it touched. A row write bumps ``r:`` and ``t:``; an unnamed-rows write bumps ``a:`` and
+``t:``. Every read also depends on ``*``.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.sql.schema import ForeignKeyConstraint, MetaData
+from sqlalchemy.sql.selectable import TableClause
+
+from sqlacache.keys import digest, value_token
+
+ALL = "*"
+
+
+def table_name(table: TableClause) -> str:
+    schema = getattr(table, "schema", None)
+    name = f"{schema}.{table.name}" if schema else table.name
+    return name.lower()
+
+
+def table_dep(name: str) -> str:
+    return f"t:{name}"
+
+
+def allrows_dep(name: str) -> str:
+    return f"a:{name}"
+
+
+def row_dep(name: str, pk: Sequence[Any]) -> str:
+    return f"r:{name}:{digest([value_token(v) for v in pk])[:24]}"
+
+
+def table_of_dep(dep: str) -> str | None:
+    """The table a dependency belongs to (for the session's read-your-writes check)."""
+    if dep == ALL:
+        return None
+    kind, _, rest = dep.partition(":")
+    if kind == "r":
+        return rest.rpartition(":")[0]
+    return rest
+
+
+def table_read_deps(tables: Iterable[str]) -> list[str]:
+    return [ALL, *sorted({table_dep(t) for t in tables})]
+
+
+def pk_read_deps(tables: Iterable[str], pk: Sequence[Any]) -> list[str]:
+    names = sorted(set(tables))
+    return [ALL, *(row_dep(t, pk) for t in names), *(allrows_dep(t) for t in names)]
+
+
+def row_write_deps(table: str, pk: Sequence[Any]) -> list[str]:
+    return [row_dep(table, pk), table_dep(table)]
+
+
+def unknown_rows_write_deps(table: str) -> list[str]:
+    return [allrows_dep(table), table_dep(table)]
+
+
+_known: weakref.WeakSet[MetaData] = weakref.WeakSet()
+
+
+def register_metadata(metadata: MetaData | None) -> None:
+    """Remember a schema, so raw SQL naming one of its tables can find its foreign keys."""
+    if metadata is not None:
+        _known.add(metadata)
+
+
+def tables_named(name: str) -> list[Table]:
+    return [t for md in list(_known) for t in md.tables.values() if table_name(t) == name]
+
+
+def cascade_closure(table: Table, op: str, changed: Iterable[str] | None = None) -> set[str]:
+    """Every table the database may change through ON DELETE/UPDATE actions, transitively.
+    ``changed=None`` means the updated columns are unknown (assume any)."""
+    out: set[str] = set()
+    todo = [(table, op, changed)]
+    seen: set[int] = set()
+    while todo:
+        current, current_op, current_changed = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for name, child in cascade_targets(current, current_op, current_changed):
+            out.add(name)
+            # A cascaded delete deletes; SET NULL / SET DEFAULT / CASCADE on update update.
+            todo.append((child, current_op, None))
+    return out
+
+
+def cascade_targets(table: Table, op: str, changed: Iterable[str] | None = None) -> list[tuple[str, Table]]:
+    """Tables the database itself changes when rows of ``table`` are deleted (ON DELETE actions) or
+    their referenced columns updated (ON UPDATE actions)."""
+    metadata: MetaData | None = table.metadata
+    if metadata is None:
+        return []
+    changed_set = None if changed is None else set(changed)
+    out: list[tuple[str, Table]] = []
+    for other in metadata.tables.values():
+        for constraint in other.constraints:
+            if not isinstance(constraint, ForeignKeyConstraint) or constraint.referred_table is not table:
+                continue
+            if op == "delete" and constraint.ondelete:
+                out.append((table_name(other), other))
+            elif op == "update" and constraint.onupdate and (
+                changed_set is None or any(fk.column.name in changed_set for fk in constraint.elements)
+            ):
+                out.append((table_name(other), other))
+    return out
+
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_IDENT = r'(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[A-Za-z_][\w$]*)'
+_NAME = rf"({_IDENT}(?:\s*\.\s*{_IDENT})*)"
+_WRITES = [
+    re.compile(rf"^\s*(?:INSERT|REPLACE)\s+(?:OR\s+\w+\s+|IGNORE\s+|LOW_PRIORITY\s+|DELAYED\s+)*(?:INTO\s+)?{_NAME}", re.I),
+    re.compile(rf"^\s*UPDATE\s+(?:OR\s+\w+\s+|ONLY\s+|LOW_PRIORITY\s+|IGNORE\s+)*{_NAME}", re.I),
+    re.compile(rf"^\s*DELETE\s+(?:LOW_PRIORITY\s+|QUICK\s+|IGNORE\s+)*FROM\s+(?:ONLY\s+)?{_NAME}", re.I),
+    re.compile(rf"^\s*MERGE\s+INTO\s+{_NAME}", re.I),
+    re.compile(rf"^\s*(?:ALTER|DROP)\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?{_NAME}", re.I),
+]
+_TRUNCATE = re.compile(rf"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?({_NAME}(?:\s*,\s*{_NAME})*)", re.I)
+_READ_ONLY = re.compile(
+    r"^\s*(?:SELECT|SHOW|EXPLAIN|VALUES|PRAGMA|DESCRIBE|DESC|SET|RESET|BEGIN|START|COMMIT|ROLLBACK|"
+    r"SAVEPOINT|RELEASE|LOCK|ANALYZE|CREATE\s+(?:TEMP|TEMPORARY)\s|CREATE\s+TABLE|CREATE\s+INDEX|"
+    r"CREATE\s+UNIQUE\s+INDEX|LISTEN|UNLISTEN|NOTIFY|DISCARD|DEALLOCATE|PREPARE|USE)\b",
+    re.I,
+)
+_WRITE_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE|TRUNCATE|REPLACE|ALTER|DROP)\b", re.I)
+
+
+def _names(raw: str) -> set[str]:
+    parts = [p.strip().strip('"`[]') for p in re.split(r"\s*\.\s*", raw.strip())]
+    qualified = ".".join(parts).lower()
+    # "public.users" may be the Table("users") of the default schema: name both.
+    return {qualified, parts[-1].lower()}
+
+
+def written_tables(sql: str) -> set[str] | None:
+    """Tables a raw SQL string writes: an empty set for reads, None when it cannot be told."""
+    out: set[str] = set()
+    for statement in _COMMENTS.sub(" ", sql).split(";"):
+        if not statement.strip():
+            continue
+        for pattern in _WRITES:
+            match = pattern.match(statement)
+            if match:
+                out |= _names(match.group(1))
+                break
+        else:
+            match = _TRUNCATE.match(statement)
+            if match:
+                for raw in re.split(r"\s*,\s*", match.group(1)):
+                    out |= _names(raw)
+            elif _READ_ONLY.match(statement):
+                # A read that embeds a write (WITH … UPDATE, SELECT … INTO) is not understood.
+                if statement.lstrip()[:6].upper() == "SELECT" and re.search(r"\bINTO\b", statement, re.I):
+                    return None
+                continue
+            elif re.match(r"^\s*WITH\b", statement, re.I):
+                if _WRITE_WORD.search(statement):
+                    return None
+            else:
+                return None
+    return out

@@ -1,0 +1,184 @@
+"""Statement → cache key: cheap, deterministic across processes, and collision-free.
+
+A key is the hash of an unambiguous serialization of
+  (key format, namespace of the bind, SQLAlchemy's statement cache key structure, bound values).
+
+SQLAlchemy already computes the statement cache key on every execution for its compiled cache; we
+serialize its *structure* once per distinct statement shape (memoized on the hashable key tuple) and
+only the bound values per call. Anything we cannot serialize unambiguously makes the statement
+uncacheable rather than risking two queries sharing a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import enum
+import hashlib
+import marshal
+import types
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Table
+from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.schema import MetaData
+
+from sqlacache._lru import LRU
+
+FORMAT = "1"
+
+
+class Uncacheable(Exception):
+    """The statement (or a value bound to it) has no safe, deterministic key."""
+
+
+def _path(obj: Any) -> str:
+    qualname: str = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
+    module = getattr(obj, "__module__", None) or ""
+    if not qualname or "<locals>" in qualname or "<lambda>" in qualname:
+        # Not addressable by name: unique within this process, never shared with another.
+        return f"{module}.{qualname}@{id(obj):x}"
+    return f"{module}.{qualname}"
+
+
+def _leaf(x: Any) -> Any:
+    """One leaf of a statement cache key → a JSON-able, type-tagged value."""
+    if isinstance(x, str):
+        return str(x)
+    if x is None or x is True or x is False:
+        return x
+    if isinstance(x, int) and not isinstance(x, enum.Enum):
+        return ["i", str(int(x))]
+    if isinstance(x, float):
+        return ["f", repr(x)]
+    if isinstance(x, type):
+        return ["c", _path(x)]
+    if isinstance(x, Mapper):
+        return ["m", _path(x.class_)]
+    if isinstance(x, Table):
+        return ["T", x.schema or "", x.name]
+    if isinstance(x, enum.Enum):
+        return ["e", _path(type(x)), x.name]
+    if isinstance(x, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return ["F", _path(x)]
+    if isinstance(x, types.CodeType):
+        # marshal captures the code, its constants and nested code: equal bytes, equal semantics.
+        return ["C", hashlib.blake2b(marshal.dumps(x), digest_size=16).hexdigest()]
+    raise Uncacheable(f"cannot key a statement containing {type(x).__module__}.{type(x).__qualname__}")
+
+
+def _walk(x: Any, tables: set[Table], mappers: list[Mapper[Any]]) -> Any:
+    if isinstance(x, tuple):
+        return [_walk(y, tables, mappers) for y in x]
+    if isinstance(x, Table):
+        tables.add(x)
+    elif isinstance(x, Mapper) and x not in mappers:
+        mappers.append(x)
+    return _leaf(x)
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What one statement structure tells us, whatever values are bound to it."""
+
+    digest: str
+    tables: frozenset[Table]
+    mappers: tuple[Mapper[Any], ...]  # in order of first appearance: the lead entity first
+
+
+def value_token(v: Any) -> Any:
+    """A bound value → a JSON-able form that is injective across the types we accept."""
+    if v is None or v is True or v is False or isinstance(v, str):
+        return v
+    if isinstance(v, enum.Enum):
+        return ["e", _path(type(v)), v.name]
+    if isinstance(v, int):
+        return ["i", str(v)]
+    if isinstance(v, float):
+        return ["f", repr(v)]
+    if isinstance(v, decimal.Decimal):
+        return ["d", str(v)]
+    if isinstance(v, datetime.datetime):
+        return ["dt", v.isoformat(), v.fold]
+    if isinstance(v, datetime.date):
+        return ["da", v.isoformat()]
+    if isinstance(v, datetime.time):
+        return ["ti", v.isoformat(), v.fold]
+    if isinstance(v, datetime.timedelta):
+        return ["td", v.days, v.seconds, v.microseconds]
+    if isinstance(v, uuid.UUID):
+        return ["u", v.hex]
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return ["b", base64.b64encode(bytes(v)).decode()]
+    if isinstance(v, (list, tuple)):
+        return ["l" if isinstance(v, list) else "t", [value_token(i) for i in v]]
+    if isinstance(v, (set, frozenset)):
+        tokens = [value_token(i) for i in v]
+        return ["s", sorted(tokens, key=orjson.dumps)]
+    if isinstance(v, Mapping):
+        items = [(str(k), value_token(val)) for k, val in v.items() if isinstance(k, str)]
+        if len(items) != len(v):
+            raise Uncacheable("cannot key a mapping with non-string keys")
+        return ["m", sorted(items)]
+    raise Uncacheable(f"cannot key a bound value of type {type(v).__module__}.{type(v).__qualname__}")
+
+
+def digest(parts: Any) -> str:
+    return hashlib.blake2b(orjson.dumps(parts), digest_size=20).hexdigest()
+
+
+def schema_fingerprint(metadata: MetaData) -> str:
+    """A hash of every table's name, columns, types and primary key in ``metadata``."""
+    desc = []
+    for name in sorted(metadata.tables):
+        t = metadata.tables[name]
+        cols = [[c.name, repr(c.type), bool(c.primary_key), bool(c.nullable)] for c in t.columns]
+        desc.append([name, cols])
+    return digest(desc)[:16]
+
+
+class KeyBuilder:
+    """Turns statements into keys; memoizes per statement shape."""
+
+    def __init__(self, max_shapes: int = 4096) -> None:
+        self._shapes: LRU[Any, Shape] = LRU(max_shapes)
+        self._fingerprints: dict[int, tuple[int, MetaData, str]] = {}
+
+    def fingerprint(self, metadata: MetaData) -> str:
+        known = self._fingerprints.get(id(metadata))
+        if known is not None and known[1] is metadata and known[0] == len(metadata.tables):
+            return known[2]
+        fp = schema_fingerprint(metadata)
+        from sqlacache.dependencies import register_metadata
+
+        register_metadata(metadata)
+        self._fingerprints[id(metadata)] = (len(metadata.tables), metadata, fp)
+        return fp
+
+    def shape(self, key_tuple: Any) -> Shape:
+        """The statement structure's digest (schema of its tables included), its tables and mappers."""
+        found = self._shapes.get(key_tuple)
+        if found is None:
+            tables: set[Table] = set()
+            mappers: list[Mapper[Any]] = []
+            structure = _walk(key_tuple, tables, mappers)
+            fps = sorted({self.fingerprint(t.metadata) for t in tables})
+            found = Shape(digest([FORMAT, fps, structure]), frozenset(tables), tuple(mappers))
+            self._shapes.put(key_tuple, found)
+        return found
+
+    @staticmethod
+    def key(namespace: str, shape_digest: str, values: Iterable[Any], params: Mapping[str, Any] | None) -> str:
+        tokens: list[Any] = [value_token(v) for v in values]
+        extra = sorted((k, value_token(v)) for k, v in params.items()) if params else []
+        return "q:" + digest([namespace, shape_digest, tokens, extra])
+
+    def get_key(self, namespace: str, mapper: Mapper[Any], pk: Sequence[Any]) -> str:
+        """The key of ``Session.get(Model, pk)``: no statement needed, so it costs a few microseconds."""
+        fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables})
+        return "g:" + digest([FORMAT, namespace, fps, _path(mapper.class_), [value_token(v) for v in pk]])

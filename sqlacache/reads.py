@@ -1,0 +1,637 @@
+"""The read path: ``do_orm_execute`` → policy → key → backend → codec → ORM objects.
+
+On a miss the statement runs as usual; what goes into the cache is what the *database* returned,
+taken from objects at the moment the ORM created them from rows (the ``load`` event). Objects that
+were already in the session's identity map are never trusted as a source: they may carry pending
+changes or an older transaction's view. A result that contains one is simply not stored.
+
+On a hit, objects are rebuilt the way the ORM builds them from rows: an identity already in the
+session is returned as is (only its unloaded attributes are filled, exactly like a database load),
+new ones are created persistent in the identity map, eager-loaded relationships are set, columns the
+query did not load stay unloaded, and the ``load`` event fires.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Result
+from sqlalchemy.engine.result import FrozenResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes
+from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.properties import ColumnProperty
+from sqlalchemy.orm.relationships import RelationshipProperty
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.schema import Column, Table
+from sqlalchemy.sql.type_api import TypeEngine
+
+from sqlacache import dependencies as deps_mod
+from sqlacache._lru import LRU
+from sqlacache.codec import CodecError, ValueCodec, codec_for
+from sqlacache.backends import Lookup
+from sqlacache.context import SessionContext, context_of
+from sqlacache.keys import Shape, Uncacheable, _path
+from sqlacache.policy import never_cached_reason, op_of
+
+if TYPE_CHECKING:
+    from sqlacache.cache import Cache
+
+log = logging.getLogger("sqlacache.reads")
+
+PAYLOAD_FORMAT = 1
+
+
+class _Unstorable(Exception):
+    """The result can't be reproduced faithfully from a cache entry; it is served, not stored."""
+
+
+# --------------------------------------------------------------------------------------------
+# Per-process memos: what a mapper looks like to the codec, what a statement shape looks like.
+
+
+@dataclass(slots=True)
+class MapperLayout:
+    mapper: Mapper[Any]
+    columns: dict[str, ValueCodec]  # loadable column attributes → codec
+    pk_keys: tuple[str, ...]
+    tables: frozenset[str]  # the mapper's own tables
+    expr_tables: dict[str, frozenset[str]]  # column_property(select …) → the tables it reads
+    eager_expire: frozenset[str]  # column attributes that are not deferred by mapping
+    relationships: dict[str, RelationshipProperty[Any]]
+
+
+_layouts: dict[Mapper[Any], MapperLayout] = {}
+_by_path: dict[str, Mapper[Any]] = {}
+
+
+def layout_of(mapper: Mapper[Any]) -> MapperLayout:
+    found = _layouts.get(mapper)
+    if found is not None:
+        return found
+    columns: dict[str, ValueCodec] = {}
+    for t in mapper.tables:
+        deps_mod.register_metadata(t.metadata)
+    tables = {deps_mod.table_name(t) for t in mapper.tables}
+    expr_tables: dict[str, frozenset[str]] = {}
+    not_deferred = set()
+    for prop in mapper.column_attrs:
+        expr = prop.columns[0]
+        columns[prop.key] = codec_for(expr.type)
+        if not isinstance(expr, Column) or expr.table not in mapper.tables:
+            # column_property(select(...)) and friends read other tables.
+            expr_tables[prop.key] = frozenset(
+                deps_mod.table_name(e) for e in visitors.iterate(expr) if isinstance(e, Table)
+            )
+        if not prop.deferred:
+            not_deferred.add(prop.key)
+    pk_keys = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+    found = MapperLayout(
+        mapper,
+        columns,
+        pk_keys,
+        frozenset(tables),
+        expr_tables,
+        frozenset(not_deferred),
+        {r.key: r for r in mapper.relationships},
+    )
+    _layouts[mapper] = found
+    _by_path[_path(mapper.class_)] = mapper
+    return found
+
+
+def _mapper_for_path(path: str, near: Mapper[Any] | None) -> Mapper[Any]:
+    mapper = _by_path.get(path)
+    if mapper is None and near is not None:
+        for m in near.registry.mappers:
+            layout_of(m)
+        mapper = _by_path.get(path)
+    if mapper is None:
+        raise CodecError(f"unknown mapped class {path!r}")
+    return mapper
+
+
+ENTITY = None  # a result column that holds ORM entities rather than values
+
+
+@dataclass(slots=True)
+class ShapeInfo:
+    shape: Shape
+    reason: str | None  # why it's never cached, or None
+    op: str
+    lead: type | None
+    columns: list[ValueCodec | None] | None  # per result column; None entries are entities
+    template: FrozenResult[Any] | None = None  # empty result with this shape's metadata
+
+
+_shapes: LRU[Any, ShapeInfo] = LRU(4096)
+
+
+def _columns_of(statement: Any) -> list[ValueCodec | None] | None:
+    try:
+        descriptions = statement.column_descriptions
+    except Exception:  # not a statement the ORM can describe
+        return None
+    out: list[ValueCodec | None] = []
+    for d in descriptions:
+        kind = d.get("type")
+        if isinstance(kind, TypeEngine):
+            out.append(codec_for(kind))
+        elif isinstance(kind, type) and d.get("entity") is kind and not d.get("aliased"):
+            out.append(ENTITY)
+        else:
+            return None  # bundles, aliased entities: served from the database
+    return out
+
+
+def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
+    info = _shapes.get(key_tuple)
+    if info is None:
+        reason = never_cached_reason(statement)
+        try:
+            shape = cache.keys.shape(key_tuple)
+        except Uncacheable as exc:
+            shape, reason = Shape("", frozenset(), ()), reason or str(exc)
+        columns = _columns_of(statement)
+        if columns is None and reason is None:
+            reason = "result shape not supported (bundles or aliased entities)"
+        lead = shape.mappers[0].class_ if shape.mappers else None
+        info = ShapeInfo(shape, reason, op_of(statement), lead, columns)
+        _shapes.put(key_tuple, info)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Capture: which objects the current read created from database rows.
+
+
+@dataclass(slots=True)
+class Frame:
+    fresh: dict[Any, dict[str, Any]] = field(default_factory=dict)  # state → column values as loaded
+    deps: set[str] = field(default_factory=set)  # dependencies of nested reads served meanwhile
+    unstorable: str | None = None
+
+
+@event.listens_for(Mapper, "load")
+def _on_load(target: Any, context: Any) -> None:
+    ctx: SessionContext | None = getattr(context.session, "_sqlacache", None)
+    if ctx is None or not ctx.frames:
+        return
+    state = instance_state(target)
+    layout = layout_of(state.mapper)
+    dict_ = state.dict
+    ctx.frames[-1].fresh[state] = {k: dict_[k] for k in layout.columns if k in dict_}
+
+
+def _encode_entities(roots: Sequence[Any], frame: Frame, tables: set[str]) -> tuple[list[Any], dict[int, int]]:
+    """The entity table of a payload; raises _Unstorable if anything in the graph isn't fresh."""
+    table: list[Any] = []
+    index: dict[int, int] = {}
+
+    def ref(obj: Any) -> int | None:
+        if obj is None:
+            return None
+        found = index.get(id(obj))
+        if found is not None:
+            return found
+        state = instance_state(obj)
+        loaded = frame.fresh.get(state)
+        if loaded is None:
+            raise _Unstorable("the result includes an object that was already in the session")
+        for key, fn in state.callables.items():
+            if type(fn).__name__ != "LoadDeferredColumns":
+                raise _Unstorable(f"a loader option installed a per-object loader on {key!r}")
+        layout = layout_of(state.mapper)
+        tables.update(layout.tables)
+        for key in layout.expr_tables.keys() & loaded.keys():
+            tables.update(layout.expr_tables[key])
+        slot = len(table)
+        index[id(obj)] = slot
+        entry: list[Any] = [_path(state.class_), {k: layout.columns[k].encode(v) for k, v in loaded.items()}, {}]
+        table.append(entry)
+        rels: dict[str, Any] = {}
+        dict_ = state.dict
+        for key, prop in layout.relationships.items():
+            if key not in dict_:
+                continue
+            tables.update(layout_of(prop.mapper).tables)
+            if prop.secondary is not None:
+                tables.update(deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table))
+            value = dict_[key]
+            if prop.uselist:
+                if not isinstance(value, (list, set)):
+                    raise _Unstorable(f"collection class of {key!r} is not a list or set")
+                rels[key] = [ref(v) for v in value]
+            else:
+                rels[key] = ref(value)
+        entry[2] = rels
+        return slot
+
+    for obj in roots:
+        ref(obj)
+    return table, index
+
+
+def encode_result(frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame) -> tuple[bytes, set[str]]:
+    """(payload bytes, tables the loaded graph read)."""
+    if frame.unstorable:
+        raise _Unstorable(frame.unstorable)
+    tables: set[str] = set()
+    if frozen._source_supports_scalars:
+        table, index = _encode_entities(frozen.data, frame, tables)
+        rows: list[Any] = [None if o is None else index[id(o)] for o in frozen.data]
+    else:
+        roots = [v for row in frozen.data for v, c in zip(row, columns) if c is ENTITY and v is not None]
+        table, index = _encode_entities(roots, frame, tables)
+        rows = [
+            [(None if v is None else index[id(v)]) if c is None else c.encode(v) for v, c in zip(row, columns)]
+            for row in frozen.data
+        ]
+    return orjson.dumps([PAYLOAD_FORMAT, table, rows]), tables
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuild: payload → objects attached to the session, as a database load would leave them.
+
+
+class _HitContext:
+    """Stands in for the QueryContext that ``load`` listeners receive on a database load."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+
+def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) -> list[Any]:
+    if not isinstance(table, list):
+        raise CodecError("entity table is not a list")
+    identity_map = session.identity_map
+    objs: list[Any] = []
+    new_states: list[Any] = []
+    rel_todo: list[tuple[Any, bool, dict[str, Any], MapperLayout]] = []
+    for entry in table:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
+            raise CodecError("bad entity entry")
+        cpath, raw, rels = entry
+        if not isinstance(raw, dict) or not isinstance(rels, dict):
+            raise CodecError("bad entity entry")
+        mapper = _mapper_for_path(cpath, near)
+        layout = layout_of(mapper)
+        try:
+            values = {k: layout.columns[k].decode(v) for k, v in raw.items()}
+            pk = tuple(values[k] for k in layout.pk_keys)
+        except KeyError as exc:
+            raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
+        ikey = mapper.identity_key_from_primary_key(pk)
+        obj = identity_map.get(ikey)
+        if obj is not None:
+            state = instance_state(obj)
+            unloaded = state.unloaded
+            to_load = [k for k in values if k in unloaded]
+            if to_load:
+                dict_ = state.dict
+                for k in to_load:
+                    dict_[k] = values[k]
+                state._commit(dict_, to_load)
+            rel_todo.append((obj, False, rels, layout))
+        else:
+            obj = mapper.class_manager.new_instance()
+            state = instance_state(obj)
+            dict_ = state.dict
+            dict_.update(values)
+            state.key = ikey
+            state.identity_token = None
+            state.session_id = session.hash_key
+            identity_map._add_unpresent(state, ikey)
+            missing = [k for k in layout.eager_expire if k not in values]
+            if missing:
+                # The query left these out (load_only/defer): load them on access, like the ORM does.
+                state._expire_attributes(dict_, missing)
+            new_states.append(state)
+            rel_todo.append((obj, True, rels, layout))
+        objs.append(obj)
+
+    def resolve(ref: Any) -> Any:
+        if ref is None:
+            return None
+        if type(ref) is not int or not 0 <= ref < len(objs):
+            raise CodecError("bad entity reference")
+        return objs[ref]
+
+    for obj, is_new, rels, layout in rel_todo:
+        dict_ = instance_state(obj).dict
+        for key, ref in rels.items():
+            prop = layout.relationships.get(key)
+            if prop is None:
+                raise CodecError(f"unknown relationship {key!r}")
+            if not is_new and key in dict_:
+                continue
+            if prop.uselist:
+                if not isinstance(ref, list):
+                    raise CodecError("bad collection")
+                value: Any = [resolve(r) for r in ref]
+                if prop.collection_class is set:
+                    value = set(value)
+            else:
+                value = resolve(ref)
+            attributes.set_committed_value(obj, key, value)
+
+    context = _HitContext(session)
+    dispatch_persistent = session.dispatch.loaded_as_persistent
+    for state in new_states:
+        state._commit_all(state.dict, identity_map)
+        state.manager.dispatch.load(state, context)
+        if dispatch_persistent:
+            dispatch_persistent(session, state)
+    return objs
+
+
+def decode_result(session: Session, payload: bytes, info: ShapeInfo) -> list[Any]:
+    """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError("payload is not JSON") from exc
+    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)):
+        raise CodecError("payload format not recognised")
+    near = info.shape.mappers[0] if info.shape.mappers else None
+    objs = _rebuild_entities(session, doc[1], near)
+    columns = info.columns or []
+
+    def resolve(ref: Any) -> Any:
+        if ref is None:
+            return None
+        if type(ref) is not int or not 0 <= ref < len(objs):
+            raise CodecError("bad entity reference")
+        return objs[ref]
+
+    out: list[Any] = []
+    if info.template is not None and info.template._source_supports_scalars:
+        for ref in doc[2]:
+            out.append((resolve(ref),))
+        return out
+    for row in doc[2]:
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise CodecError("row does not fit the result shape")
+        out.append(tuple(resolve(v) if c is None else c.decode(v) for v, c in zip(row, columns)))
+    return out
+
+
+def template_of(frozen: FrozenResult[Any]) -> FrozenResult[Any]:
+    return frozen.with_new_rows([])
+
+
+def result_from_rows(template: FrozenResult[Any], rows: list[Any]) -> Result[Any]:
+    return template.with_new_rows(rows)()
+
+
+# --------------------------------------------------------------------------------------------
+# The orchestration: one function per entry point (do_orm_execute, Session.get).
+
+
+@dataclass(slots=True)
+class GetTicket:
+    """Hands ``Session.get``'s key and lookup to the statement the ORM then executes on a miss."""
+
+    key: str
+    mapper: Mapper[Any]
+    pk: tuple[Any, ...]
+    lookup: Lookup | None
+    ttl: float
+    used: bool = False
+
+
+def _written(ctx: SessionContext, tables: Any) -> bool:
+    return ctx.written_everything or (bool(ctx.written) and any(t in ctx.written for t in tables))
+
+
+def _entry_written(ctx: SessionContext, entry_deps: Sequence[str]) -> bool:
+    if ctx.written_everything:
+        return True
+    if not ctx.written:
+        return False
+    return any(deps_mod.table_of_dep(d) in ctx.written for d in entry_deps)
+
+
+def _run_remaining(state: ORMExecuteState) -> Result[Any] | None:
+    """Run the do_orm_execute hooks registered after ours first, so that what they change in the
+    statement (tenant criteria, soft-delete filters…) is part of the key."""
+    for fn in state._remaining_events():
+        state._starting_event_idx += 1
+        result = fn(state)
+        if result:
+            return result  # type: ignore[no-any-return]
+    return None
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
+    session = state.session
+    ctx = session.__dict__.get("_sqlacache")
+    if ctx is None:
+        if session.__dict__.get("_sqlacache_cache") is False:
+            return None
+        ctx = context_of(session)
+        if ctx is None:
+            return None
+    if not state.is_select or not ctx.cache.enabled:
+        return None
+    flag = state.execution_options.get("cache")
+    if flag is False:
+        return None
+    ran_others = bool(state._remaining_events())
+    if ran_others:
+        early = _run_remaining(state)
+        if early is not None:
+            return early
+    result = _read(ctx, state, flag is True)
+    if result is None and ran_others:
+        # The later hooks have run already; don't let the session run them a second time.
+        return state.invoke_statement()
+    return result
+
+
+def _plain_read(state: ORMExecuteState) -> bool:
+    """False for loads that must reach the database: refresh, populate_existing, streaming…"""
+    lo = state.load_options
+    if lo._populate_existing or lo._refresh_state is not None or lo._yield_per or lo._identity_token is not None:
+        return False
+    opts = state.execution_options
+    return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
+
+
+def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[Any] | None:
+    cache = ctx.cache
+    if not _plain_read(state):
+        return None
+    opts = state.execution_options
+    ticket: GetTicket | None = opts.get("_sqlacache_get")
+    if ticket is not None:
+        if ticket.used:
+            ticket = None  # a nested load (selectin…) inherited the options of the get
+        else:
+            ticket.used = True
+    statement = state.statement
+    ck = statement._generate_cache_key()
+    if ck is None:
+        return None
+    info = shape_info(cache, statement, ck.key)
+    if info.reason is not None:
+        cache.count("uncacheable")
+        return None
+    session = state.session
+    if ticket is not None:
+        ttl = ticket.ttl
+    else:
+        rule = cache.policy.rule_for(info.lead)
+        if not forced and (rule is None or info.op not in rule.ops):
+            return None
+        ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
+    if state.load_options._autoflush:
+        # The database path flushes before it reads; so must we, or a hit would hide pending writes.
+        session._autoflush()
+    statement_tables = {deps_mod.table_name(t) for t in info.shape.tables}
+    if _written(ctx, statement_tables):
+        return None
+    if ticket is not None:
+        key, lookup = ticket.key, ticket.lookup
+    else:
+        bind = session.get_bind(**state.bind_arguments)
+        try:
+            key = cache.keys.key(
+                cache.namespace(bind), info.shape.digest, [b.effective_value for b in ck.bindparams], state.parameters
+            )
+        except Uncacheable:
+            cache.count("uncacheable")
+            return None
+        lookup = cache.lookup(key)
+    if lookup is not None and lookup.entry is not None and info.template is not None:
+        if not _entry_written(ctx, lookup.entry.deps):
+            try:
+                rows = decode_result(session, lookup.entry.payload, info)
+            except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
+                cache.count("corrupt")
+                log.warning("sqlacache: dropping an undecodable entry %s: %s", key, exc)
+                cache.discard(key)
+            else:
+                cache.count("hits")
+                if ctx.frames:
+                    ctx.frames[-1].deps.update(lookup.entry.deps)
+                return result_from_rows(info.template, rows)
+    cache.count("misses")
+    generation = ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
+    frame = Frame()
+    ctx.frames.append(frame)
+    try:
+        frozen = state.invoke_statement().freeze()
+    finally:
+        ctx.frames.pop()
+    if info.template is None:
+        info.template = template_of(frozen)
+    deps: list[str] = []
+    try:
+        payload, tables = encode_result(frozen, info.columns or [], frame)
+        tables |= statement_tables
+        if ticket is not None:
+            own = {deps_mod.table_name(t) for t in ticket.mapper.tables}
+            deps = deps_mod.pk_read_deps(own, ticket.pk) + deps_mod.table_read_deps(tables - own)
+        else:
+            deps = deps_mod.table_read_deps(tables)
+        deps = sorted(set(deps) | frame.deps)
+        if generation is not None and generation >= 0 and not _written(ctx, tables):
+            cache.store(key, payload, deps, generation, ttl)
+    except _Unstorable as exc:
+        cache.count("unstorable")
+        log.debug("sqlacache: not storing %s: %s", key, exc)
+    except CodecError as exc:
+        cache.count("unencodable")
+        log.debug("sqlacache: cannot encode %s: %s", key, exc)
+    if ctx.frames:
+        parent = ctx.frames[-1]
+        parent.fresh.update(frame.fresh)
+        parent.deps.update(deps or [deps_mod.ALL])
+        if frame.unstorable:
+            parent.unstorable = frame.unstorable
+    return frozen()
+
+
+def _normalize_ident(mapper: Mapper[Any], layout: MapperLayout, ident: Any) -> tuple[Any, ...] | None:
+    if isinstance(ident, dict):
+        try:
+            return tuple(ident[k] for k in layout.pk_keys)
+        except KeyError:
+            return None
+    pk = tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
+    if len(pk) != len(layout.pk_keys) or any(v is None for v in pk):
+        return None
+    return pk
+
+
+_NOT_HANDLED: Any = object()
+
+
+def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:
+    """``Session.get`` without building a statement: key from (class, pk), one backend round trip.
+
+    Returns the object (or None for a cached "not found"), or ``_NOT_HANDLED`` with a GetTicket put
+    into ``execution_options`` for the statement the ORM will run on a miss.
+    """
+    cache = ctx.cache
+    mapper = inspect(entity, raiseerr=False)
+    if not isinstance(mapper, Mapper) or not cache.enabled:
+        return _NOT_HANDLED
+    flag = execution_options.get("cache")
+    if flag is False:
+        return _NOT_HANDLED
+    rule = cache.policy.rule_for(mapper.class_)
+    if flag is not True and (rule is None or "get" not in rule.ops):
+        return _NOT_HANDLED
+    layout = layout_of(mapper)
+    pk = _normalize_ident(mapper, layout, ident)
+    if pk is None:
+        return _NOT_HANDLED
+    if mapper.identity_key_from_primary_key(pk) in session.identity_map:
+        return _NOT_HANDLED  # the identity map answers, as it does without a cache
+    session._autoflush()
+    if _written(ctx, layout.tables) or mapper.identity_key_from_primary_key(pk) in session.identity_map:
+        return _NOT_HANDLED
+    try:
+        key = cache.keys.get_key(cache.namespace(session.get_bind(mapper)), mapper, pk)
+    except Uncacheable:
+        return _NOT_HANDLED
+    lookup = cache.lookup(key)
+    if lookup is not None and lookup.entry is not None and not _entry_written(ctx, lookup.entry.deps):
+        try:
+            objs = _decode_get(session, lookup.entry.payload, mapper)
+        except Exception as exc:
+            cache.count("corrupt")
+            log.warning("sqlacache: dropping an undecodable entry %s: %s", key, exc)
+            cache.discard(key)
+        else:
+            cache.count("hits")
+            return objs[0] if objs else None
+    ttl = execution_options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
+    return GetTicket(key, mapper, pk, lookup, ttl)
+
+
+def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any]) -> list[Any]:
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError("payload is not JSON") from exc
+    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)):
+        raise CodecError("payload format not recognised")
+    objs = _rebuild_entities(session, doc[1], mapper)
+    out = []
+    for ref in doc[2]:
+        if type(ref) is not int or not 0 <= ref < len(objs):
+            raise CodecError("bad entity reference")
+        out.append(objs[ref])
+    if len(out) > 1:
+        raise CodecError("a primary-key read with several rows")
+    return out

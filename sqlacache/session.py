@@ -1,0 +1,231 @@
+"""``CachingSession`` and ``CachingAsyncSession``: drop-in session classes.
+
+Reads are intercepted by the ``do_orm_execute`` hook (see ``reads``), so every ORM read — ``get``,
+``execute``, ``scalars``, ``scalar``, legacy ``Query``, relationship loads — goes through the cache.
+These classes add three things on top: which cache to use, a statement-free ``get``, and ``.cached()``
+on the result of ``execute`` for statements the configuration does not cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Generator, Mapping
+from typing import Any
+
+from sqlalchemy.engine import Result
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.util import EMPTY_DICT
+
+from sqlacache import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
+from sqlacache.cache import Cache, default_cache
+from sqlacache.context import context_of
+from sqlacache.policy import ConfigurationError
+from sqlacache.reads import _NOT_HANDLED, GetTicket, fast_get, shape_info
+
+
+def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | None) -> dict[str, Any]:
+    options = dict(execution_options or {})
+    options["cache"] = True
+    if ttl is not None:
+        options["cache_ttl"] = ttl
+    return options
+
+
+class DeferredResult:
+    """The result of ``CachingSession.execute`` for a SELECT the configuration doesn't cache.
+
+    It runs the statement when first used — or from the cache, when ``.cached()`` is called first.
+    The session runs it before its next operation (execute, get, flush, commit, rollback, close), so
+    it always runs in the transaction state it was issued in.
+    """
+
+    def __init__(self, session: CachingSession, statement: Any, params: Any, kw: dict[str, Any]) -> None:
+        self._session = session
+        self._statement = statement
+        self._params = params
+        self._kw = kw
+        self._result: Result[Any] | None = None
+
+    def cached(self, ttl: float | None = None) -> Result[Any]:
+        """Serve this statement through the cache (TTL ``ttl``, else the model's or the default)."""
+        if self._result is None:
+            self._kw["execution_options"] = _cached_options(self._kw.get("execution_options"), ttl)
+        return self._resolve()
+
+    def _resolve(self) -> Result[Any]:
+        if self._result is None:
+            options = dict(self._kw.get("execution_options") or {})
+            options["autoflush"] = False  # it already autoflushed when execute() was called
+            self._kw["execution_options"] = options
+            self._result = Session.execute(self._session, self._statement, self._params, **self._kw)
+        return self._result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resolve(), name)
+
+    def __iter__(self) -> Any:
+        return iter(self._resolve())
+
+    def __enter__(self) -> Result[Any]:
+        return self._resolve().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._resolve().__exit__(*exc)
+
+
+class CachingSession(Session):
+    """A ``Session`` whose reads are cached. ``cache=`` defaults to the one from ``configure()``."""
+
+    def __init__(self, bind: Any = None, *, cache: Cache | None = None, **kw: Any) -> None:
+        super().__init__(bind, **kw)
+        cache = cache if cache is not None else default_cache()
+        if cache is None:
+            raise ConfigurationError(
+                "CachingSession has no cache: pass cache=Cache(...) to the session or sessionmaker, "
+                "or call sqlacache.configure(...) first"
+            )
+        self.__dict__["_sqlacache_cache"] = cache
+        self._sqlacache_deferred: list[weakref.ref[DeferredResult]] = []
+        # Under CachingAsyncSession the awaitable offers .cached(); results must be real here.
+        self._sqlacache_async = False
+
+    @property
+    def cache(self) -> Cache:
+        cache: Cache = self.__dict__["_sqlacache_cache"]
+        return cache
+
+    def _run_deferred(self) -> None:
+        if self._sqlacache_deferred:
+            pending, self._sqlacache_deferred = self._sqlacache_deferred, []
+            for ref in pending:
+                deferred = ref()
+                if deferred is not None:
+                    deferred._resolve()
+
+    def get(  # type: ignore[override]
+        self,
+        entity: Any,
+        ident: Any,
+        *,
+        options: Any = None,
+        populate_existing: bool = False,
+        with_for_update: Any = None,
+        identity_token: Any = None,
+        execution_options: Mapping[str, Any] = EMPTY_DICT,
+        bind_arguments: Any = None,
+    ) -> Any:
+        self._run_deferred()
+        if not (options or populate_existing or with_for_update or identity_token or bind_arguments):
+            ctx = context_of(self)
+            if ctx is not None:
+                found = fast_get(self, ctx, entity, ident, execution_options)
+                if isinstance(found, GetTicket):
+                    execution_options = {**execution_options, "_sqlacache_get": found}
+                elif found is not _NOT_HANDLED:
+                    return found
+        return super().get(
+            entity,
+            ident,
+            options=options,
+            populate_existing=populate_existing,
+            with_for_update=with_for_update,
+            identity_token=identity_token,
+            execution_options=execution_options,
+            bind_arguments=bind_arguments,
+        )
+
+    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        self._run_deferred()
+        options = kw.get("execution_options") or {}
+        if (
+            not self._sqlacache_async
+            and getattr(statement, "is_select", False)
+            and "_sa_orm_load_options" not in options
+            and "cache" not in options
+            and not self._configured_to_cache(statement)
+        ):
+            if options.get("autoflush", True):
+                self._autoflush()
+            deferred = DeferredResult(self, statement, params, dict(kw))
+            self._sqlacache_deferred.append(weakref.ref(deferred))
+            return deferred
+        return super().execute(statement, params, **kw)
+
+    def _configured_to_cache(self, statement: Any) -> bool:
+        cache = self.cache
+        if not cache.enabled:
+            return True  # nothing to defer for: .cached() can't serve anything either
+        ck = statement._generate_cache_key()
+        if ck is None:
+            return True
+        info = shape_info(cache, statement, ck.key)
+        if info.reason is not None:
+            return True
+        rule = cache.policy.rule_for(info.lead)
+        return rule is not None and info.op in rule.ops
+
+    def flush(self, objects: Any = None) -> None:
+        self._run_deferred()
+        super().flush(objects)
+
+    def commit(self) -> None:
+        self._run_deferred()
+        super().commit()
+
+    def rollback(self) -> None:
+        self._run_deferred()
+        super().rollback()
+
+    def close(self) -> None:
+        self._run_deferred()
+        super().close()
+
+
+class _Pending(Awaitable[Any]):
+    """What ``CachingAsyncSession.execute``/``scalars``/``scalar`` return: nothing runs until awaited,
+    and ``.cached(ttl=…)`` gives another awaitable that reads through the cache."""
+
+    def __init__(self, session: CachingAsyncSession, method: str, statement: Any, params: Any, kw: dict[str, Any]):
+        self._session = session
+        self._method = method
+        self._statement = statement
+        self._params = params
+        self._kw = kw
+
+    def cached(self, ttl: float | None = None) -> _Pending:
+        kw = dict(self._kw)
+        kw["execution_options"] = _cached_options(kw.get("execution_options"), ttl)
+        return _Pending(self._session, self._method, self._statement, self._params, kw)
+
+    async def _run(self) -> Any:
+        method = getattr(AsyncSession, self._method)
+        return await method(self._session, self._statement, self._params, **self._kw)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._run().__await__()
+
+
+class CachingAsyncSession(AsyncSession):
+    """An ``AsyncSession`` whose reads are cached; ``cache=`` as for :class:`CachingSession`."""
+
+    sync_session_class = CachingSession
+
+    def __init__(self, bind: Any = None, **kw: Any) -> None:
+        super().__init__(bind, **kw)
+        if isinstance(self.sync_session, CachingSession):
+            self.sync_session._sqlacache_async = True
+
+    @property
+    def cache(self) -> Cache:
+        cache: Cache = self.sync_session.__dict__["_sqlacache_cache"]
+        return cache
+
+    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+        return _Pending(self, "execute", statement, params, kw)
+
+    def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+        return _Pending(self, "scalars", statement, params, kw)
+
+    def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+        return _Pending(self, "scalar", statement, params, kw)

@@ -1,0 +1,237 @@
+"""The write path: flush → tracker → commit → eviction.
+
+Rows written by the unit of work are recorded per row (table, primary key, old and new values);
+everything else executed on the session's connections — ORM bulk and Core DML, raw SQL, the
+association-table rows of a flush — is recorded per table. Records live in the frame of the
+transaction or savepoint that wrote them: releasing a savepoint hands its records to the enclosing
+one, rolling it back drops them, and only the outermost commit turns them into invalidations,
+which have been delivered (or queued for retry) by the time ``commit()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Table, event
+from sqlalchemy.orm import Mapper, Session, SessionTransaction
+from sqlalchemy.orm.base import instance_state
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.schema import Column
+
+from sqlacache import dependencies as deps_mod
+from sqlacache.context import SessionContext, TxFrame, context_of
+from sqlacache.reads import layout_of
+
+log = logging.getLogger("sqlacache.tracker")
+
+_TAG = "_sqlacache_ctx"
+_SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
+
+
+@dataclass(frozen=True, slots=True)
+class RowWrite:
+    """One row written by a flush; old/new hold the column values that changed (all, for inserts)."""
+
+    op: str
+    table: str
+    pk: tuple[Any, ...]
+    old: dict[str, Any]
+    new: dict[str, Any]
+
+
+def _owner(session: Session) -> SessionTransaction | None:
+    """The transaction whose commit publishes a write made now: the innermost savepoint or the root."""
+    t = session._transaction
+    while t is not None and not (t.nested or t.parent is None):
+        t = t.parent
+    return t
+
+
+def _frame(ctx: SessionContext, session: Session) -> TxFrame:
+    owner = _owner(session)
+    frame = ctx.tx.get(owner)
+    if frame is None:
+        frame = ctx.tx[owner] = TxFrame()
+    return frame
+
+
+def record(ctx: SessionContext, session: Session, deps: list[str], tables: set[str]) -> None:
+    _frame(ctx, session).deps.update(deps)
+    ctx.written |= tables
+
+
+# -- unit-of-work rows ------------------------------------------------------------------------
+
+
+def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> None:
+    state = instance_state(target)
+    session = state.session
+    if session is None:
+        return
+    ctx = context_of(session)
+    if ctx is None:
+        return
+    layout = layout_of(state.mapper)
+    dict_ = state.dict
+    committed = state.committed_state
+    pk = tuple(dict_.get(k) for k in layout.pk_keys)
+    if op == "insert":
+        old: dict[str, Any] = {}
+        new = {k: dict_[k] for k in layout.columns if k in dict_}
+    elif op == "delete":
+        old = {k: committed.get(k, dict_.get(k)) for k in layout.columns if k in dict_ or k in committed}
+        new = {}
+    else:
+        old = {k: committed[k] for k in layout.columns if k in committed}
+        new = {k: dict_.get(k) for k in old}
+    pks = {pk}
+    if op != "insert" and any(k in committed for k in layout.pk_keys):
+        pks.add(tuple(committed.get(k, dict_.get(k)) for k in layout.pk_keys))
+    depset: list[str] = []
+    tables: set[str] = set()
+    for table in state.mapper.tables:
+        name = deps_mod.table_name(table)
+        tables.add(name)
+        for key in pks:
+            depset += deps_mod.row_write_deps(name, key)
+            ctx.rows.append(RowWrite(op, name, key, old, new))
+        if op != "insert":
+            changed = {c.name for k in old for c in state.mapper.attrs[k].columns if isinstance(c, Column)}
+            for other in deps_mod.cascade_closure(table, op, changed):
+                depset += deps_mod.unknown_rows_write_deps(other)
+                tables.add(other)
+    ctx.flush_row_tables |= tables
+    record(ctx, session, depset, tables)
+
+
+for _op in ("insert", "update", "delete"):
+
+    def _listener(mapper: Mapper[Any], connection: Any, target: Any, _op: str = _op) -> None:
+        _row_write(_op, mapper, connection, target)
+
+    event.listen(Mapper, f"after_{_op}", _listener)
+
+
+# -- everything else executed on the session's connections -------------------------------------
+
+
+@event.listens_for(Engine, "after_cursor_execute")
+def _after_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    tag = conn.info.get(_TAG)
+    if tag is None:
+        return
+    ctx, session_ref = tag
+    session = session_ref()
+    if session is None:
+        return
+    compiled = context.compiled
+    tables: set[str] | None
+    if compiled is not None and (context.isinsert or context.isupdate or context.isdelete):
+        table = compiled.statement.table._deannotate()  # ORM statements carry annotated copies
+        tables = {deps_mod.table_name(table)}
+        if not context.isinsert and isinstance(table, Table):
+            tables |= deps_mod.cascade_closure(table, "delete" if context.isdelete else "update")
+    elif compiled is not None and not context.isddl and not isinstance(compiled.statement, TextClause):
+        return  # a compiled SELECT
+    else:
+        tables = deps_mod.written_tables(statement)
+        if tables is not None and not tables:
+            return
+        if tables is not None:
+            for name in list(tables):
+                for table in deps_mod.tables_named(name):
+                    tables |= deps_mod.cascade_closure(table, "delete") | deps_mod.cascade_closure(table, "update")
+    if session._flushing and tables is not None:
+        # Rows of mapped tables are recorded by the mapper events; what they don't cover
+        # (association tables of many-to-many) is settled after the flush.
+        ctx.flush_dml_tables |= tables
+        return
+    if tables is None:
+        ctx.cache._warn(f"raw:{statement[:60]}", "sqlacache: cannot tell which tables %r writes; evicting everything", statement[:200])
+        record(ctx, session, [deps_mod.ALL], set())
+        ctx.written_everything = True
+        return
+    depset: list[str] = []
+    for name in tables:
+        depset += deps_mod.unknown_rows_write_deps(name)
+    record(ctx, session, depset, tables)
+
+
+# -- session transaction lifecycle -------------------------------------------------------------
+
+
+@event.listens_for(Session, "after_begin")
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+    ctx = context_of(session)
+    if ctx is None:
+        return
+    connection.info[_TAG] = (ctx, weakref.ref(session))
+    ctx.connections.append(connection)
+    if ctx.tx_generation is None:
+        level = (connection._execution_options.get("isolation_level") or connection.default_isolation_level or "").upper()
+        if level in _SNAPSHOT_LEVELS:
+            # The database snapshot may be taken at the first statement of this transaction: a
+            # result read later in it is only as fresh as now.
+            generation = ctx.cache.generation()
+            ctx.tx_generation = generation if generation is not None else -1
+
+
+@event.listens_for(Session, "after_flush")
+def _after_flush(session: Session, flush_context: Any) -> None:
+    ctx = context_of(session)
+    if ctx is None:
+        return
+    others = ctx.flush_dml_tables - ctx.flush_row_tables
+    if others:
+        depset: list[str] = []
+        for name in others:
+            depset += deps_mod.unknown_rows_write_deps(name)
+        record(ctx, session, depset, others)
+    ctx.flush_dml_tables = set()
+    ctx.flush_row_tables = set()
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    ctx = session.__dict__.get("_sqlacache")
+    if ctx is None:
+        return
+    committing = session._transaction
+    frame = ctx.tx.pop(committing, None)
+    if committing is None or frame is None:
+        return
+    if committing.nested:
+        parent = committing.parent
+        while parent is not None and not (parent.nested or parent.parent is None):
+            parent = parent.parent
+        target = ctx.tx.get(parent)
+        if target is None:
+            ctx.tx[parent] = frame
+        else:
+            target.deps |= frame.deps
+        return
+    ctx.cache.bump(frame.deps)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    ctx = session.__dict__.get("_sqlacache")
+    if ctx is None:
+        return
+    # Whatever is still recorded for this transaction was not committed: drop it.
+    ctx.tx.pop(transaction, None)
+    if transaction.parent is None:
+        for connection in ctx.connections:
+            try:
+                connection.info.pop(_TAG, None)
+            except Exception:  # a closed/invalidated connection has nothing left to untag
+                pass
+        ctx.connections.clear()
+        ctx.tx.clear()
+        ctx.rows.clear()
+        ctx.written.clear()
+        ctx.written_everything = False
+        ctx.tx_generation = None

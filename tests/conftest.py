@@ -1,0 +1,205 @@
+"""Shared fixtures: real servers when they are there, a loud failure in CI when they are not.
+
+Tests that need Redis or PostgreSQL take the ``redis_url`` / ``pg_sync_url`` / ``pg_async_url``
+fixtures. On a laptop without the servers those tests skip with a reason; with ``CI`` set they fail,
+so a CI run can never pass by silently skipping the integration suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+REDIS_URL = os.environ.get("SQLACACHE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_SYNC_URL = os.environ.get("SQLACACHE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_ASYNC_URL = os.environ.get("SQLACACHE_TEST_PG_ASYNC_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _require(name: str, url: str, default_port: int) -> str:
+    if _reachable(url, default_port):
+        return url
+    message = f"{name} is not reachable at {url}"
+    if IN_CI:
+        pytest.fail(f"{message}; CI must run the integration suite (.ci/run starts the servers)")
+    pytest.skip(f"{message}; start it or set the SQLACACHE_TEST_* URL to run these tests")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _require("Redis", REDIS_URL, 6379)
+
+
+@pytest.fixture(scope="session")
+def pg_sync_url() -> str:
+    return _require("PostgreSQL", PG_SYNC_URL, 5432)
+
+
+@pytest.fixture(scope="session")
+def pg_async_url() -> str:
+    return _require("PostgreSQL", PG_ASYNC_URL, 5432)
+
+
+@pytest.fixture
+def key_prefix() -> Iterator[str]:
+    """A prefix no other test uses, so tests sharing one Redis never see each other's keys."""
+    yield f"sqlacache-test-{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worlds: a database, a backend and a session factory wired together, sync and async.
+
+import asyncio  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+from sqlalchemy import create_engine, event, text  # noqa: E402
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine  # noqa: E402
+from sqlalchemy.orm import sessionmaker  # noqa: E402
+
+from sqlacache import Cache, CachingAsyncSession, CachingSession  # noqa: E402
+from tests.models import Base  # noqa: E402
+
+
+@dataclass
+class World:
+    """Everything a behaviour test needs; ``sql`` records every statement sent to the database."""
+
+    name: str
+    engine: Any
+    cache: Cache
+    Session: Any
+    sql: list[str] = field(default_factory=list)
+    is_async: bool = False
+
+    @property
+    def dialect(self) -> str:
+        return str(self.engine.dialect.name)
+
+    def statements(self) -> int:
+        return len(self.sql)
+
+    def make_cache(self, **kw: Any) -> Cache:
+        """Another Cache on the same backend (another process would look like this)."""
+        return Cache(backend=self.cache.backend, **kw)
+
+
+def _record(world: World, sync_engine: Any) -> None:
+    @event.listens_for(sync_engine, "before_cursor_execute")
+    def _(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        world.sql.append(statement)
+
+
+def _pg_schema_url(url: str, schema: str) -> tuple[str, dict[str, Any]]:
+    if "asyncpg" in url:
+        return url, {"server_settings": {"search_path": schema}}
+    return url, {"options": f"-csearch_path={schema}"}
+
+
+@pytest.fixture(scope="session")
+def pg_schema(pg_sync_url: str) -> Iterator[str]:
+    """A private PostgreSQL schema for this test run, with the test tables; dropped at the end."""
+    schema = f"sqlacache_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pg_sync_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    url, args = _pg_schema_url(pg_sync_url, schema)
+    engine = create_engine(url, connect_args=args)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    yield schema
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def _backend(kind: str, request: pytest.FixtureRequest, prefix: str) -> Any:
+    if kind == "memory":
+        return "memory://"
+    if kind == "fakeredis":
+        import fakeredis
+
+        return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    url = request.getfixturevalue("redis_url")
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def _truncate_sync(engine: Any) -> None:
+    with engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+SYNC_WORLDS = ["sqlite+memory", "sqlite+fakeredis", "postgres+redis"]
+ASYNC_WORLDS = ["aiosqlite+memory", "asyncpg+redis"]
+
+
+@pytest.fixture(params=SYNC_WORLDS)
+def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Iterator[World]:
+    db, backend_kind = request.param.split("+")
+    if db == "sqlite":
+        engine = create_engine(f"sqlite:///{tmp_path / 'test.db'}")
+        Base.metadata.create_all(engine)
+    else:
+        schema = request.getfixturevalue("pg_schema")
+        url, args = _pg_schema_url(request.getfixturevalue("pg_sync_url"), schema)
+        engine = create_engine(url, connect_args=args)
+        _truncate_sync(engine)
+    cache = Cache(backend=_backend(backend_kind, request, key_prefix), prefix=key_prefix)
+    w = World(request.param, engine, cache, sessionmaker(engine, class_=CachingSession, cache=cache))
+    _record(w, engine)
+    yield w
+    cache.invalidate_all()
+    cache.close()
+    engine.dispose()
+
+
+@pytest.fixture(params=ASYNC_WORLDS)
+async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> AsyncIterator[World]:
+    db, backend_kind = request.param.split("+")
+    if db == "aiosqlite":
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        backend: Any = "memory://"
+    else:
+        schema = request.getfixturevalue("pg_schema")
+        url, args = _pg_schema_url(request.getfixturevalue("pg_async_url"), schema)
+        engine = create_async_engine(url, connect_args=args)
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: [c.execute(t.delete()) for t in reversed(Base.metadata.sorted_tables)])
+        import redis.asyncio
+
+        backend = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
+    cache = Cache(backend=backend, prefix=key_prefix)
+    w = World(
+        request.param,
+        engine,
+        cache,
+        async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False),
+        is_async=True,
+    )
+    _record(w, engine.sync_engine)
+    yield w
+    await cache.ainvalidate_all()
+    await cache.aclose()
+    await engine.dispose()
+    await asyncio.sleep(0)

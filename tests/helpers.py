@@ -1,0 +1,53 @@
+"""Small helpers shared by the behaviour tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tests.models import Order, Tag, User
+
+
+def seed(world: Any, n: int = 3) -> None:
+    with world.Session() as s:
+        tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
+        for i in range(1, n + 1):
+            s.add(User(id=i, name=f"u{i}", orders=[Order(id=i * 10 + j, total=j) for j in range(2)], tags=tags[: i % 3]))
+        s.commit()
+
+
+async def aseed(world: Any, n: int = 3) -> None:
+    async with world.Session() as s:
+        tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
+        for i in range(1, n + 1):
+            s.add(User(id=i, name=f"u{i}", orders=[Order(id=i * 10 + j, total=j) for j in range(2)], tags=tags[: i % 3]))
+        await s.commit()
+
+
+def cached(world: Any, read: Callable[[Any], Any]) -> Any:
+    """Run ``read`` in fresh sessions until it is served from the cache; return (db_value, hit_value).
+
+    A dependency's first read after a cold start is not stored (its version is created then), so a
+    read may take two misses to be cached. Fails if the third run still reaches the database.
+    """
+    with world.Session() as s:
+        first = read(s)
+    with world.Session() as s:
+        read(s)
+    before = world.statements()
+    with world.Session() as s:
+        hit = read(s)
+        assert world.statements() == before, f"expected a cache hit, got SQL: {world.sql[before:]}"
+    return first, hit
+
+
+async def acached(world: Any, read: Callable[[Any], Any]) -> Any:
+    async with world.Session() as s:
+        first = await read(s)
+    async with world.Session() as s:
+        await read(s)
+    before = world.statements()
+    async with world.Session() as s:
+        hit = await read(s)
+        assert world.statements() == before, f"expected a cache hit, got SQL: {world.sql[before:]}"
+    return first, hit

@@ -1,0 +1,779 @@
+"""Backend conformance: every backend must behave the same as seen through the ``Backend`` contract.
+
+The ``conformance`` tests run once per backend: in-process memory, real Redis through a sync client,
+real Redis through an asyncio client (the body runs inside SQLAlchemy's ``greenlet_spawn``, as the
+sync core of an ``AsyncSession`` would), and fakeredis (sync and asyncio). The bodies are written
+once, as plain sync code against ``h.backend``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio
+from redis.connection import Connection
+from sqlalchemy.util.concurrency import greenlet_spawn
+
+from sqlacache.backends import Backend, BackendError, Entry, Lookup, MemoryBackend, RedisBackend
+from sqlacache.backends.redis import _glob_escape
+
+TTL = 60.0
+
+
+@dataclass
+class Harness:
+    name: str
+    backend: Any  # MemoryBackend | RedisBackend; Any so the bodies can reach backend-specific bits
+    prefix: str = ""
+    raw: redis.Redis | None = None  # a sync client on the same server, for what a user can't do
+    in_greenlet: bool = False
+
+    async def run(self, body: Callable[[Harness], None]) -> None:
+        if self.in_greenlet:
+            await greenlet_spawn(body, self)
+        else:
+            body(self)
+
+    @property
+    def is_redis(self) -> bool:
+        return self.raw is not None
+
+    def evict_version(self, dep: str) -> None:
+        """What Redis eviction / key expiry, or the memory backend's LRU, would do to a version."""
+        if self.raw is not None:
+            assert self.raw.delete(f"{self.prefix}:v:{dep}") == 1
+        else:
+            with self.backend._lock:
+                del self.backend._versions[dep]
+
+
+BACKENDS = ["memory", "redis-sync", "redis-asyncio", "fakeredis", "fakeredis-asyncio"]
+
+
+def _wipe(raw: redis.Redis, prefix: str) -> None:
+    for key in raw.scan_iter(match=f"{prefix}*", count=1000):
+        raw.delete(key)
+
+
+@pytest.fixture(params=BACKENDS)
+async def h(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Harness]:
+    kind: str = request.param
+    if kind == "memory":
+        yield Harness(kind, MemoryBackend())
+        return
+    if kind.startswith("redis"):
+        url: str = request.getfixturevalue("redis_url")
+        raw = redis.Redis.from_url(url)
+        if kind == "redis-sync":
+            client = redis.Redis.from_url(url)
+            yield Harness(kind, RedisBackend(client, prefix=key_prefix), key_prefix, raw)
+            client.close()
+        else:
+            # asyncio client only: every call must take the greenlet path, none can fall back to sync.
+            aclient = redis.asyncio.Redis.from_url(url)
+            backend = RedisBackend(async_client=aclient, prefix=key_prefix)
+            yield Harness(kind, backend, key_prefix, raw, in_greenlet=True)
+            await aclient.aclose()
+        _wipe(raw, key_prefix)
+        raw.close()
+        return
+    server = fakeredis.FakeServer()
+    raw = fakeredis.FakeRedis(server=server)
+    if kind == "fakeredis":
+        yield Harness(
+            kind, RedisBackend(fakeredis.FakeRedis(server=server), prefix=key_prefix), key_prefix, raw
+        )
+    else:
+        aclient = fakeredis.FakeAsyncRedis(server=server)
+        backend = RedisBackend(async_client=aclient, prefix=key_prefix)
+        yield Harness(kind, backend, key_prefix, raw, in_greenlet=True)
+        await aclient.aclose()
+
+
+def conformance(body: Callable[[Harness], None]) -> Callable[[Harness], Awaitable[None]]:
+    """Turn a sync test body into a test run against every backend (in a greenlet where needed)."""
+
+    async def test(h: Harness) -> None:
+        await h.run(body)
+
+    test.__name__ = test.__qualname__ = body.__name__
+    test.__doc__ = body.__doc__
+    return test
+
+
+def _ready(h: Harness, deps: list[str]) -> int:
+    """A generation at which ``deps`` all have versions (a fresh backend has none: missing = bumped)."""
+    h.backend.bump(deps)
+    return int(h.backend.lookup("__ready__").generation)
+
+
+# -- the contract, on every backend -----------------------------------------------------------------
+
+
+@conformance
+def test_is_a_backend(h: Harness) -> None:
+    assert isinstance(h.backend, Backend)
+
+
+@conformance
+def test_miss_returns_a_generation(h: Harness) -> None:
+    result = h.backend.lookup("nothing-here")
+    assert isinstance(result, Lookup)
+    assert result.entry is None
+    assert isinstance(result.generation, int) and result.generation > 0
+    assert h.backend.generation() >= result.generation
+
+
+PAYLOADS = [
+    b"",
+    b"plain",
+    b"line\nbreaks\n\n",
+    b"\x1f\x1fseparators\x1f\n\x1f",
+    b"\xff\xfe\x00 not utf-8 \xc3\x28",
+    bytes(range(256)),
+    b"12345\x1ft:fake\nlooks like a header",
+    b"x" * 200_000,
+]
+
+
+@conformance
+def test_round_trip_payloads_and_deps(h: Harness) -> None:
+    deps = ["*", "t:users", "r:users:0123abcd", "t:sch\u00e9ma.t\u00e4ble", "t:has space:colon"]
+    g = _ready(h, deps)
+    for i, payload in enumerate(PAYLOADS):
+        assert h.backend.store(f"k{i}", payload, deps, g, TTL) is True
+    for i, payload in enumerate(PAYLOADS):
+        result = h.backend.lookup(f"k{i}")
+        assert result.entry == Entry(payload, tuple(deps))
+        assert type(result.entry.payload) is bytes
+    # No dependencies at all: valid until its TTL.
+    assert h.backend.store("nodeps", b"v", [], h.backend.generation(), TTL) is True
+    assert h.backend.lookup("nodeps").entry == Entry(b"v", ())
+
+
+@conformance
+def test_generation_on_a_hit_is_current(h: Harness) -> None:
+    g = _ready(h, ["t:a"])
+    assert h.backend.store("k", b"v", ["t:a"], g, TTL)
+    h.backend.bump(["t:other"])
+    hit = h.backend.lookup("k")
+    assert hit.entry is not None
+    assert hit.generation == h.backend.generation() > g
+
+
+@conformance
+def test_bump_invalidates_dependents_only(h: Harness) -> None:
+    g = _ready(h, ["t:a", "t:b", "*"])
+    assert h.backend.store("a", b"A", ["*", "t:a"], g, TTL)
+    assert h.backend.store("b", b"B", ["*", "t:b"], g, TTL)
+    assert h.backend.store("ab", b"AB", ["t:a", "t:b"], g, TTL)
+    h.backend.bump(["t:a"])
+    assert h.backend.lookup("a").entry is None
+    assert h.backend.lookup("ab").entry is None
+    assert h.backend.lookup("b").entry == Entry(b"B", ("*", "t:b"))
+    h.backend.bump(["*"])
+    assert h.backend.lookup("b").entry is None
+
+
+@conformance
+def test_store_refused_when_bumped_after_generation(h: Harness) -> None:
+    _ready(h, ["t:a", "t:b"])
+    g = h.backend.lookup("k").generation  # the reader's read begins
+    h.backend.bump(["t:b"])  # a writer commits meanwhile
+    assert h.backend.store("k", b"stale", ["t:a", "t:b"], g, TTL) is False
+    assert h.backend.lookup("k").entry is None
+    # The refusal is per dependency: an unrelated bump does not block.
+    g2 = h.backend.lookup("k").generation
+    h.backend.bump(["t:unrelated"])
+    assert h.backend.store("k", b"fresh", ["t:a", "t:b"], g2, TTL) is True
+    assert h.backend.lookup("k").entry == Entry(b"fresh", ("t:a", "t:b"))
+
+
+@conformance
+def test_store_accepted_when_bump_preceded_generation(h: Harness) -> None:
+    _ready(h, ["t:a"])
+    h.backend.bump(["t:a"])
+    g = h.backend.lookup("k").generation
+    assert h.backend.store("k", b"v", ["t:a"], g, TTL) is True
+    g_explicit = h.backend.generation()
+    assert h.backend.store("k2", b"v", ["t:a"], g_explicit, TTL) is True
+    assert h.backend.lookup("k").entry is not None and h.backend.lookup("k2").entry is not None
+
+
+@conformance
+def test_generations_strictly_increase_across_bumps(h: Harness) -> None:
+    seen = [h.backend.generation()]
+    for i in range(50):
+        h.backend.bump([f"t:{i % 3}"])
+        g = h.backend.lookup("k").generation if i % 2 else h.backend.generation()
+        assert g > seen[-1]
+        seen.append(g)
+    # Without bumps the generation may stay put, but never goes back.
+    assert h.backend.generation() >= seen[-1]
+
+
+@conformance
+def test_missing_version_refuses_once_then_accepts(h: Harness) -> None:
+    _ready(h, ["t:a", "t:b"])
+    h.evict_version("t:b")
+    g = h.backend.lookup("k").generation
+    # A lost version counts as bumped just now: newer than any generation handed out before.
+    assert h.backend.store("k", b"v", ["t:a", "t:b"], g, TTL) is False
+    assert h.backend.lookup("k").entry is None
+    assert h.backend.store("k", b"v", ["t:a", "t:b"], g, TTL) is False
+    g2 = h.backend.lookup("k").generation
+    assert g2 > g
+    assert h.backend.store("k", b"v", ["t:a", "t:b"], g2, TTL) is True
+    assert h.backend.lookup("k").entry == Entry(b"v", ("t:a", "t:b"))
+
+
+@conformance
+def test_entry_whose_version_vanished_is_a_miss(h: Harness) -> None:
+    g = _ready(h, ["t:a", "t:b"])
+    assert h.backend.store("k", b"v", ["t:a", "t:b"], g, TTL)
+    h.evict_version("t:b")
+    assert h.backend.lookup("k").entry is None
+    # Dropped, not just skipped.
+    if h.raw is not None:
+        assert not h.raw.exists(f"{h.prefix}:e:k")
+    else:
+        assert len(h.backend) == 0
+
+
+@conformance
+def test_fresh_backend_has_no_versions(h: Harness) -> None:
+    g = h.backend.lookup("k").generation
+    assert h.backend.store("k", b"v", ["t:new"], g, TTL) is False
+    assert h.backend.store("k", b"v", ["t:new"], h.backend.lookup("k").generation, TTL) is True
+
+
+@conformance
+def test_ttl_expiry(h: Harness) -> None:
+    g = _ready(h, ["t:a"])
+    assert h.backend.store("short", b"v", ["t:a"], g, 0.2)
+    assert h.backend.store("long", b"v", ["t:a"], g, TTL)
+    assert h.backend.lookup("short").entry is not None
+    time.sleep(0.4)
+    assert h.backend.lookup("short").entry is None
+    assert h.backend.lookup("long").entry is not None
+
+
+@conformance
+def test_nonpositive_ttl_stores_nothing(h: Harness) -> None:
+    g = _ready(h, ["t:a"])
+    assert h.backend.store("k", b"v", ["t:a"], g, 0) is False
+    assert h.backend.store("k", b"v", ["t:a"], g, -1.0) is False
+    assert h.backend.store("k", b"v", ["t:a"], g, float("nan")) is False
+    assert h.backend.lookup("k").entry is None
+
+
+@conformance
+def test_delete(h: Harness) -> None:
+    g = _ready(h, ["t:a"])
+    for key in ("a", "b", "c"):
+        assert h.backend.store(key, key.encode(), ["t:a"], g, TTL)
+    h.backend.delete(["a", "c", "never-stored"])
+    h.backend.delete([])
+    assert h.backend.lookup("a").entry is None
+    assert h.backend.lookup("b").entry == Entry(b"b", ("t:a",))
+    assert h.backend.lookup("c").entry is None
+
+
+@conformance
+def test_clear(h: Harness) -> None:
+    g = _ready(h, ["t:a"])
+    for i in range(30):
+        assert h.backend.store(f"k{i}", b"v", ["t:a"], g, TTL)
+    before = h.backend.generation()
+    h.backend.clear()
+    assert all(h.backend.lookup(f"k{i}").entry is None for i in range(30))
+    # Versions went too (so a store is refused once), and generations did not go back.
+    g2 = h.backend.lookup("k0").generation
+    assert g2 >= before
+    assert h.backend.store("k0", b"v", ["t:a"], g2, TTL) is False
+    h.backend.clear()  # clearing an empty cache is fine
+
+
+@conformance
+def test_dependency_names_with_separators_are_rejected(h: Harness) -> None:
+    g = h.backend.generation()
+    for bad in ("t:a\x1fb", "t:a\nb"):
+        with pytest.raises(ValueError):
+            h.backend.store("k", b"v", ["t:ok", bad], g, TTL)
+
+
+@conformance
+def test_closed_backend_raises_backend_error(h: Harness) -> None:
+    h.backend.close()
+    with pytest.raises(BackendError):
+        h.backend.lookup("k")
+    with pytest.raises(BackendError):
+        h.backend.bump(["t:a"])
+
+
+# -- Redis specifics (every Redis flavour) ------------------------------------------------------------
+
+
+def _redis_only(h: Harness) -> redis.Redis:
+    if h.raw is None:
+        pytest.skip("Redis key layout")
+    return h.raw
+
+
+@conformance
+def test_redis_key_layout(h: Harness) -> None:
+    raw = _redis_only(h)
+    g = _ready(h, ["t:a", "*"])
+    assert h.backend.store("k", b"pay\nload", ["t:a", "*"], g, TTL)
+    p = h.prefix
+    assert raw.get(f"{p}:e:k") == f"{g}\x1ft:a\x1f*\n".encode() + b"pay\nload"
+    assert int(raw.get(f"{p}:v:t:a") or 0) <= g
+    assert int(raw.get(f"{p}:gen") or 0) >= g
+    assert 0 < raw.pttl(f"{p}:e:k") <= TTL * 1000
+
+
+@conformance
+def test_redis_clear_touches_only_this_prefix(h: Harness) -> None:
+    raw = _redis_only(h)
+    p = h.prefix
+    g = _ready(h, ["t:a"])
+    assert h.backend.store("k", b"v", ["t:a"], g, TTL)
+    foreign = {
+        f"{p}-other:e:k": b"x",  # another prefix that merely starts with ours
+        f"{p}:tenant:e:k": b"x",  # a nested prefix: not one of our key shapes
+        f"{p}": b"x",
+        f"foreign-{p}": b"x",
+    }
+    for key, value in foreign.items():
+        raw.set(key, value)
+    h.backend.clear()
+    assert raw.keys(f"{p}:e:*") == []
+    assert raw.keys(f"{p}:v:*") == []
+    assert not raw.exists(f"{p}:gen")
+    for key, value in foreign.items():
+        assert raw.get(key) == value, key
+
+
+@conformance
+def test_redis_clear_escapes_glob_characters(h: Harness) -> None:
+    raw = _redis_only(h)
+    p = h.prefix
+    h.backend.prefix = f"{p}[x]*?\\"
+    g = _ready(h, ["t:a"])
+    assert h.backend.store("k", b"v", ["t:a"], g, TTL)
+    raw.set(f"{p}x:e:k", b"would match an unescaped pattern")
+    assert raw.keys(_glob_escape(h.backend.prefix) + ":*") == raw.keys(f"{p}\\[*")
+    h.backend.clear()
+    assert h.backend.lookup("k").entry is None
+    assert raw.get(f"{p}x:e:k") is not None
+    assert raw.keys(f"{p}\\[*") == []
+
+
+@conformance
+def test_redis_corrupt_entries_are_misses_and_deleted(h: Harness) -> None:
+    raw = _redis_only(h)
+    p = h.prefix
+    g = _ready(h, ["t:a"])
+    garbage = {
+        "no-newline": b"garbage",
+        "bad-generation": b"12x\x1ft:a\npayload",
+        "empty-generation": b"\x1ft:a\npayload",
+        # The script passes it (the dependency has a version), the client cannot decode it.
+        "non-utf8-dep": f"{g}\x1f".encode() + b"t:\xff\npayload",
+    }
+    raw.set(f"{p}:v:".encode() + b"t:\xff", g)
+    for key, value in garbage.items():
+        raw.set(f"{p}:e:{key}", value)
+    raw.hset(f"{p}:e:wrong-type", "a", "b")
+    raw.set(f"{p}:e:unknown-dep", f"{g}\x1ft:nobody\npayload")  # merely invalid, not corrupt
+    for key in [*garbage, "wrong-type", "unknown-dep"]:
+        result = h.backend.lookup(key)
+        assert result.entry is None and result.generation > 0, key
+        assert not raw.exists(f"{p}:e:{key}"), key
+    assert h.backend.corrupt_entries == len(garbage) + 1
+    # A damaged version or counter reads as missing: misses and refusals, never an exception.
+    assert h.backend.store("k", b"v", ["t:a"], g, TTL)
+    raw.set(f"{p}:v:t:a", b"not a number")
+    assert h.backend.lookup("k").entry is None
+    raw.set(f"{p}:gen", b"1e99")
+    g2 = h.backend.lookup("k").generation
+    assert h.backend.store("k", b"v", ["t:a"], g2, TTL) is False  # the damaged version was replaced
+    h.backend.bump(["t:a"])
+    g3 = h.backend.generation()
+    assert g3 > g2
+    assert h.backend.store("k", b"v", ["t:a"], g3, TTL) is True
+
+
+@conformance
+def test_redis_versions_outlive_their_entries(h: Harness) -> None:
+    raw = _redis_only(h)
+    p = h.prefix
+    g = _ready(h, ["t:short", "t:long", "t:forever"])
+    raw.pexpire(f"{p}:v:t:short", 5_000)
+    raw.persist(f"{p}:v:t:forever")
+    long_ttl = raw.pttl(f"{p}:v:t:long")
+    assert long_ttl > 6 * 86400 * 1000  # the default version TTL is a week
+    assert h.backend.store("k", b"v", ["t:short", "t:long", "t:forever"], g, 3600)
+    assert raw.pttl(f"{p}:v:t:short") > 3_590_000  # extended to the entry's TTL
+    assert raw.pttl(f"{p}:v:t:long") > long_ttl - 60_000  # never shortened
+    assert raw.pttl(f"{p}:v:t:forever") == -1
+    # A bump keeps the extended TTL.
+    h.backend.bump(["t:short"])
+    assert raw.pttl(f"{p}:v:t:short") > 3_590_000
+
+
+@conformance
+def test_redis_lost_generation_counter_resumes_above(h: Harness) -> None:
+    raw = _redis_only(h)
+    _ready(h, ["t:a"])
+    g = h.backend.lookup("k").generation
+    raw.delete(f"{h.prefix}:gen")  # evicted
+    assert h.backend.generation() >= g
+    h.backend.bump(["t:a"])
+    assert h.backend.store("k", b"stale", ["t:a"], g, TTL) is False
+    assert h.backend.generation() > g
+
+
+@conformance
+def test_redis_counter_ahead_of_clock_still_increases(h: Harness) -> None:
+    # Bumps faster than one per microsecond run the counter ahead of the clock; it must keep counting.
+    raw = _redis_only(h)
+    _ready(h, ["t:a"])
+    ahead = h.backend.generation() + 10**9
+    raw.set(f"{h.prefix}:gen", ahead)
+    g = h.backend.lookup("k").generation
+    assert g == ahead
+    h.backend.bump(["t:a"])
+    assert h.backend.store("k", b"stale", ["t:a"], g, TTL) is False
+    assert h.backend.generation() == ahead + 1
+
+
+# -- memory specifics ------------------------------------------------------------------------------
+
+
+def test_memory_lru_bound_and_hits_refresh_recency() -> None:
+    backend = MemoryBackend(max_entries=3)
+    backend.bump(["t:a"])
+    g = backend.generation()
+    for key in ("a", "b", "c"):
+        assert backend.store(key, key.encode(), ["t:a"], g, TTL)
+    assert backend.lookup("a").entry is not None  # "a" is now the most recently used
+    assert backend.store("d", b"d", ["t:a"], g, TTL)
+    assert len(backend) == 3
+    assert backend.lookup("b").entry is None  # the least recently used went
+    assert [k for k in "acd" if backend.lookup(k).entry is not None] == ["a", "c", "d"]
+
+
+def test_memory_version_table_bound_is_safe() -> None:
+    backend = MemoryBackend(max_versions=2)
+    backend.bump(["t:a"])
+    g = backend.generation()
+    assert backend.store("k", b"v", ["t:a"], g, TTL)
+    backend.bump(["t:b", "t:c"])  # pushes t:a out of the version table
+    assert backend.lookup("k").entry is None
+    g = backend.lookup("k").generation
+    assert backend.store("k", b"v", ["t:a"], g, TTL) is False
+    assert backend.store("k", b"v", ["t:a"], backend.lookup("k").generation, TTL) is True
+
+
+def test_memory_rejects_bad_bounds() -> None:
+    with pytest.raises(ValueError):
+        MemoryBackend(max_entries=0)
+
+
+# -- no stale value survives under real concurrency -------------------------------------------------
+
+
+@dataclass
+class World:
+    """The "database": ``truth`` changes, then the writer bumps (commit, then invalidate)."""
+
+    truth: int = 0
+    committed: int = 0  # the highest truth whose bump has completed
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stores: int = 0
+    refusals: int = 0
+    hits: int = 0
+
+
+KEYS = ["q0", "q1", "q2"]
+DEP = "t:counter"
+
+
+def _writer(backend: Backend, world: World, rounds: int, pause: Callable[[], None]) -> None:
+    for _ in range(rounds):
+        with world.lock:
+            world.truth += 1
+            mine = world.truth
+        pause()
+        backend.bump([DEP])
+        with world.lock:
+            world.committed = max(world.committed, mine)
+
+
+def _reader_step(backend: Backend, world: World, key: str, pause: Callable[[], None]) -> None:
+    with world.lock:
+        committed = world.committed
+    result = backend.lookup(key)
+    if result.entry is not None:
+        # Never serve data older than a commit that finished before the lookup began.
+        assert int(result.entry.payload) >= committed, (result.entry.payload, committed)
+        world.hits += 1
+        return
+    with world.lock:
+        value = world.truth  # the database read
+    pause()
+    stored = backend.store(key, str(value).encode(), [DEP], result.generation, TTL)
+    world.stores += 1
+    world.refusals += not stored
+
+
+def _assert_no_stale_survivor(backend: Backend, world: World) -> None:
+    for key in KEYS:
+        entry = backend.lookup(key).entry
+        if entry is not None:
+            assert int(entry.payload) == world.truth, (key, entry.payload, world.truth)
+
+
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    # Make the GIL hand over far more often, so threads interleave inside the backends' methods.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(previous)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis-sync"])
+def test_concurrent_readers_and_writers_threads(
+    kind: str, request: pytest.FixtureRequest, key_prefix: str
+) -> None:
+    if kind == "memory":
+        backend: Any = MemoryBackend()
+        request.getfixturevalue("switch_often")
+        rounds = 400
+    else:
+        raw = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        request.addfinalizer(lambda: (_wipe(raw, key_prefix), raw.close()))
+        backend = RedisBackend(raw, prefix=key_prefix)
+        rounds = 150
+    world = World()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def pause() -> None:
+        if random.random() < 0.3:
+            time.sleep(0)
+
+    def reader() -> None:
+        try:
+            while not done.is_set():
+                _reader_step(backend, world, random.choice(KEYS), pause)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def writer() -> None:
+        try:
+            _writer(backend, world, rounds, pause)
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    writers = [threading.Thread(target=writer) for _ in range(2)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors
+    _assert_no_stale_survivor(backend, world)
+    # Readers that come after the last commit cache the final value.
+    for key in KEYS:
+        _reader_step(backend, world, key, lambda: None)
+        _reader_step(backend, world, key, lambda: None)
+        assert backend.lookup(key).entry == Entry(str(world.truth).encode(), (DEP,))
+    assert world.stores > 0
+
+
+async def test_concurrent_readers_and_writers_asyncio(redis_url: str, key_prefix: str) -> None:
+    """The same, as asyncio tasks each running sync code in SQLAlchemy's greenlet."""
+    aclient = redis.asyncio.Redis.from_url(redis_url)
+    backend = RedisBackend(async_client=aclient, prefix=key_prefix)
+    world = World()
+    done = False
+
+    def reader() -> None:
+        while not done:
+            _reader_step(backend, world, random.choice(KEYS), lambda: None)
+
+    async def writer() -> None:
+        for _ in range(100):
+            await greenlet_spawn(_writer, backend, world, 1, lambda: None)
+            await asyncio.sleep(0)
+
+    try:
+        readers = [asyncio.ensure_future(greenlet_spawn(reader)) for _ in range(4)]
+        await asyncio.gather(writer(), writer())
+        done = True
+        await asyncio.gather(*readers)
+        await greenlet_spawn(_assert_no_stale_survivor, backend, world)
+        assert world.stores > 0
+    finally:
+        raw = redis.Redis.from_url(redis_url)
+        _wipe(raw, key_prefix)
+        raw.close()
+        await aclient.aclose()
+
+
+# -- Redis: round trips, failures, dispatch --------------------------------------------------------
+
+
+class CountingConnection(Connection):
+    """Counts what goes over the wire: commands sent and replies read (a reply = a round trip)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+        self.replies = 0
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        self.sent.append(str(args[0]).upper())
+        super().send_command(*args, **kwargs)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        self.replies += 1
+        return super().read_response(*args, **kwargs)
+
+
+def test_redis_lookup_is_one_round_trip(redis_url: str, key_prefix: str) -> None:
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection, max_connections=1)
+    client = redis.Redis(connection_pool=pool)
+    backend = RedisBackend(client, prefix=key_prefix)
+    try:
+        g = _ready(Harness("redis-sync", backend), ["t:a", "t:b", "*"])
+        assert backend.store("k", b"v", ["t:a", "t:b", "*"], g, TTL)
+        backend.lookup("k")  # connects and loads the script
+        conn = pool.get_connection()
+        pool.release(conn)
+        assert isinstance(conn, CountingConnection)
+        for key, hit in (("k", True), ("missing", False)):
+            conn.sent, conn.replies = [], 0
+            result = backend.lookup(key)
+            assert (result.entry is not None) is hit
+            assert conn.sent == ["EVALSHA"]
+            assert conn.replies == 1
+    finally:
+        _wipe(client, key_prefix)
+        client.close()
+
+
+@pytest.mark.parametrize("in_greenlet", [False, True], ids=["sync", "asyncio"])
+async def test_unreachable_redis_raises_backend_error_fast(in_greenlet: bool) -> None:
+    backend = RedisBackend.from_url("redis://127.0.0.1:1/0")
+    calls: list[Callable[[], object]] = [
+        lambda: backend.lookup("k"),
+        lambda: backend.generation(),
+        lambda: backend.store("k", b"v", ["t:a"], 1, TTL),
+        lambda: backend.bump(["t:a"]),
+        lambda: backend.delete(["k"]),
+        lambda: backend.clear(),
+    ]
+
+    def check() -> None:
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(BackendError) as info:
+                call()
+            assert time.monotonic() - started < 1.0
+            assert isinstance(info.value.__cause__, (redis.RedisError, OSError, TimeoutError))
+
+    if in_greenlet:
+        await greenlet_spawn(check)
+        await backend.aclose()
+    else:
+        check()
+        backend.close()
+
+
+def test_asyncio_only_backend_outside_greenlet_says_how_to_fix() -> None:
+    backend = RedisBackend(async_client=fakeredis.FakeAsyncRedis())
+    with pytest.raises(BackendError, match="sync client"):
+        backend.lookup("k")
+
+
+async def test_greenlet_calls_use_the_asyncio_client(redis_url: str, key_prefix: str) -> None:
+    # The sync client points nowhere: only the asyncio client can make these calls succeed.
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.05)
+    aclient = redis.asyncio.Redis.from_url(redis_url)
+    backend = RedisBackend(dead, async_client=aclient, prefix=key_prefix)
+
+    def body() -> None:
+        g = _ready(Harness("both", backend), ["t:a"])
+        assert backend.store("k", b"v", ["t:a"], g, TTL)
+        assert backend.lookup("k").entry == Entry(b"v", ("t:a",))
+        backend.clear()
+
+    try:
+        await greenlet_spawn(body)
+        with pytest.raises(BackendError):
+            backend.lookup("k")  # outside the greenlet: the sync client, which fails
+    finally:
+        await aclient.aclose()
+        dead.close()
+
+
+async def test_from_url_serves_sync_and_async_callers(redis_url: str, key_prefix: str) -> None:
+    backend = RedisBackend.from_url(redis_url, prefix=key_prefix)
+    try:
+        g = _ready(Harness("sync", backend), ["t:a"])
+        assert backend.store("k", b"v", ["t:a"], g, TTL)
+        result = await greenlet_spawn(backend.lookup, "k")
+        assert result.entry == Entry(b"v", ("t:a",))
+        await greenlet_spawn(backend.bump, ["t:a"])
+        assert backend.lookup("k").entry is None
+        await greenlet_spawn(backend.clear)
+    finally:
+        await backend.aclose()
+    with pytest.raises(BackendError):
+        backend.lookup("k")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "asyncio"])
+async def test_script_cache_flush_is_survived(use_async: bool) -> None:
+    server = fakeredis.FakeServer()
+    raw = fakeredis.FakeRedis(server=server)
+    if use_async:
+        backend = RedisBackend(async_client=fakeredis.FakeAsyncRedis(server=server))
+    else:
+        backend = RedisBackend(fakeredis.FakeRedis(server=server))
+
+    def body() -> None:
+        backend.lookup("k")
+        raw.script_flush()
+        assert backend.lookup("k").entry is None
+        backend.bump(["t:a"])
+        assert backend.store("k", b"v", ["t:a"], backend.generation(), TTL)
+
+    if use_async:
+        await greenlet_spawn(body)
+    else:
+        body()
+
+
+def test_decode_responses_client_is_rejected() -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisBackend(fakeredis.FakeRedis(decode_responses=True))
+    with pytest.raises(ValueError):
+        RedisBackend()
