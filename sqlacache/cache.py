@@ -61,14 +61,12 @@ def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: in
         )
     if isinstance(spec, Backend):
         return spec
-    module = type(spec).__module__
-    if module.startswith(("redis.asyncio", "fakeredis")) and hasattr(spec, "evalsha"):
-        import inspect as _inspect
+    import redis
+    import redis.asyncio
 
-        if _inspect.iscoroutinefunction(spec.get):
-            return RedisBackend(async_client=spec, prefix=prefix)
-        return RedisBackend(spec, prefix=prefix)
-    if hasattr(spec, "evalsha") and hasattr(spec, "register_script"):
+    if isinstance(spec, redis.asyncio.Redis):  # fakeredis' async client subclasses it too
+        return RedisBackend(async_client=spec, prefix=prefix)
+    if isinstance(spec, redis.Redis) or (hasattr(spec, "evalsha") and hasattr(spec, "register_script")):
         return RedisBackend(spec, prefix=prefix)
     raise ConfigurationError(
         f"backend {spec!r} is not a URL, a redis-py client or a sqlacache Backend; "

@@ -270,10 +270,9 @@ class _HitContext:
 def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) -> list[Any]:
     if not isinstance(table, list):
         raise CodecError("entity table is not a list")
-    identity_map = session.identity_map
-    objs: list[Any] = []
-    new_states: list[Any] = []
-    rel_todo: list[tuple[Any, bool, dict[str, Any], MapperLayout]] = []
+    # Decode and validate everything before touching the session: a corrupt entry must leave no
+    # half-built object behind in the identity map.
+    decoded: list[tuple[Mapper[Any], MapperLayout, dict[str, Any], Any, dict[str, Any]]] = []
     for entry in table:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
             raise CodecError("bad entity entry")
@@ -287,9 +286,24 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) ->
             pk = tuple(values[k] for k in layout.pk_keys)
         except KeyError as exc:
             raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
-        ikey = mapper.identity_key_from_primary_key(pk)
+        for key, ref in rels.items():
+            prop = layout.relationships.get(key)
+            if prop is None:
+                raise CodecError(f"unknown relationship {key!r}")
+            for r in ref if isinstance(ref, list) else [ref]:
+                if r is not None and (type(r) is not int or not 0 <= r < len(table)):
+                    raise CodecError("bad entity reference")
+            if prop.uselist != isinstance(ref, list):
+                raise CodecError(f"bad value for relationship {key!r}")
+        decoded.append((mapper, layout, values, mapper.identity_key_from_primary_key(pk), rels))
+
+    identity_map = session.identity_map
+    objs: list[Any] = []
+    new_states: list[Any] = []
+    for mapper, layout, values, ikey, _ in decoded:
         obj = identity_map.get(ikey)
         if obj is not None:
+            # Already in the session: like a database load, fill only what isn't loaded.
             state = instance_state(obj)
             unloaded = state.unloaded
             to_load = [k for k in values if k in unloaded]
@@ -298,7 +312,6 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) ->
                 for k in to_load:
                     dict_[k] = values[k]
                 state._commit(dict_, to_load)
-            rel_todo.append((obj, False, rels, layout))
         else:
             obj = mapper.class_manager.new_instance()
             state = instance_state(obj)
@@ -313,32 +326,21 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) ->
                 # The query left these out (load_only/defer): load them on access, like the ORM does.
                 state._expire_attributes(dict_, missing)
             new_states.append(state)
-            rel_todo.append((obj, True, rels, layout))
         objs.append(obj)
 
-    def resolve(ref: Any) -> Any:
-        if ref is None:
-            return None
-        if type(ref) is not int or not 0 <= ref < len(objs):
-            raise CodecError("bad entity reference")
-        return objs[ref]
-
-    for obj, is_new, rels, layout in rel_todo:
+    fresh = {id(s.obj()) for s in new_states}
+    for obj, (_, layout, _, _, rels) in zip(objs, decoded):
         dict_ = instance_state(obj).dict
         for key, ref in rels.items():
-            prop = layout.relationships.get(key)
-            if prop is None:
-                raise CodecError(f"unknown relationship {key!r}")
-            if not is_new and key in dict_:
+            if id(obj) not in fresh and key in dict_:
                 continue
+            prop = layout.relationships[key]
             if prop.uselist:
-                if not isinstance(ref, list):
-                    raise CodecError("bad collection")
-                value: Any = [resolve(r) for r in ref]
+                value: Any = [None if r is None else objs[r] for r in ref]
                 if prop.collection_class is set:
                     value = set(value)
             else:
-                value = resolve(ref)
+                value = None if ref is None else objs[ref]
             attributes.set_committed_value(obj, key, value)
 
     context = _HitContext(session)
@@ -404,6 +406,12 @@ class GetTicket:
     lookup: Lookup | None
     ttl: float
     used: bool = False
+
+
+def _drop_corrupt(cache: Cache, key: str, exc: BaseException) -> None:
+    cache.count("corrupt")
+    cache._warn("corrupt", "sqlacache: dropping an undecodable entry %s: %s", key, exc)
+    cache.discard(key)
 
 
 def _written(ctx: SessionContext, tables: Any) -> bool:
@@ -515,9 +523,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
             try:
                 rows = decode_result(session, lookup.entry.payload, info)
             except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
-                cache.count("corrupt")
-                log.warning("sqlacache: dropping an undecodable entry %s: %s", key, exc)
-                cache.discard(key)
+                _drop_corrupt(cache, key, exc)
             else:
                 cache.count("hits")
                 if ctx.frames:
@@ -609,9 +615,8 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
         try:
             objs = _decode_get(session, lookup.entry.payload, mapper)
         except Exception as exc:
-            cache.count("corrupt")
-            log.warning("sqlacache: dropping an undecodable entry %s: %s", key, exc)
-            cache.discard(key)
+            _drop_corrupt(cache, key, exc)
+            lookup = Lookup(None, lookup.generation)
         else:
             cache.count("hits")
             return objs[0] if objs else None

@@ -142,6 +142,17 @@ def _backend(kind: str, request: pytest.FixtureRequest, prefix: str) -> Any:
     return redis.Redis.from_url(url)
 
 
+def _wal(sync_engine: Any) -> None:
+    """WAL lets a reader hold a result open while a writer commits, as on a server database."""
+
+    @event.listens_for(sync_engine, "connect")
+    def _(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+
 def _truncate_sync(engine: Any) -> None:
     with engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
@@ -157,6 +168,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Ite
     db, backend_kind = request.param.split("+")
     if db == "sqlite":
         engine = create_engine(f"sqlite:///{tmp_path / 'test.db'}")
+        _wal(engine)
         Base.metadata.create_all(engine)
     else:
         schema = request.getfixturevalue("pg_schema")
@@ -177,6 +189,7 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
     db, backend_kind = request.param.split("+")
     if db == "aiosqlite":
         engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+        _wal(engine.sync_engine)
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
         backend: Any = "memory://"
@@ -203,3 +216,64 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
     await cache.aclose()
     await engine.dispose()
     await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A throwaway redis-server per test module, for tests that pause, kill or restart Redis.
+
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+
+class RedisProcess:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe is not None
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if _reachable(self.url, self.port):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_process() -> Iterator[RedisProcess]:
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed; CI must provide it")
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = RedisProcess(port)
+    server.start()
+    yield server
+    server.stop()
