@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from typing import Generic, TypeVar
@@ -20,10 +21,8 @@ class LRU(Generic[K, V]):
         # A plain dict read: the memo tolerates a lost recency update under a race.
         value = self._data.get(key)
         if value is not None:
-            try:
+            with contextlib.suppress(KeyError):
                 self._data.move_to_end(key)
-            except KeyError:
-                pass
         return value
 
     def put(self, key: K, value: V) -> None:

@@ -124,7 +124,9 @@ class Cache:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "\n\x1f*?[] "):
-            raise ConfigurationError(f"prefix {prefix!r} must be a non-empty string without spaces or glob characters")
+            raise ConfigurationError(
+                f"prefix {prefix!r} must be a non-empty string without spaces or glob characters"
+            )
         ttl = default_ttl if default_ttl is not None else default_timeout
         self.policy = Policy(models, ttl_value(ttl if ttl is not None else 3600, "default_ttl"))
         self.enabled = bool(enabled)
@@ -244,13 +246,16 @@ class Cache:
                     database = f":memory:{uuid.uuid4().hex}"  # private to this process and engine
                 else:
                     database = os.path.abspath(database)
-            ns = f"{url.get_backend_name()}://{url.username or ''}@{url.host or ''}:{url.port or ''}/{database}"
+            where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
+            ns = f"{url.get_backend_name()}://{where}/{database}"
             self._namespaces[engine] = ns
         return ns
 
     # -- manual control ---------------------------------------------------------------------
 
-    def invalidate(self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()) -> None:
+    def invalidate(
+        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
+    ) -> None:
         """Evict cached reads of ``model`` (rows ``pks`` only, if given) and of raw ``tables``.
 
         With no arguments at all, evicts everything under this cache's prefix (see
@@ -290,7 +295,9 @@ class Cache:
             with self._lock:
                 self._pending.append(deps_mod.ALL)
 
-    async def ainvalidate(self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()) -> None:
+    async def ainvalidate(
+        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
+    ) -> None:
         """Async twin of :meth:`invalidate` (works with asyncio Redis clients)."""
         await greenlet_spawn(self.invalidate, model, pks, tables=tables)
 

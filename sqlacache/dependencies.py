@@ -114,10 +114,10 @@ def cascade_targets(table: Table, op: str, changed: Iterable[str] | None = None)
         for constraint in other.constraints:
             if not isinstance(constraint, ForeignKeyConstraint) or constraint.referred_table is not table:
                 continue
-            if op == "delete" and constraint.ondelete:
-                out.append((table_name(other), other))
-            elif op == "update" and constraint.onupdate and (
-                changed_set is None or any(fk.column.name in changed_set for fk in constraint.elements)
+            if (op == "delete" and constraint.ondelete) or (
+                op == "update"
+                and constraint.onupdate
+                and (changed_set is None or any(fk.column.name in changed_set for fk in constraint.elements))
             ):
                 out.append((table_name(other), other))
     return out
@@ -127,7 +127,10 @@ _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 _IDENT = r'(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[A-Za-z_][\w$]*)'
 _NAME = rf"({_IDENT}(?:\s*\.\s*{_IDENT})*)"
 _WRITES = [
-    re.compile(rf"^\s*(?:INSERT|REPLACE)\s+(?:OR\s+\w+\s+|IGNORE\s+|LOW_PRIORITY\s+|DELAYED\s+)*(?:INTO\s+)?{_NAME}", re.I),
+    re.compile(
+        rf"^\s*(?:INSERT|REPLACE)\s+(?:OR\s+\w+\s+|IGNORE\s+|LOW_PRIORITY\s+|DELAYED\s+)*(?:INTO\s+)?{_NAME}",
+        re.I,
+    ),
     re.compile(rf"^\s*UPDATE\s+(?:OR\s+\w+\s+|ONLY\s+|LOW_PRIORITY\s+|IGNORE\s+)*{_NAME}", re.I),
     re.compile(rf"^\s*DELETE\s+(?:LOW_PRIORITY\s+|QUICK\s+|IGNORE\s+)*FROM\s+(?:ONLY\s+)?{_NAME}", re.I),
     re.compile(rf"^\s*MERGE\s+INTO\s+{_NAME}", re.I),

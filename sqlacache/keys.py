@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Table
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.schema import MetaData
 
 from sqlacache._lru import LRU
@@ -38,8 +38,8 @@ class Uncacheable(Exception):
 
 
 def _path(obj: Any) -> str:
-    qualname: str = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
-    module = getattr(obj, "__module__", None) or ""
+    qualname = str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", ""))
+    module = str(getattr(obj, "__module__", None) or "")
     if not qualname or "<locals>" in qualname or "<lambda>" in qualname:
         # Not addressable by name: unique within this process, never shared with another.
         return f"{module}.{qualname}@{id(obj):x}"
@@ -60,6 +60,8 @@ def _leaf(x: Any) -> Any:
         return ["c", _path(x)]
     if isinstance(x, Mapper):
         return ["m", _path(x.class_)]
+    if isinstance(x, MapperProperty):
+        return ["p", _path(x.parent.class_), x.key]
     if isinstance(x, Table):
         return ["T", x.schema or "", x.name]
     if isinstance(x, enum.Enum):
@@ -173,12 +175,14 @@ class KeyBuilder:
         return found
 
     @staticmethod
-    def key(namespace: str, shape_digest: str, values: Iterable[Any], params: Mapping[str, Any] | None) -> str:
+    def key(
+        namespace: str, shape_digest: str, values: Iterable[Any], params: Mapping[str, Any] | None
+    ) -> str:
         tokens: list[Any] = [value_token(v) for v in values]
         extra = sorted((k, value_token(v)) for k, v in params.items()) if params else []
         return "q:" + digest([namespace, shape_digest, tokens, extra])
 
     def get_key(self, namespace: str, mapper: Mapper[Any], pk: Sequence[Any]) -> str:
         """The key of ``Session.get(Model, pk)``: no statement needed, so it costs a few microseconds."""
-        fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables})
+        fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables if isinstance(t, Table)})
         return "g:" + digest([FORMAT, namespace, fps, _path(mapper.class_), [value_token(v) for v in pk]])

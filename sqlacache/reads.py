@@ -14,17 +14,16 @@ query did not load stay unloaded, and the ``load`` event fires.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Result
-from sqlalchemy.engine.result import FrozenResult, SimpleResultMetaData
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes
+from sqlalchemy.engine.result import FrozenResult
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, strategies
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.orm.properties import ColumnProperty
 from sqlalchemy.orm.relationships import RelationshipProperty
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column, Table
@@ -32,8 +31,8 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
-from sqlacache.codec import CodecError, ValueCodec, codec_for
 from sqlacache.backends import Lookup
+from sqlacache.codec import CodecError, ValueCodec, codec_for
 from sqlacache.context import SessionContext, context_of
 from sqlacache.keys import Shape, Uncacheable, _path
 from sqlacache.policy import never_cached_reason, op_of
@@ -44,6 +43,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlacache.reads")
 
 PAYLOAD_FORMAT = 1
+
+
+_DEFERRED_LOADERS = tuple(
+    c for c in (getattr(strategies, n, None) for n in ("LoadDeferredColumns", "_LoadDeferredColumns")) if c
+)
 
 
 class _Unstorable(Exception):
@@ -75,7 +79,7 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
         return found
     columns: dict[str, ValueCodec] = {}
     for t in mapper.tables:
-        deps_mod.register_metadata(t.metadata)
+        deps_mod.register_metadata(getattr(t, "metadata", None))
     tables = {deps_mod.table_name(t) for t in mapper.tables}
     expr_tables: dict[str, frozenset[str]] = {}
     not_deferred = set()
@@ -187,7 +191,9 @@ def _on_load(target: Any, context: Any) -> None:
     ctx.frames[-1].fresh[state] = {k: dict_[k] for k in layout.columns if k in dict_}
 
 
-def _encode_entities(roots: Sequence[Any], frame: Frame, tables: set[str]) -> tuple[list[Any], dict[int, int]]:
+def _encode_entities(
+    roots: Sequence[Any], frame: Frame, tables: set[str]
+) -> tuple[list[Any], dict[int, int]]:
     """The entity table of a payload; raises _Unstorable if anything in the graph isn't fresh."""
     table: list[Any] = []
     index: dict[int, int] = {}
@@ -203,7 +209,9 @@ def _encode_entities(roots: Sequence[Any], frame: Frame, tables: set[str]) -> tu
         if loaded is None:
             raise _Unstorable("the result includes an object that was already in the session")
         for key, fn in state.callables.items():
-            if type(fn).__name__ != "LoadDeferredColumns":
+            # defer()/load_only() loaders are reproduced on a hit (the attribute is expired);
+            # anything else (raiseload, per-query lazy options) is not.
+            if not isinstance(fn, _DEFERRED_LOADERS) or getattr(fn, "raiseload", False):
                 raise _Unstorable(f"a loader option installed a per-object loader on {key!r}")
         layout = layout_of(state.mapper)
         tables.update(layout.tables)
@@ -211,7 +219,11 @@ def _encode_entities(roots: Sequence[Any], frame: Frame, tables: set[str]) -> tu
             tables.update(layout.expr_tables[key])
         slot = len(table)
         index[id(obj)] = slot
-        entry: list[Any] = [_path(state.class_), {k: layout.columns[k].encode(v) for k, v in loaded.items()}, {}]
+        entry: list[Any] = [
+            _path(state.class_),
+            {k: layout.columns[k].encode(v) for k, v in loaded.items()},
+            {},
+        ]
         table.append(entry)
         rels: dict[str, Any] = {}
         dict_ = state.dict
@@ -220,7 +232,9 @@ def _encode_entities(roots: Sequence[Any], frame: Frame, tables: set[str]) -> tu
                 continue
             tables.update(layout_of(prop.mapper).tables)
             if prop.secondary is not None:
-                tables.update(deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table))
+                tables.update(
+                    deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table)
+                )
             value = dict_[key]
             if prop.uselist:
                 if not isinstance(value, (list, set)):
@@ -236,7 +250,9 @@ def _encode_entities(roots: Sequence[Any], frame: Frame, tables: set[str]) -> tu
     return table, index
 
 
-def encode_result(frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame) -> tuple[bytes, set[str]]:
+def encode_result(
+    frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame
+) -> tuple[bytes, set[str]]:
     """(payload bytes, tables the loaded graph read)."""
     if frame.unstorable:
         raise _Unstorable(frame.unstorable)
@@ -248,7 +264,10 @@ def encode_result(frozen: FrozenResult[Any], columns: list[ValueCodec | None], f
         roots = [v for row in frozen.data for v, c in zip(row, columns) if c is ENTITY and v is not None]
         table, index = _encode_entities(roots, frame, tables)
         rows = [
-            [(None if v is None else index[id(v)]) if c is None else c.encode(v) for v, c in zip(row, columns)]
+            [
+                (None if v is None else index[id(v)]) if c is None else c.encode(v)
+                for v, c in zip(row, columns)
+            ]
             for row in frozen.data
         ]
     return orjson.dumps([PAYLOAD_FORMAT, table, rows]), tables
@@ -359,7 +378,9 @@ def decode_result(session: Session, payload: bytes, info: ShapeInfo) -> list[Any
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise CodecError("payload is not JSON") from exc
-    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)):
+    if not (
+        isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
+    ):
         raise CodecError("payload format not recognised")
     near = info.shape.mappers[0] if info.shape.mappers else None
     objs = _rebuild_entities(session, doc[1], near)
@@ -429,7 +450,8 @@ def _entry_written(ctx: SessionContext, entry_deps: Sequence[str]) -> bool:
 def _run_remaining(state: ORMExecuteState) -> Result[Any] | None:
     """Run the do_orm_execute hooks registered after ours first, so that what they change in the
     statement (tenant criteria, soft-delete filters…) is part of the key."""
-    for fn in state._remaining_events():
+    hooks: list[Any] = list(state._remaining_events())
+    for fn in hooks:
         state._starting_event_idx += 1
         result = fn(state)
         if result:
@@ -467,7 +489,12 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
 def _plain_read(state: ORMExecuteState) -> bool:
     """False for loads that must reach the database: refresh, populate_existing, streaming…"""
     lo = state.load_options
-    if lo._populate_existing or lo._refresh_state is not None or lo._yield_per or lo._identity_token is not None:
+    if (
+        lo._populate_existing
+        or lo._refresh_state is not None
+        or lo._yield_per
+        or lo._identity_token is not None
+    ):
         return False
     opts = state.execution_options
     return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
@@ -484,7 +511,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
             ticket = None  # a nested load (selectin…) inherited the options of the get
         else:
             ticket.used = True
-    statement = state.statement
+    statement: Any = state.statement
     ck = statement._generate_cache_key()
     if ck is None:
         return None
@@ -512,25 +539,30 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         bind = session.get_bind(**state.bind_arguments)
         try:
             key = cache.keys.key(
-                cache.namespace(bind), info.shape.digest, [b.effective_value for b in ck.bindparams], state.parameters
+                cache.namespace(bind),
+                info.shape.digest,
+                [b.effective_value for b in ck.bindparams],
+                state.parameters if isinstance(state.parameters, Mapping) else None,
             )
         except Uncacheable:
             cache.count("uncacheable")
             return None
         lookup = cache.lookup(key)
-    if lookup is not None and lookup.entry is not None and info.template is not None:
-        if not _entry_written(ctx, lookup.entry.deps):
-            try:
-                rows = decode_result(session, lookup.entry.payload, info)
-            except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
-                _drop_corrupt(cache, key, exc)
-            else:
-                cache.count("hits")
-                if ctx.frames:
-                    ctx.frames[-1].deps.update(lookup.entry.deps)
-                return result_from_rows(info.template, rows)
+    entry = lookup.entry if lookup is not None else None
+    if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
+        try:
+            rows = decode_result(session, entry.payload, info)
+        except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
+            _drop_corrupt(cache, key, exc)
+        else:
+            cache.count("hits")
+            if ctx.frames:
+                ctx.frames[-1].deps.update(entry.deps)
+            return result_from_rows(info.template, rows)
     cache.count("misses")
-    generation = ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
+    generation = (
+        ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
+    )
     frame = Frame()
     ctx.frames.append(frame)
     try:
@@ -629,7 +661,9 @@ def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any]) -> list[A
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise CodecError("payload is not JSON") from exc
-    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)):
+    if not (
+        isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
+    ):
         raise CodecError("payload format not recognised")
     objs = _rebuild_entities(session, doc[1], mapper)
     out = []

@@ -186,7 +186,9 @@ class _Pending(Awaitable[Any]):
     """What ``CachingAsyncSession.execute``/``scalars``/``scalar`` return: nothing runs until awaited,
     and ``.cached(ttl=…)`` gives another awaitable that reads through the cache."""
 
-    def __init__(self, session: CachingAsyncSession, method: str, statement: Any, params: Any, kw: dict[str, Any]):
+    def __init__(
+        self, session: CachingAsyncSession, method: str, statement: Any, params: Any, kw: dict[str, Any]
+    ):
         self._session = session
         self._method = method
         self._statement = statement

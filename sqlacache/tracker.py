@@ -10,6 +10,7 @@ which have been delivered (or queued for retry) by the time ``commit()`` returns
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> No
         for key in pks:
             depset += deps_mod.row_write_deps(name, key)
             ctx.rows.append(RowWrite(op, name, key, old, new))
-        if op != "insert":
+        if op != "insert" and isinstance(table, Table):
             changed = {c.name for k in old for c in state.mapper.attrs[k].columns if isinstance(c, Column)}
             for other in deps_mod.cascade_closure(table, op, changed):
                 depset += deps_mod.unknown_rows_write_deps(other)
@@ -119,7 +120,9 @@ for _op in ("insert", "update", "delete"):
 
 
 @event.listens_for(Engine, "after_cursor_execute")
-def _after_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+def _after_cursor_execute(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
     tag = conn.info.get(_TAG)
     if tag is None:
         return
@@ -143,14 +146,20 @@ def _after_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: An
         if tables is not None:
             for name in list(tables):
                 for table in deps_mod.tables_named(name):
-                    tables |= deps_mod.cascade_closure(table, "delete") | deps_mod.cascade_closure(table, "update")
+                    tables |= deps_mod.cascade_closure(table, "delete") | deps_mod.cascade_closure(
+                        table, "update"
+                    )
     if session._flushing and tables is not None:
         # Rows of mapped tables are recorded by the mapper events; what they don't cover
         # (association tables of many-to-many) is settled after the flush.
         ctx.flush_dml_tables |= tables
         return
     if tables is None:
-        ctx.cache._warn(f"raw:{statement[:60]}", "sqlacache: cannot tell which tables %r writes; evicting everything", statement[:200])
+        ctx.cache._warn(
+            f"raw:{statement[:60]}",
+            "sqlacache: cannot tell which tables %r writes; evicting everything",
+            statement[:200],
+        )
         record(ctx, session, [deps_mod.ALL], set())
         ctx.written_everything = True
         return
@@ -171,7 +180,9 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     connection.info[_TAG] = (ctx, weakref.ref(session))
     ctx.connections.append(connection)
     if ctx.tx_generation is None:
-        level = (connection._execution_options.get("isolation_level") or connection.default_isolation_level or "").upper()
+        level = (
+            connection._execution_options.get("isolation_level") or connection.default_isolation_level or ""
+        ).upper()
         if level in _SNAPSHOT_LEVELS:
             # The database snapshot may be taken at the first statement of this transaction: a
             # result read later in it is only as fresh as now.
@@ -225,10 +236,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     ctx.tx.pop(transaction, None)
     if transaction.parent is None:
         for connection in ctx.connections:
-            try:
+            with contextlib.suppress(Exception):  # a closed connection has nothing left to untag
                 connection.info.pop(_TAG, None)
-            except Exception:  # a closed/invalidated connection has nothing left to untag
-                pass
         ctx.connections.clear()
         ctx.tx.clear()
         ctx.rows.clear()

@@ -17,7 +17,9 @@ import pytest
 
 REDIS_URL = os.environ.get("SQLACACHE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PG_SYNC_URL = os.environ.get("SQLACACHE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PG_ASYNC_URL = os.environ.get("SQLACACHE_TEST_PG_ASYNC_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+PG_ASYNC_URL = os.environ.get(
+    "SQLACACHE_TEST_PG_ASYNC_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
@@ -186,7 +188,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Ite
 
 @pytest.fixture(params=ASYNC_WORLDS)
 async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> AsyncIterator[World]:
-    db, backend_kind = request.param.split("+")
+    db, _ = request.param.split("+")
     if db == "aiosqlite":
         engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
         _wal(engine.sync_engine)
@@ -198,7 +200,9 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
         url, args = _pg_schema_url(request.getfixturevalue("pg_async_url"), schema)
         engine = create_async_engine(url, connect_args=args)
         async with engine.begin() as conn:
-            await conn.run_sync(lambda c: [c.execute(t.delete()) for t in reversed(Base.metadata.sorted_tables)])
+            await conn.run_sync(
+                lambda c: [c.execute(t.delete()) for t in reversed(Base.metadata.sorted_tables)]
+            )
         import redis.asyncio
 
         backend = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))

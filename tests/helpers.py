@@ -12,7 +12,14 @@ def seed(world: Any, n: int = 3) -> None:
     with world.Session() as s:
         tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
         for i in range(1, n + 1):
-            s.add(User(id=i, name=f"u{i}", orders=[Order(id=i * 10 + j, total=j) for j in range(2)], tags=tags[: i % 3]))
+            s.add(
+                User(
+                    id=i,
+                    name=f"u{i}",
+                    orders=[Order(id=i * 10 + j, total=j) for j in range(2)],
+                    tags=tags[: i % 3],
+                )
+            )
         s.commit()
 
 
@@ -20,7 +27,14 @@ async def aseed(world: Any, n: int = 3) -> None:
     async with world.Session() as s:
         tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
         for i in range(1, n + 1):
-            s.add(User(id=i, name=f"u{i}", orders=[Order(id=i * 10 + j, total=j) for j in range(2)], tags=tags[: i % 3]))
+            s.add(
+                User(
+                    id=i,
+                    name=f"u{i}",
+                    orders=[Order(id=i * 10 + j, total=j) for j in range(2)],
+                    tags=tags[: i % 3],
+                )
+            )
         await s.commit()
 
 

@@ -38,7 +38,9 @@ class User(Base):
     joined: Mapped[datetime.datetime] = mapped_column(default=lambda: datetime.datetime(2024, 1, 2, 3, 4, 5))
     token: Mapped[uuid.UUID] = mapped_column(default=uuid.uuid4)
     bio: Mapped[str | None] = deferred(mapped_column(Text, nullable=True))
-    orders: Mapped[list[Order]] = relationship(back_populates="user", order_by="Order.id", cascade="all, delete-orphan")
+    orders: Mapped[list[Order]] = relationship(
+        back_populates="user", order_by="Order.id", cascade="all, delete-orphan"
+    )
     tags: Mapped[list[Tag]] = relationship(secondary=user_tags, order_by="Tag.id")
 
 

@@ -88,7 +88,10 @@ def test_many_to_many_change_evicts(world):
     seed(world)
 
     def read(s):
-        return [t.label for t in s.scalars(select(User).options(selectinload(User.tags)).where(User.id == 1)).one().tags]
+        return [
+            t.label
+            for t in s.scalars(select(User).options(selectinload(User.tags)).where(User.id == 1)).one().tags
+        ]
 
     assert cached(world, read)[1] == ["red"]
     with world.Session() as s:
@@ -156,12 +159,17 @@ def test_database_cascade_evicts_children(world):
         s.execute(delete(User).where(User.id == 1))
         s.commit()
     with world.Session() as s:
-        expected = 4 if world.dialect == "postgresql" else s.scalar(select(func.count()).select_from(Order).execution_options(cache=False))
+        expected = (
+            4
+            if world.dialect == "postgresql"
+            else s.scalar(select(func.count()).select_from(Order).execution_options(cache=False))
+        )
         assert s.scalar(select(func.count()).select_from(Order)) == expected
 
 
 def test_manual_invalidation(world):
     seed(world)
+
     # A write the session can't see: another service, psql…
     def external(sql):
         with world.engine.begin() as conn:
@@ -197,7 +205,10 @@ def test_association_table_core_write_evicts(world):
     seed(world)
 
     def read(s):
-        return [t.label for t in s.scalars(select(User).options(selectinload(User.tags)).where(User.id == 2)).one().tags]
+        return [
+            t.label
+            for t in s.scalars(select(User).options(selectinload(User.tags)).where(User.id == 2)).one().tags
+        ]
 
     cached(world, read)
     with world.Session() as s:

@@ -47,7 +47,9 @@ def test_unreachable_redis_reads_and_writes_go_on(tmp_path):
 
 
 def test_paused_redis_never_serves_what_a_lost_invalidation_would_evict(tmp_path, redis_process):
-    w = _world(tmp_path, redis.Redis.from_url(redis_process.url, socket_timeout=0.1, socket_connect_timeout=0.1))
+    w = _world(
+        tmp_path, redis.Redis.from_url(redis_process.url, socket_timeout=0.1, socket_connect_timeout=0.1)
+    )
     seed(w)
     for _ in range(2):
         with w.Session() as s:

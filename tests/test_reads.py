@@ -29,7 +29,9 @@ def test_not_found_is_cached(world):
 
 def test_filtered_list_count_and_exists_are_cached(world):
     seed(world)
-    db, hit = cached(world, lambda s: [snapshot(u) for u in s.scalars(select(User).where(User.active).order_by(User.id))])
+    db, hit = cached(
+        world, lambda s: [snapshot(u) for u in s.scalars(select(User).where(User.active).order_by(User.id))]
+    )
     assert hit == db and len(hit) == 3
     db, hit = cached(world, lambda s: s.scalar(select(func.count()).select_from(User)))
     assert hit == db == 3
@@ -42,7 +44,11 @@ def test_column_selects_return_rows_like_the_database(world):
 
     def read(s):
         result = s.execute(select(User.id, User.name, User.balance).order_by(User.id))
-        return list(result.keys()), [tuple(r) for r in result], [r._asdict() for r in s.execute(select(User.name))]
+        return (
+            list(result.keys()),
+            [tuple(r) for r in result],
+            [r._asdict() for r in s.execute(select(User.name))],
+        )
 
     db, hit = cached(world, read)
     assert hit == db
@@ -82,7 +88,9 @@ def test_eager_loaded_relationships_are_present_without_sql(world):
     seed(world)
 
     def read(s):
-        users = s.scalars(select(User).options(selectinload(User.orders), selectinload(User.tags)).order_by(User.id))
+        users = s.scalars(
+            select(User).options(selectinload(User.orders), selectinload(User.tags)).order_by(User.id)
+        )
         return [(u.id, [o.id for o in u.orders], [t.label for t in u.tags]) for u in users]
 
     db, hit = cached(world, read)
@@ -156,8 +164,9 @@ def test_never_cached(world, statement):
 
 
 def test_cached_forces_caching_for_unconfigured_models(world):
-    from sqlacache import Cache, CachingSession
     from sqlalchemy.orm import sessionmaker
+
+    from sqlacache import Cache, CachingSession
 
     seed(world)
     cache = Cache(backend=world.cache.backend, prefix=world.cache.prefix, models={User: {"ops": {"get"}}})
@@ -193,3 +202,18 @@ def test_defer_option_then_access(world):
     with world.Session() as s:
         u = s.scalars(select(User).options(defer(User.name)).where(User.id == 1)).one()
         assert u.name == "u1"
+
+
+def test_lazy_loads_are_cached_per_parent(world):
+    seed(world)
+
+    def read(s):
+        return [[o.id for o in s.get(User, i).orders] for i in (1, 2, 3)] + [s.get(Order, 20).user.name]
+
+    db, hit = cached(world, read)
+    assert hit == db == [[10, 11], [20, 21], [30, 31], "u2"]
+    with world.Session() as s:
+        s.add(Order(id=12, user_id=1))
+        s.commit()
+    with world.Session() as s:
+        assert read(s)[:2] == [[10, 11, 12], [20, 21]]

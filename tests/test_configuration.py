@@ -1,0 +1,123 @@
+"""Configuration: the documented entry points work, and bad input fails early with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import sqlacache
+from sqlacache import Cache, CachingSession, ConfigurationError
+from sqlacache import cache as cache_module
+from tests.helpers import seed
+from tests.models import Base, Order, User
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"models": {User: {"ops": {"fetch", "gett"}}}}, "unknown op"),
+        ({"models": {User: {"ttl": -1}}}, "positive number"),
+        ({"models": {User: {"ttl": "60"}}}, "positive number"),
+        ({"models": {User: {"ops": "all", "expire": 3}}}, "unknown key"),
+        ({"models": {User: {"ttl": 1, "timeout": 2}}}, "not both"),
+        ({"models": {"tests.models.Nope": {}}}, "no attribute"),
+        ({"models": {"nowhere.models.User": {}}}, "cannot import"),
+        ({"models": {"User": {}}}, "dotted path"),
+        ({"models": {int: {}}}, "not a mapped class"),
+        ({"backend": "memcached://x"}, "unknown scheme"),
+        ({"backend": 42}, "not a URL"),
+        ({"default_ttl": 0}, "positive number"),
+        ({"prefix": "a b"}, "prefix"),
+        ({"default_ttl": 1, "default_timeout": 2}, "not both"),
+    ],
+)
+def test_bad_configuration_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        Cache(**kwargs)
+
+
+def test_dotted_paths_aliases_and_fallback():
+    cache = Cache(
+        models={"tests.models.User": {"ops": {"get"}, "timeout": 900}, "*": {"ttl": 60}},
+        default_timeout=30,
+    )
+    assert cache.policy.rule_for(User).ops == {"get"} and cache.policy.rule_for(User).ttl == 900
+    assert cache.policy.rule_for(Order).ttl == 60
+    assert Cache(models={User: {}}, default_ttl=5).policy.rule_for(Order) is None
+    assert Cache().policy.rule_for(Order).ops == {"get", "fetch", "count", "exists"}
+
+
+def test_ops_decide_what_is_cached(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    Base.metadata.create_all(engine)
+    sql = []
+    from sqlalchemy import event
+
+    event.listen(engine, "before_cursor_execute", lambda *a: sql.append(a[2]))
+    cache = Cache(models={User: {"ops": {"get"}}})
+    S = sessionmaker(engine, class_=CachingSession, cache=cache)
+
+    class W:
+        Session = S
+
+    seed(W)
+    for _ in range(3):
+        with S() as s:
+            s.get(User, 1)
+            s.scalars(select(User)).all()
+    assert sum("WHERE users.id = ?" in q for q in sql) == 2  # get: stored on the second miss, then hit
+    assert sum(q.startswith("SELECT users.id") and "WHERE" not in q for q in sql) == 3  # fetch: never
+
+
+def test_configure_sets_the_default_cache_and_bind_caches_plain_sessions(tmp_path):
+    previous = cache_module._default
+    try:
+        cache_module._default = None
+        engine = create_engine(f"sqlite:///{tmp_path / 'd.db'}")
+        Base.metadata.create_all(engine)
+        with pytest.raises(ConfigurationError, match="configure"):
+            CachingSession(engine)
+        cache = sqlacache.configure(backend="mem://", models={"*": {"ttl": 60}})
+        assert sqlacache.default_cache() is cache
+        with CachingSession(engine) as s:
+            assert s.cache is cache
+        sql = []
+        from sqlalchemy import event
+
+        event.listen(engine, "before_cursor_execute", lambda *a: sql.append(a[2]))
+        assert cache.bind(engine).cache is cache
+        try:
+            with Session(engine) as s:
+                s.add(User(id=1, name="plain"))
+                s.commit()
+            for _ in range(3):
+                with Session(engine) as s:
+                    assert s.scalars(select(User)).one().name == "plain"
+            assert sum(q.startswith("SELECT") for q in sql) == 2
+            with Session(engine) as s:
+                s.scalars(select(User)).one().name = "changed"
+                s.commit()
+            with Session(engine) as s:
+                assert s.scalars(select(User)).one().name == "changed"
+        finally:
+            cache.unbind(engine)
+    finally:
+        cache_module._default = previous
+
+
+def test_disabled_cache_is_a_pass_through(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'e.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache(enabled=False)
+    S = sessionmaker(engine, class_=CachingSession, cache=cache)
+
+    class W:
+        Session = S
+
+    seed(W)
+    for _ in range(3):
+        with S() as s:
+            s.get(User, 1)
+            s.scalars(select(User)).all()
+    assert cache.stats()["hits"] == cache.stats()["misses"] == 0
