@@ -175,9 +175,23 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
 
 @dataclass(slots=True)
 class Frame:
+    generation: int | None  # the generation the read began at (None: unknown, nothing is stored)
     fresh: dict[Any, dict[str, Any]] = field(default_factory=dict)  # state → column values as loaded
     deps: set[str] = field(default_factory=set)  # dependencies of nested reads served meanwhile
     unstorable: str | None = None
+
+
+def remember(ctx: SessionContext, state: Any, values: dict[str, Any], generation: int | None) -> None:
+    """Keep what an object looked like when the database (or a valid entry) produced it, and the
+    generation that data is at least as fresh as: a later result containing the object can then be
+    stored from these values, at that (older) generation."""
+    if generation is None or generation < 0:
+        return
+    known = ctx.known.get(state)
+    if known is not None:
+        values = {**known[0], **values}
+        generation = min(generation, known[1])
+    ctx.known[state] = (values, generation)
 
 
 @event.listens_for(Mapper, "load")
@@ -192,9 +206,11 @@ def _on_load(target: Any, context: Any) -> None:
 
 
 def _encode_entities(
-    roots: Sequence[Any], frame: Frame, tables: set[str]
+    roots: Sequence[Any], frame: Frame, known: Any, tables: set[str], oldest: list[int]
 ) -> tuple[list[Any], dict[int, int]]:
-    """The entity table of a payload; raises _Unstorable if anything in the graph isn't fresh."""
+    """The entity table of a payload. Objects this read created are encoded from what it loaded;
+    objects that were already in the session from what they were loaded with, lowering ``oldest``
+    to that load's generation. Anything else raises _Unstorable."""
     table: list[Any] = []
     index: dict[int, int] = {}
 
@@ -207,7 +223,11 @@ def _encode_entities(
         state = instance_state(obj)
         loaded = frame.fresh.get(state)
         if loaded is None:
-            raise _Unstorable("the result includes an object that was already in the session")
+            remembered = known.get(state)
+            if remembered is None:
+                raise _Unstorable("the result includes an object loaded outside the cache")
+            loaded, generation = remembered
+            oldest[0] = min(oldest[0], generation)
         for key, fn in state.callables.items():
             # defer()/load_only() loaders are reproduced on a hit (the attribute is expired);
             # anything else (raiseload, per-query lazy options) is not.
@@ -230,6 +250,8 @@ def _encode_entities(
         for key, prop in layout.relationships.items():
             if key not in dict_:
                 continue
+            if key in state.committed_state:
+                raise _Unstorable(f"relationship {key!r} has changes not flushed")
             tables.update(layout_of(prop.mapper).tables)
             if prop.secondary is not None:
                 tables.update(
@@ -251,18 +273,21 @@ def _encode_entities(
 
 
 def encode_result(
-    frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame
-) -> tuple[bytes, set[str]]:
-    """(payload bytes, tables the loaded graph read)."""
+    ctx: SessionContext, frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame
+) -> tuple[bytes, set[str], int]:
+    """(payload bytes, tables the loaded graph read, the generation to store it at)."""
     if frame.unstorable:
         raise _Unstorable(frame.unstorable)
+    if frame.generation is None:
+        raise _Unstorable("no generation: the backend was unavailable when the read began")
     tables: set[str] = set()
+    oldest = [frame.generation]
     if frozen._source_supports_scalars:
-        table, index = _encode_entities(frozen.data, frame, tables)
+        table, index = _encode_entities(frozen.data, frame, ctx.known, tables, oldest)
         rows: list[Any] = [None if o is None else index[id(o)] for o in frozen.data]
     else:
         roots = [v for row in frozen.data for v, c in zip(row, columns) if c is ENTITY and v is not None]
-        table, index = _encode_entities(roots, frame, tables)
+        table, index = _encode_entities(roots, frame, ctx.known, tables, oldest)
         rows = [
             [
                 (None if v is None else index[id(v)]) if c is None else c.encode(v)
@@ -270,7 +295,7 @@ def encode_result(
             ]
             for row in frozen.data
         ]
-    return orjson.dumps([PAYLOAD_FORMAT, table, rows]), tables
+    return orjson.dumps([PAYLOAD_FORMAT, table, rows]), tables, oldest[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +311,9 @@ class _HitContext:
         self.session = session
 
 
-def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) -> list[Any]:
+def _rebuild_entities(
+    session: Session, table: Any, near: Mapper[Any] | None, ctx: SessionContext, generation: int
+) -> list[Any]:
     if not isinstance(table, list):
         raise CodecError("entity table is not a list")
     # Decode and validate everything before touching the session: a corrupt entry must leave no
@@ -331,6 +358,7 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) ->
                 for k in to_load:
                     dict_[k] = values[k]
                 state._commit(dict_, to_load)
+                remember(ctx, state, {k: values[k] for k in to_load}, generation)
         else:
             obj = mapper.class_manager.new_instance()
             state = instance_state(obj)
@@ -345,6 +373,7 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) ->
                 # The query left these out (load_only/defer): load them on access, like the ORM does.
                 state._expire_attributes(dict_, missing)
             new_states.append(state)
+            remember(ctx, state, values, generation)
         objs.append(obj)
 
     fresh = {id(s.obj()) for s in new_states}
@@ -372,7 +401,9 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None) ->
     return objs
 
 
-def decode_result(session: Session, payload: bytes, info: ShapeInfo) -> list[Any]:
+def decode_result(
+    session: Session, payload: bytes, info: ShapeInfo, ctx: SessionContext, generation: int
+) -> list[Any]:
     """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError."""
     try:
         doc = orjson.loads(payload)
@@ -383,7 +414,7 @@ def decode_result(session: Session, payload: bytes, info: ShapeInfo) -> list[Any
     ):
         raise CodecError("payload format not recognised")
     near = info.shape.mappers[0] if info.shape.mappers else None
-    objs = _rebuild_entities(session, doc[1], near)
+    objs = _rebuild_entities(session, doc[1], near, ctx, generation)
     columns = info.columns or []
 
     def resolve(ref: Any) -> Any:
@@ -551,7 +582,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
     entry = lookup.entry if lookup is not None else None
     if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
         try:
-            rows = decode_result(session, entry.payload, info)
+            rows = decode_result(session, entry.payload, info, ctx, lookup.generation if lookup else -1)
         except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
             _drop_corrupt(cache, key, exc)
         else:
@@ -563,7 +594,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
     generation = (
         ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
     )
-    frame = Frame()
+    frame = Frame(generation if generation is not None and generation >= 0 else None)
     ctx.frames.append(frame)
     try:
         frozen = state.invoke_statement().freeze()
@@ -573,7 +604,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         info.template = template_of(frozen)
     deps: list[str] = []
     try:
-        payload, tables = encode_result(frozen, info.columns or [], frame)
+        payload, tables, generation = encode_result(ctx, frozen, info.columns or [], frame)
         tables |= statement_tables
         if ticket is not None:
             own = {deps_mod.table_name(t) for t in ticket.mapper.tables}
@@ -581,7 +612,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         else:
             deps = deps_mod.table_read_deps(tables)
         deps = sorted(set(deps) | frame.deps)
-        if generation is not None and generation >= 0 and not _written(ctx, tables):
+        if not _written(ctx, tables):
             cache.store(key, payload, deps, generation, ttl)
     except _Unstorable as exc:
         cache.count("unstorable")
@@ -589,6 +620,8 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
     except CodecError as exc:
         cache.count("unencodable")
         log.debug("sqlacache: cannot encode %s: %s", key, exc)
+    for loaded_state, values in frame.fresh.items():
+        remember(ctx, loaded_state, values, frame.generation)
     if ctx.frames:
         parent = ctx.frames[-1]
         parent.fresh.update(frame.fresh)
@@ -645,7 +678,7 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     lookup = cache.lookup(key)
     if lookup is not None and lookup.entry is not None and not _entry_written(ctx, lookup.entry.deps):
         try:
-            objs = _decode_get(session, lookup.entry.payload, mapper)
+            objs = _decode_get(session, lookup.entry.payload, mapper, ctx, lookup.generation)
         except Exception as exc:
             _drop_corrupt(cache, key, exc)
             lookup = Lookup(None, lookup.generation)
@@ -656,7 +689,9 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     return GetTicket(key, mapper, pk, lookup, ttl)
 
 
-def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any]) -> list[Any]:
+def _decode_get(
+    session: Session, payload: bytes, mapper: Mapper[Any], ctx: SessionContext, generation: int
+) -> list[Any]:
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -665,7 +700,7 @@ def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any]) -> list[A
         isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
     ):
         raise CodecError("payload format not recognised")
-    objs = _rebuild_entities(session, doc[1], mapper)
+    objs = _rebuild_entities(session, doc[1], mapper, ctx, generation)
     out = []
     for ref in doc[2]:
         if type(ref) is not int or not 0 <= ref < len(objs):

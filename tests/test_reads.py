@@ -217,3 +217,40 @@ def test_lazy_loads_are_cached_per_parent(world):
         s.commit()
     with world.Session() as s:
         assert read(s)[:2] == [[10, 11, 12], [20, 21]]
+
+
+def test_results_with_objects_already_in_the_session_are_stored_from_what_was_loaded(world):
+    seed(world)
+    listing = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]  # noqa: E731
+    for _ in range(2):  # the get is cached first, so its object is "known" in the next session
+        with world.Session() as s:
+            s.get(User, 1)
+    with world.Session() as s, s.no_autoflush:
+        s.get(User, 1).name = "pending, never flushed"
+        listing(s)  # contains the session's own User 1: stored from what it was loaded with
+        listing(s)
+        s.rollback()
+    before = world.statements()
+    with world.Session() as s:
+        assert listing(s) == ["u1", "u2", "u3"]
+    assert world.statements() == before
+
+
+def test_object_loaded_before_another_commit_is_never_stored_as_current(world):
+    seed(world)
+    listing = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]  # noqa: E731
+    for _ in range(2):
+        with world.Session() as s:
+            s.get(User, 1)
+    with world.Session() as s:
+        mine = s.get(User, 1)  # loaded now: "u1" (held: the identity map only keeps referenced objects)
+        with world.Session() as other:
+            other.get(User, 1, execution_options={"cache": False}).name = "committed meanwhile"
+            other.commit()
+        # The identity map keeps the object it has (as without a cache): this read shows "u1"…
+        assert listing(s)[0] == "u1" == mine.name
+    # …but that older view must not have been stored for everyone else.
+    with world.Session() as s:
+        assert listing(s)[0] == "committed meanwhile"
+    with world.Session() as s:
+        assert listing(s)[0] == "committed meanwhile"
