@@ -145,10 +145,10 @@ def _columns_of(statement: Any) -> list[ValueCodec | None] | None:
         kind = d.get("type")
         if isinstance(kind, TypeEngine):
             out.append(codec_for(kind))
-        elif isinstance(kind, type) and d.get("entity") is kind and not d.get("aliased"):
-            out.append(ENTITY)
+        elif isinstance(kind, type) and isinstance(inspect(kind, raiseerr=False), Mapper):
+            out.append(ENTITY)  # plain or aliased: rows hold instances of the class either way
         else:
-            return None  # bundles, aliased entities: served from the database
+            return None  # bundles and other composite columns: served from the database
     return out
 
 
@@ -162,7 +162,7 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             shape, reason = Shape("", frozenset(), ()), reason or str(exc)
         columns = _columns_of(statement)
         if columns is None and reason is None:
-            reason = "result shape not supported (bundles or aliased entities)"
+            reason = "result shape not supported (bundles)"
         lead = shape.mappers[0].class_ if shape.mappers else None
         info = ShapeInfo(shape, reason, op_of(statement), lead, columns)
         _shapes.put(key_tuple, info)
@@ -548,7 +548,8 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         return None
     info = shape_info(cache, statement, ck.key)
     if info.reason is not None:
-        cache.count("uncacheable")
+        if not ctx.frames:  # a nested load's entity rows are stored in the enclosing entry anyway
+            cache.count("uncacheable")
         return None
     session = state.session
     if ticket is not None:
