@@ -55,6 +55,8 @@ def context_of(session: Session) -> SessionContext | None:
     if ctx is not None:
         return ctx
     cache = session.__dict__.get("_sqlacache_cache")
+    if cache is False:  # a plain session on an engine that isn't bound: looked up once, not cached
+        return None
     if cache is None:
         from sqlacache.cache import bound_cache
 

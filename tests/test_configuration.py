@@ -121,3 +121,24 @@ def test_disabled_cache_is_a_pass_through(tmp_path):
             s.get(User, 1)
             s.scalars(select(User)).all()
     assert cache.stats()["hits"] == cache.stats()["misses"] == 0
+
+
+def test_plain_sessions_are_untouched_when_nothing_is_bound(tmp_path):
+    """Importing sqlacache registers global listeners; sessions it doesn't cache must not notice."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    Base.metadata.create_all(engine)
+    sql = []
+    from sqlalchemy import event, literal
+
+    event.listen(engine, "before_cursor_execute", lambda *a: sql.append(a[2]))
+    with Session(engine) as s:
+        s.add(User(id=1, name="plain"))
+        s.flush()
+        assert s.execute(select(literal(1))).scalar() == 1
+        assert s.execute(select(literal(2))).scalar() == 2
+        s.commit()
+    for _ in range(3):
+        with Session(engine) as s:
+            assert s.get(User, 1).name == "plain"
+            assert s.scalars(select(User)).one().name == "plain"
+    assert sum(q.startswith("SELECT users") for q in sql) == 6  # every read reached the database
