@@ -182,11 +182,11 @@ class Cache:
             del self._pending[: len(pending)]
         return True
 
-    def lookup(self, key: str) -> Lookup | None:
+    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
         if not self._deliver_pending():
             return None
         try:
-            return self.backend.lookup(key)
+            return self.backend.lookup(key, hint)
         except BackendError as exc:
             self._error("lookup", exc)
             return None

@@ -7,7 +7,6 @@ it in one attribute lookup, for ``CachingSession`` and for plain sessions on an 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +43,6 @@ class SessionContext:
     # Tables DML touched during the current flush, and those the mapper events accounted for.
     flush_dml_tables: set[str] = field(default_factory=set)
     flush_row_tables: set[str] = field(default_factory=set)
-    # Objects loaded through the cache → (column values as loaded, generation they're fresh as of).
-    known: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], int]] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
 
 
 def context_of(session: Session) -> SessionContext | None:

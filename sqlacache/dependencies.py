@@ -12,6 +12,7 @@ every table it touched. A row write bumps ``r:`` and ``t:``; an unnamed-rows wri
 
 from __future__ import annotations
 
+import hashlib
 import re
 import weakref
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,7 @@ from sqlalchemy import Table
 from sqlalchemy.sql.schema import ForeignKeyConstraint, MetaData
 from sqlalchemy.sql.selectable import TableClause
 
-from sqlacache.keys import digest, value_token
+from sqlacache.keys import pk_bytes
 
 ALL = "*"
 
@@ -41,7 +42,7 @@ def allrows_dep(name: str) -> str:
 
 
 def row_dep(name: str, pk: Sequence[Any]) -> str:
-    return f"r:{name}:{digest([value_token(v) for v in pk])[:24]}"
+    return f"r:{name}:{hashlib.blake2b(pk_bytes(pk), digest_size=12).hexdigest()}"
 
 
 def table_of_dep(dep: str) -> str | None:

@@ -130,6 +130,11 @@ def value_token(v: Any) -> Any:
     raise Uncacheable(f"cannot key a bound value of type {type(v).__module__}.{type(v).__qualname__}")
 
 
+def pk_bytes(pk: Sequence[Any]) -> bytes:
+    """A primary key's unambiguous serialization (what row keys and row dependencies hash)."""
+    return orjson.dumps([value_token(v) for v in pk])
+
+
 def digest(parts: Any) -> str:
     return hashlib.blake2b(orjson.dumps(parts), digest_size=20).hexdigest()
 
@@ -150,6 +155,7 @@ class KeyBuilder:
     def __init__(self, max_shapes: int = 4096) -> None:
         self._shapes: LRU[Any, Shape] = LRU(max_shapes)
         self._fingerprints: dict[int, tuple[int, MetaData, str]] = {}
+        self._get_prefixes: LRU[tuple[str, Mapper[Any]], bytes] = LRU(max_shapes)
 
     def fingerprint(self, metadata: MetaData) -> str:
         known = self._fingerprints.get(id(metadata))
@@ -184,5 +190,12 @@ class KeyBuilder:
 
     def get_key(self, namespace: str, mapper: Mapper[Any], pk: Sequence[Any]) -> str:
         """The key of ``Session.get(Model, pk)``: no statement needed, so it costs a few microseconds."""
-        fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables if isinstance(t, Table)})
-        return "g:" + digest([FORMAT, namespace, fps, _path(mapper.class_), [value_token(v) for v in pk]])
+        memo = (namespace, mapper)
+        prefix = self._get_prefixes.get(memo)
+        if prefix is None:
+            fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables if isinstance(t, Table)})
+            prefix = orjson.dumps([FORMAT, namespace, fps, _path(mapper.class_)])
+            self._get_prefixes.put(memo, prefix)
+        h = hashlib.blake2b(prefix, digest_size=20)
+        h.update(pk_bytes(pk))
+        return "g:" + h.hexdigest()

@@ -67,6 +67,7 @@ class MapperLayout:
     expr_tables: dict[str, frozenset[str]]  # column_property(select …) → the tables it reads
     eager_expire: frozenset[str]  # column attributes that are not deferred by mapping
     relationships: dict[str, RelationshipProperty[Any]]
+    get_hint: set[str] = field(default_factory=set)  # dependencies seen on get entries beyond the row's
 
 
 _layouts: dict[Mapper[Any], MapperLayout] = {}
@@ -130,6 +131,7 @@ class ShapeInfo:
     lead: type | None
     columns: list[ValueCodec | None] | None  # per result column; None entries are entities
     template: FrozenResult[Any] | None = None  # empty result with this shape's metadata
+    hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
 
 
 _shapes: LRU[Any, ShapeInfo] = LRU(4096)
@@ -181,17 +183,21 @@ class Frame:
     unstorable: str | None = None
 
 
-def remember(ctx: SessionContext, state: Any, values: dict[str, Any], generation: int | None) -> None:
+_KNOWN = "sqlacache.loaded"  # key in InstanceState.info: (values as loaded, generation)
+
+
+def remember(state: Any, values: dict[str, Any], generation: int | None) -> None:
     """Keep what an object looked like when the database (or a valid entry) produced it, and the
     generation that data is at least as fresh as: a later result containing the object can then be
     stored from these values, at that (older) generation."""
     if generation is None or generation < 0:
         return
-    known = ctx.known.get(state)
+    info = state.info
+    known = info.get(_KNOWN)
     if known is not None:
         values = {**known[0], **values}
         generation = min(generation, known[1])
-    ctx.known[state] = (values, generation)
+    info[_KNOWN] = (values, generation)
 
 
 @event.listens_for(Mapper, "load")
@@ -206,7 +212,7 @@ def _on_load(target: Any, context: Any) -> None:
 
 
 def _encode_entities(
-    roots: Sequence[Any], frame: Frame, known: Any, tables: set[str], oldest: list[int]
+    roots: Sequence[Any], frame: Frame, tables: set[str], oldest: list[int]
 ) -> tuple[list[Any], dict[int, int]]:
     """The entity table of a payload. Objects this read created are encoded from what it loaded;
     objects that were already in the session from what they were loaded with, lowering ``oldest``
@@ -223,7 +229,7 @@ def _encode_entities(
         state = instance_state(obj)
         loaded = frame.fresh.get(state)
         if loaded is None:
-            remembered = known.get(state)
+            remembered = state.info.get(_KNOWN) if "info" in state.__dict__ else None
             if remembered is None:
                 raise _Unstorable("the result includes an object loaded outside the cache")
             loaded, generation = remembered
@@ -283,11 +289,11 @@ def encode_result(
     tables: set[str] = set()
     oldest = [frame.generation]
     if frozen._source_supports_scalars:
-        table, index = _encode_entities(frozen.data, frame, ctx.known, tables, oldest)
+        table, index = _encode_entities(frozen.data, frame, tables, oldest)
         rows: list[Any] = [None if o is None else index[id(o)] for o in frozen.data]
     else:
         roots = [v for row in frozen.data for v, c in zip(row, columns) if c is ENTITY and v is not None]
-        table, index = _encode_entities(roots, frame, ctx.known, tables, oldest)
+        table, index = _encode_entities(roots, frame, tables, oldest)
         rows = [
             [
                 (None if v is None else index[id(v)]) if c is None else c.encode(v)
@@ -358,7 +364,7 @@ def _rebuild_entities(
                 for k in to_load:
                     dict_[k] = values[k]
                 state._commit(dict_, to_load)
-                remember(ctx, state, {k: values[k] for k in to_load}, generation)
+                remember(state, {k: values[k] for k in to_load}, generation)
         else:
             obj = mapper.class_manager.new_instance()
             state = instance_state(obj)
@@ -368,12 +374,12 @@ def _rebuild_entities(
             state.identity_token = None
             state.session_id = session.hash_key
             identity_map._add_unpresent(state, ikey)
-            missing = [k for k in layout.eager_expire if k not in values]
+            missing = () if layout.eager_expire.issubset(values) else layout.eager_expire.difference(values)
             if missing:
                 # The query left these out (load_only/defer): load them on access, like the ORM does.
                 state._expire_attributes(dict_, missing)
             new_states.append(state)
-            remember(ctx, state, values, generation)
+            remember(state, values, generation)
         objs.append(obj)
 
     fresh = {id(s.obj()) for s in new_states}
@@ -391,10 +397,10 @@ def _rebuild_entities(
                 value = None if ref is None else objs[ref]
             attributes.set_committed_value(obj, key, value)
 
+    # New states hold only committed values (nothing to _commit_all); fire what a load fires.
     context = _HitContext(session)
     dispatch_persistent = session.dispatch.loaded_as_persistent
     for state in new_states:
-        state._commit_all(state.dict, identity_map)
         state.manager.dispatch.load(state, context)
         if dispatch_persistent:
             dispatch_persistent(session, state)
@@ -579,8 +585,12 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         except Uncacheable:
             cache.count("uncacheable")
             return None
-        lookup = cache.lookup(key)
+        if not info.hint:
+            info.hint.update(deps_mod.table_read_deps(statement_tables))
+        lookup = cache.lookup(key, sorted(info.hint))
     entry = lookup.entry if lookup is not None else None
+    if entry is not None and ticket is None:
+        info.hint.update(entry.deps)
     if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
         try:
             rows = decode_result(session, entry.payload, info, ctx, lookup.generation if lookup else -1)
@@ -615,6 +625,10 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         deps = sorted(set(deps) | frame.deps)
         if not _written(ctx, tables):
             cache.store(key, payload, deps, generation, ttl)
+        if ticket is not None:  # per mapper: the row's own dependencies differ for every pk
+            layout_of(ticket.mapper).get_hint.update(d for d in deps if not d.startswith("r:"))
+        else:
+            info.hint.update(deps)
     except _Unstorable as exc:
         cache.count("unstorable")
         log.debug("sqlacache: not storing %s: %s", key, exc)
@@ -622,7 +636,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         cache.count("unencodable")
         log.debug("sqlacache: cannot encode %s: %s", key, exc)
     for loaded_state, values in frame.fresh.items():
-        remember(ctx, loaded_state, values, frame.generation)
+        remember(loaded_state, values, frame.generation)
     if ctx.frames:
         parent = ctx.frames[-1]
         parent.fresh.update(frame.fresh)
@@ -654,7 +668,9 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     into ``execution_options`` for the statement the ORM will run on a miss.
     """
     cache = ctx.cache
-    mapper = inspect(entity, raiseerr=False)
+    mapper = getattr(entity, "__mapper__", None)
+    if not isinstance(mapper, Mapper) or mapper.class_ is not entity:
+        mapper = inspect(entity, raiseerr=False)
     if not isinstance(mapper, Mapper) or not cache.enabled:
         return _NOT_HANDLED
     flag = execution_options.get("cache")
@@ -667,16 +683,22 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     pk = _normalize_ident(mapper, layout, ident)
     if pk is None:
         return _NOT_HANDLED
-    if mapper.identity_key_from_primary_key(pk) in session.identity_map:
+    identity = mapper.identity_key_from_primary_key(pk)
+    if identity in session.identity_map:
         return _NOT_HANDLED  # the identity map answers, as it does without a cache
-    session._autoflush()
-    if _written(ctx, layout.tables) or mapper.identity_key_from_primary_key(pk) in session.identity_map:
+    if session._new or session._deleted or session.identity_map._modified:
+        session._autoflush()  # what the database path would flush before reading
+        if identity in session.identity_map:
+            return _NOT_HANDLED
+    if _written(ctx, layout.tables):
         return _NOT_HANDLED
     try:
         key = cache.keys.get_key(cache.namespace(session.get_bind(mapper)), mapper, pk)
     except Uncacheable:
         return _NOT_HANDLED
-    lookup = cache.lookup(key)
+    lookup = cache.lookup(key, [*deps_mod.pk_read_deps(layout.tables, pk), *layout.get_hint])
+    if lookup is not None and lookup.entry is not None:
+        layout.get_hint.update(d for d in lookup.entry.deps if not d.startswith("r:"))
     if lookup is not None and lookup.entry is not None and not _entry_written(ctx, lookup.entry.deps):
         try:
             objs = _decode_get(session, lookup.entry.payload, mapper, ctx, lookup.generation)

@@ -783,3 +783,29 @@ def test_decode_responses_client_is_rejected() -> None:
         RedisBackend(fakeredis.FakeRedis(decode_responses=True))
     with pytest.raises(ValueError):
         RedisBackend()
+
+
+@conformance
+def test_hinted_lookup_agrees_with_plain_lookup(h: Harness) -> None:
+    """``lookup(key, hint)`` may answer from one MGET; it must answer what the script answers."""
+    import random
+
+    rnd = random.Random(7)
+    deps_pool = ["t:a", "t:b", "r:a:1", "*"]
+    h.backend.bump(deps_pool)
+    for step in range(200):
+        op = rnd.random()
+        key = f"k{rnd.randrange(3)}"
+        if op < 0.3:
+            deps = rnd.sample(deps_pool, rnd.randrange(1, 4))
+            h.backend.store(key, f"v{step}".encode(), deps, h.backend.lookup(key).generation, TTL)
+        elif op < 0.5:
+            h.backend.bump([rnd.choice(deps_pool)])
+        else:
+            hint = rnd.sample(deps_pool, rnd.randrange(0, 5))
+            hinted = h.backend.lookup(key, hint)
+            plain = h.backend.lookup(key)
+            assert (hinted.entry is None) == (plain.entry is None), (step, key, hint)
+            if hinted.entry is not None and plain.entry is not None:
+                assert hinted.entry == plain.entry
+            assert hinted.generation <= plain.generation

@@ -50,11 +50,12 @@ class Backend(Protocol):
     Dependency names never contain ``"\\x1f"`` or ``"\\n"``.
     """
 
-    def lookup(self, key: str) -> Lookup:
+    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
         """One round trip: the entry under ``key`` if it is still valid, else the current generation.
 
-        An entry whose dependency versions are missing or newer than its generation is deleted and
-        reported as absent.
+        An entry whose dependency versions are missing or newer than its generation is reported
+        as absent (and may be deleted). ``hint`` names the dependencies the caller expects the
+        entry to have; a backend may use it to fetch their versions with the entry.
         """
         ...
 

@@ -72,7 +72,7 @@ class MemoryBackend:
         while len(self._versions) > self._max_versions:
             self._versions.popitem(last=False)
 
-    def lookup(self, key: str) -> Lookup:
+    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
         now = time.monotonic()
         with self._lock:
             self._check_open()

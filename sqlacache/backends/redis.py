@@ -389,7 +389,11 @@ class RedisBackend:
 
     # -- the contract -------------------------------------------------------------------------------
 
-    def lookup(self, key: str) -> Lookup:
+    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
+        if hint:
+            answer = self._lookup_hinted(key, hint)
+            if answer is not None:
+                return answer
         entry_key = self._entry_key(key)
         reply = self._run("lookup", lambda s: s.lookup(keys=[entry_key], args=[self.prefix]))
         if not isinstance(reply, list) or len(reply) < 2:
@@ -409,6 +413,46 @@ class RedisBackend:
         if status == 0:
             return Lookup(None, generation)
         raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
+
+    def _lookup_hinted(self, key: str, hint: Sequence[str]) -> Lookup | None:
+        """One MGET of the entry, the generation and the hinted versions, checked here.
+
+        MGET reads all its keys atomically, so this is the script's check on the same snapshot —
+        at a fraction of the server time. None when the answer needs the script: the entry names a
+        dependency outside the hint, or something is missing or malformed.
+        """
+        prefix = self.prefix
+        keys = [self._entry_key(key), f"{prefix}:gen", *(f"{prefix}:v:{d}" for d in hint)]
+        reply = self._run("lookup", lambda s: s.client.mget(keys))
+        if not isinstance(reply, list) or len(reply) != len(keys) or reply[1] is None:
+            return None
+        try:
+            current = int(reply[1])
+        except (TypeError, ValueError):
+            return None
+        raw = reply[0]
+        if raw is None:
+            return Lookup(None, current)
+        header, sep, payload = raw.partition(b"\n")
+        fields = header.split(b"\x1f")
+        try:
+            stored_at = int(fields[0])
+            deps = tuple(f.decode() for f in fields[1:])
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not sep:
+            return None
+        versions = dict(zip(hint, reply[2:]))
+        for dep in deps:
+            if dep not in versions:
+                return None
+            version = versions[dep]
+            try:
+                if version is None or int(version) > stored_at:
+                    return Lookup(None, current)  # stale: the store that follows replaces it
+            except ValueError:
+                return None
+        return Lookup(Entry(payload, deps), current)
 
     @staticmethod
     def _parse(raw: bytes) -> Entry | None:
