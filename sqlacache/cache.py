@@ -191,6 +191,18 @@ class Cache:
             self._error("lookup", exc)
             return None
 
+    async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
+        """``lookup`` for async callers: native when the backend offers it, else in a greenlet."""
+        native = getattr(self.backend, "alookup", None)
+        if native is None or self._pending:
+            return await greenlet_spawn(self.lookup, key, hint)
+        try:
+            found: Lookup = await native(key, hint)
+            return found
+        except BackendError as exc:
+            self._error("lookup", exc)
+            return None
+
     def generation(self) -> int | None:
         if not self._deliver_pending():
             return None

@@ -4,7 +4,8 @@ A cached result must be indistinguishable from a fresh one, so every value that 
 has to survive ``encode`` -> ``orjson.dumps`` -> Redis -> ``orjson.loads`` -> ``decode`` with the same
 Python type and the same value down to the bit (float), the exponent (Decimal), the utcoffset and the
 zone (datetime). Redis is shared and untrusted, so ``decode`` validates everything and raises only
-:class:`CodecError`; nothing here ever unpickles or imports anything named by the payload.
+:class:`CodecError`; it never unpickles, and the payload never names a class or module to load: the
+column type decides what gets built.
 
 Wire format, per column type (``None`` is JSON ``null`` everywhere):
 
@@ -21,7 +22,9 @@ Wire format, per column type (``None`` is JSON ``null`` everywhere):
 * Enum with a Python enum class: the member's name.
 * JSON / JSONB: the document itself; one orjson could not reproduce exactly (big ints, NaN, a tuple)
   or that is itself shaped ``{"!": ...}`` goes in the escape form described next.
-* ARRAY: nested JSON arrays of the item encoding.
+* ARRAY: nested JSON arrays of the item encodings (tuples too when ``as_tuple``). When the items are
+  JSON or generic, whose encodings may be arrays themselves, and ``dimensions`` is not declared, the
+  payload is ``[levels, nested]`` so that a leaf list is never mistaken for a dimension.
 * anything else (TypeDecorator, PickleType, NullType, unknown types): the generic tagged form below.
 
 A value whose Python type does not match its column type (SQLite's dynamic typing, ``sum()`` of a
@@ -34,6 +37,12 @@ element is a tag: ``["[", ...items]`` list, ``["(", ...items]`` tuple, ``["i", h
 ``["f", "nan"...]`` non-finite float, ``["b", base64]`` bytes, ``["n", str]`` Decimal,
 ``["d", iso]`` date, ``["t", iso]`` time, ``["dt", iso]`` datetime, ``["td", microseconds]``
 timedelta, ``["u", hex]`` UUID.
+
+Refused at encode with CodecError (the cache then does not store the result): values of any other
+Python type (subclasses too, e.g. IntEnum, OrderedDict, pendulum's DateTime), dicts with non-str keys,
+nesting deeper than 128 levels, and times or datetimes that ISO text cannot carry exactly: a tzinfo
+other than an unnamed ``datetime.timezone`` or a keyed ``ZoneInfo``, ``fold=1`` where it does not
+change the offset, and non-zero offsets under one second.
 """
 
 from __future__ import annotations
@@ -143,10 +152,6 @@ def _parse_nonfinite(x: str) -> float:
     raise CodecError(f"invalid float {x[:40]!r}")
 
 
-def _float_str(v: float) -> Any:
-    return v if _isfinite(v) else _nonfinite_str(v)
-
-
 def _b64(v: bytes) -> str:
     return binascii.b2a_base64(v, newline=False).decode("ascii")
 
@@ -173,7 +178,7 @@ def _is_plain_fixed(tz: tzinfo) -> bool:
         return False
     off = tz.utcoffset(None)
     # fromisoformat() reads "+00:00:00.000001" back as UTC (CPython drops an offset below 1 s).
-    if -_ONE_SECOND < off < _ONE_SECOND:
+    if off and -_ONE_SECOND < off < _ONE_SECOND:
         return False
     # A named timezone(offset, "CET") would come back unnamed, changing tzname() and strftime("%Z").
     return tz.tzname(None) == timezone(off).tzname(None)
@@ -418,9 +423,15 @@ def _unescape(x: Any) -> Any:
     raise CodecError(f"invalid payload: {_describe(x)}")
 
 
-_GENERIC: Final = ValueCodec(
-    functools.partial(_generic_encode_safe, depth=0), functools.partial(_generic_decode_safe, depth=0)
-)
+def _enc_generic(v: Any) -> Any:
+    return _generic_encode_safe(v, 0)
+
+
+def _dec_generic(x: Any) -> Any:
+    return _generic_decode_safe(x, 0)
+
+
+_GENERIC: Final = ValueCodec(_enc_generic, _dec_generic)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -661,55 +661,91 @@ def _normalize_ident(mapper: Mapper[Any], layout: MapperLayout, ident: Any) -> t
 _NOT_HANDLED: Any = object()
 
 
-def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:
-    """``Session.get`` without building a statement: key from (class, pk), one backend round trip.
+@dataclass(slots=True)
+class GetPlan:
+    """A ``Session.get`` the cache can answer: its key and the dependencies to fetch with it."""
 
-    Returns the object (or None for a cached "not found"), or ``_NOT_HANDLED`` with a GetTicket put
-    into ``execution_options`` for the statement the ORM will run on a miss.
-    """
+    key: str
+    mapper: Mapper[Any]
+    layout: MapperLayout
+    pk: tuple[Any, ...]
+    hint: list[str]
+    ttl: float
+
+
+def plan_get(
+    session: Session,
+    ctx: SessionContext,
+    entity: Any,
+    ident: Any,
+    execution_options: Any,
+    can_flush: bool = True,
+) -> GetPlan | None:
+    """Decide whether the cache answers this ``get``: None when the database path must (identity map
+    hit, op not cached, a table this transaction wrote, pending changes that can't be flushed here)."""
     cache = ctx.cache
     mapper = getattr(entity, "__mapper__", None)
     if not isinstance(mapper, Mapper) or mapper.class_ is not entity:
         mapper = inspect(entity, raiseerr=False)
     if not isinstance(mapper, Mapper) or not cache.enabled:
-        return _NOT_HANDLED
+        return None
     flag = execution_options.get("cache")
     if flag is False:
-        return _NOT_HANDLED
+        return None
     rule = cache.policy.rule_for(mapper.class_)
     if flag is not True and (rule is None or "get" not in rule.ops):
-        return _NOT_HANDLED
+        return None
     layout = layout_of(mapper)
     pk = _normalize_ident(mapper, layout, ident)
     if pk is None:
-        return _NOT_HANDLED
+        return None
     identity = mapper.identity_key_from_primary_key(pk)
     if identity in session.identity_map:
-        return _NOT_HANDLED  # the identity map answers, as it does without a cache
+        return None  # the identity map answers, as it does without a cache
     if session._new or session._deleted or session.identity_map._modified:
+        if not can_flush:
+            return None
         session._autoflush()  # what the database path would flush before reading
         if identity in session.identity_map:
-            return _NOT_HANDLED
+            return None
     if _written(ctx, layout.tables):
-        return _NOT_HANDLED
+        return None
     try:
         key = cache.keys.get_key(cache.namespace(session.get_bind(mapper)), mapper, pk)
     except Uncacheable:
-        return _NOT_HANDLED
-    lookup = cache.lookup(key, [*deps_mod.pk_read_deps(layout.tables, pk), *layout.get_hint])
-    if lookup is not None and lookup.entry is not None:
-        layout.get_hint.update(d for d in lookup.entry.deps if not d.startswith("r:"))
-    if lookup is not None and lookup.entry is not None and not _entry_written(ctx, lookup.entry.deps):
-        try:
-            objs = _decode_get(session, lookup.entry.payload, mapper, ctx, lookup.generation)
-        except Exception as exc:
-            _drop_corrupt(cache, key, exc)
-            lookup = Lookup(None, lookup.generation)
-        else:
-            cache.count("hits")
-            return objs[0] if objs else None
+        return None
     ttl = execution_options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
-    return GetTicket(key, mapper, pk, lookup, ttl)
+    hint = [*deps_mod.pk_read_deps(layout.tables, pk), *layout.get_hint]
+    return GetPlan(key, mapper, layout, pk, hint, ttl)
+
+
+def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Lookup | None) -> Any:
+    """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss."""
+    entry = lookup.entry if lookup is not None else None
+    if lookup is not None and entry is not None:
+        plan.layout.get_hint.update(d for d in entry.deps if not d.startswith("r:"))
+        if not _entry_written(ctx, entry.deps):
+            try:
+                objs = _decode_get(session, entry.payload, plan.mapper, ctx, lookup.generation)
+            except Exception as exc:
+                _drop_corrupt(ctx.cache, plan.key, exc)
+                lookup = Lookup(None, lookup.generation)
+            else:
+                ctx.cache.count("hits")
+                return objs[0] if objs else None
+    return GetTicket(plan.key, plan.mapper, plan.pk, lookup, plan.ttl)
+
+
+def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:
+    """``Session.get`` without building a statement: key from (class, pk), one backend round trip.
+
+    Returns the object (or None for a cached "not found"), ``_NOT_HANDLED``, or a GetTicket to put
+    into ``execution_options`` for the statement the ORM will run on a miss.
+    """
+    plan = plan_get(session, ctx, entity, ident, execution_options)
+    if plan is None:
+        return _NOT_HANDLED
+    return finish_get(session, ctx, plan, ctx.cache.lookup(plan.key, plan.hint))
 
 
 def _decode_get(

@@ -21,7 +21,7 @@ from sqlacache import tracker as _tracker  # noqa: F401  (registers the write-pa
 from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
 from sqlacache.policy import ConfigurationError
-from sqlacache.reads import _NOT_HANDLED, GetTicket, fast_get, shape_info
+from sqlacache.reads import _NOT_HANDLED, GetTicket, fast_get, finish_get, plan_get, shape_info
 
 
 def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | None) -> dict[str, Any]:
@@ -116,7 +116,14 @@ class CachingSession(Session):
         bind_arguments: Any = None,
     ) -> Any:
         self._run_deferred()
-        if not (options or populate_existing or with_for_update or identity_token or bind_arguments):
+        if not (
+            options
+            or populate_existing
+            or with_for_update
+            or identity_token
+            or bind_arguments
+            or "_sqlacache_get" in execution_options  # CachingAsyncSession.get looked it up already
+        ):
             ctx = context_of(self)
             if ctx is not None:
                 found = fast_get(self, ctx, entity, ident, execution_options)
@@ -222,6 +229,40 @@ class CachingAsyncSession(AsyncSession):
     def cache(self) -> Cache:
         cache: Cache = self.sync_session.__dict__["_sqlacache_cache"]
         return cache
+
+    async def get(  # type: ignore[override]
+        self,
+        entity: Any,
+        ident: Any,
+        *,
+        options: Any = None,
+        populate_existing: bool = False,
+        with_for_update: Any = None,
+        identity_token: Any = None,
+        execution_options: Mapping[str, Any] = EMPTY_DICT,
+        **kw: Any,
+    ) -> Any:
+        # The lookup is awaited here, on the event loop: no greenlet for a hit. Anything that might
+        # need I/O beyond it (a flush, the miss) goes through AsyncSession.get as usual.
+        sync = self.sync_session
+        ctx = context_of(sync)
+        if ctx is not None and not (options or populate_existing or with_for_update or identity_token or kw):
+            plan = plan_get(sync, ctx, entity, ident, execution_options, can_flush=False)
+            if plan is not None:
+                found = finish_get(sync, ctx, plan, await ctx.cache.alookup(plan.key, plan.hint))
+                if not isinstance(found, GetTicket):
+                    return found
+                execution_options = {**execution_options, "_sqlacache_get": found}
+        return await super().get(
+            entity,
+            ident,
+            options=options,
+            populate_existing=populate_existing,
+            with_for_update=with_for_update,
+            identity_token=identity_token,
+            execution_options=execution_options,
+            **kw,
+        )
 
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
         return _Pending(self, "execute", statement, params, kw)

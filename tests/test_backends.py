@@ -38,11 +38,10 @@ class Harness:
     raw: redis.Redis | None = None  # a sync client on the same server, for what a user can't do
     in_greenlet: bool = False
 
-    async def run(self, body: Callable[[Harness], None]) -> None:
+    async def run(self, body: Callable[[Harness], Any]) -> Any:
         if self.in_greenlet:
-            await greenlet_spawn(body, self)
-        else:
-            body(self)
+            return await greenlet_spawn(body, self)
+        return body(self)
 
     @property
     def is_redis(self) -> bool:
@@ -809,3 +808,18 @@ def test_hinted_lookup_agrees_with_plain_lookup(h: Harness) -> None:
             if hinted.entry is not None and plain.entry is not None:
                 assert hinted.entry == plain.entry
             assert hinted.generation <= plain.generation
+
+
+@pytest.mark.parametrize("h", ["redis-asyncio", "fakeredis-asyncio"], indirect=True)
+async def test_alookup_on_the_event_loop_agrees_with_lookup(h: Harness) -> None:
+    """CachingAsyncSession.get awaits alookup directly (no greenlet); it must answer like lookup."""
+    backend = h.backend
+    await h.run(lambda h: h.backend.bump(["t:a", "*"]))
+    miss = await backend.alookup("k", ["t:a", "*"])
+    assert miss.entry is None
+    assert await h.run(lambda h: h.backend.store("k", b"v\n1", ["t:a", "*"], miss.generation, TTL))
+    for hint in (["t:a", "*"], ["*"], []):
+        hit = await backend.alookup("k", hint)
+        assert hit.entry is not None and hit.entry.payload == b"v\n1"
+    await h.run(lambda h: h.backend.bump(["t:a"]))
+    assert (await backend.alookup("k", ["t:a", "*"])).entry is None

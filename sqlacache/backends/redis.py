@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -390,12 +390,56 @@ class RedisBackend:
     # -- the contract -------------------------------------------------------------------------------
 
     def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
+        side = self._side()
+        steps = self._lookup_steps(key, hint)
+        op = next(steps)
+        while True:
+            try:
+                reply = side.resolve(op(side))
+            except _FAILURES as exc:
+                raise BackendError(f"Redis lookup failed: {exc!r}") from exc
+            try:
+                op = steps.send(reply)
+            except StopIteration as done:
+                found: Lookup = done.value
+                return found
+
+    async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
+        """``lookup`` awaited on the event loop with the asyncio client (no greenlet needed)."""
+        side = self._async_side()
+        if side is None:
+            return self.lookup(key, hint)
+        steps = self._lookup_steps(key, hint)
+        op = next(steps)
+        while True:
+            try:
+                reply = await op(side)
+            except _FAILURES as exc:
+                raise BackendError(f"Redis lookup failed: {exc!r}") from exc
+            try:
+                op = steps.send(reply)
+            except StopIteration as done:
+                found: Lookup = done.value
+                return found
+
+    def _async_side(self) -> _Side | None:
+        if self._closed:
+            raise BackendError("RedisBackend is closed")
+        if self._async is None and self._async_factory is not None:
+            with self._lock:
+                if self._async is None:
+                    self._async = _Side(self._async_factory(), _await)
+        return self._async
+
+    def _lookup_steps(self, key: str, hint: Sequence[str]) -> Generator[Callable[[_Side], Any], Any, Lookup]:
+        """The lookup as a sequence of commands, so sync and async callers share one implementation."""
+        entry_key = self._entry_key(key)
         if hint:
-            answer = self._lookup_hinted(key, hint)
+            keys = [entry_key, f"{self.prefix}:gen", *(f"{self.prefix}:v:{d}" for d in hint)]
+            answer = self._hinted_answer((yield lambda s: s.client.mget(keys)), hint, len(keys))
             if answer is not None:
                 return answer
-        entry_key = self._entry_key(key)
-        reply = self._run("lookup", lambda s: s.lookup(keys=[entry_key], args=[self.prefix]))
+        reply = yield lambda s: s.lookup(keys=[entry_key], args=[self.prefix])
         if not isinstance(reply, list) or len(reply) < 2:
             raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
         status = reply[0]
@@ -405,7 +449,7 @@ class RedisBackend:
             if entry is not None:
                 return Lookup(entry, generation)
             # The script accepted the header but its dependency names are not UTF-8: not ours.
-            self.delete([key])
+            yield lambda s: s.client.delete(entry_key)
             status = 2
         if status == 2:
             self._count_corrupt()
@@ -414,17 +458,15 @@ class RedisBackend:
             return Lookup(None, generation)
         raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
 
-    def _lookup_hinted(self, key: str, hint: Sequence[str]) -> Lookup | None:
-        """One MGET of the entry, the generation and the hinted versions, checked here.
+    @staticmethod
+    def _hinted_answer(reply: Any, hint: Sequence[str], expected: int) -> Lookup | None:
+        """Check an MGET of the entry, the generation and the hinted versions.
 
         MGET reads all its keys atomically, so this is the script's check on the same snapshot —
         at a fraction of the server time. None when the answer needs the script: the entry names a
         dependency outside the hint, or something is missing or malformed.
         """
-        prefix = self.prefix
-        keys = [self._entry_key(key), f"{prefix}:gen", *(f"{prefix}:v:{d}" for d in hint)]
-        reply = self._run("lookup", lambda s: s.client.mget(keys))
-        if not isinstance(reply, list) or len(reply) != len(keys) or reply[1] is None:
+        if not isinstance(reply, list) or len(reply) != expected or reply[1] is None:
             return None
         try:
             current = int(reply[1])
