@@ -67,7 +67,9 @@ class MapperLayout:
     expr_tables: dict[str, frozenset[str]]  # column_property(select …) → the tables it reads
     eager_expire: frozenset[str]  # column attributes that are not deferred by mapping
     relationships: dict[str, RelationshipProperty[Any]]
-    get_hint: set[str] = field(default_factory=set)  # dependencies seen on get entries beyond the row's
+    # Table dependencies seen on get entries (eager loads, column_property subqueries): the row's own
+    # dependencies (``*``, ``a:``, ``r:``) are always in a get's hint already.
+    get_hint: set[str] = field(default_factory=set)
 
 
 _layouts: dict[Mapper[Any], MapperLayout] = {}
@@ -626,7 +628,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         if not _written(ctx, tables):
             cache.store(key, payload, deps, generation, ttl)
         if ticket is not None:  # per mapper: the row's own dependencies differ for every pk
-            layout_of(ticket.mapper).get_hint.update(d for d in deps if not d.startswith("r:"))
+            layout_of(ticket.mapper).get_hint.update(d for d in deps if d.startswith("t:"))
         else:
             info.hint.update(deps)
     except _Unstorable as exc:
@@ -723,7 +725,7 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
     """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss."""
     entry = lookup.entry if lookup is not None else None
     if lookup is not None and entry is not None:
-        plan.layout.get_hint.update(d for d in entry.deps if not d.startswith("r:"))
+        plan.layout.get_hint.update(d for d in entry.deps if d.startswith("t:"))
         if not _entry_written(ctx, entry.deps):
             try:
                 objs = _decode_get(session, entry.payload, plan.mapper, ctx, lookup.generation)
