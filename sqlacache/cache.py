@@ -8,8 +8,10 @@ from the cache.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -22,7 +24,7 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.util.concurrency import greenlet_spawn
+from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from sqlacache import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup, MemoryBackend, RedisBackend
@@ -120,6 +122,7 @@ class Cache:
         default_timeout: float | None = None,
         socket_timeout: float = 0.05,
         max_entries: int = 10_000,
+        background_stores: bool = False,
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -138,6 +141,13 @@ class Cache:
         self._pending: list[str] = []
         self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._warn = _RateLimitedLog()
+        # A miss doesn't need the store's answer: with background_stores the reader returns as
+        # soon as it has its rows. Safety doesn't depend on timing — the store is still the atomic
+        # check against the generation the read began at, however late it arrives.
+        self.background_stores = bool(background_stores) and not isinstance(self.backend, MemoryBackend)
+        self._queue: queue.Queue[tuple[str, bytes, Sequence[str], int, float] | None] = queue.Queue(1024)
+        self._worker: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -222,6 +232,68 @@ class Cache:
             return False
         self.count("stores" if stored else "stores_refused")
         return stored
+
+    def submit_store(
+        self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float
+    ) -> None:
+        """Store now, or hand the store to the background when ``background_stores`` is on."""
+        if not self.background_stores:
+            self.store(key, payload, deps, generation, ttl)
+            return
+        astore = getattr(self.backend, "astore", None)
+        if astore is not None and in_greenlet():
+            # Inside an AsyncSession: the event loop runs the store as a task.
+            task = asyncio.get_running_loop().create_task(
+                self._astore(astore, key, payload, deps, generation, ttl)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if self._worker is None:
+            with self._lock:
+                if self._worker is None:
+                    self._worker = threading.Thread(
+                        target=self._store_worker, name="sqlacache-stores", daemon=True
+                    )
+                    self._worker.start()
+        try:
+            self._queue.put_nowait((key, payload, deps, generation, ttl))
+        except queue.Full:
+            self.count("stores_dropped")  # a dropped store is only a later miss
+
+    async def _astore(
+        self, astore: Any, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float
+    ) -> None:
+        try:
+            stored = await astore(key, payload, deps, generation, ttl)
+        except BackendError as exc:
+            self._error("store", exc)
+            return
+        self.count("stores" if stored else "stores_refused")
+
+    def _store_worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self.store(*item)
+            except Exception as exc:  # the worker must outlive any one store
+                self._error("store", exc)
+            finally:
+                self._queue.task_done()
+
+    def wait_for_stores(self, timeout: float = 5.0) -> None:
+        """Block until background stores queued so far are done (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    async def await_stores(self) -> None:
+        """Async twin of :meth:`wait_for_stores`."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await greenlet_spawn(self.wait_for_stores)
 
     def discard(self, key: str) -> None:
         try:
@@ -331,10 +403,16 @@ class Cache:
         _bound.pop(sync_engine, None)
 
     def close(self) -> None:
+        if self._worker is not None:
+            self.wait_for_stores()
+            self._queue.put(None)
+            self._worker.join(5)
+            self._worker = None
         self.backend.close()
 
     async def aclose(self) -> None:
-        await greenlet_spawn(self.backend.close)
+        await self.await_stores()
+        await greenlet_spawn(self.close)
 
     # 0.1 spelling
     async def disconnect(self) -> None:

@@ -40,9 +40,9 @@ timedelta, ``["u", hex]`` UUID.
 
 Refused at encode with CodecError (the cache then does not store the result): values of any other
 Python type (subclasses too, e.g. IntEnum, OrderedDict, pendulum's DateTime), dicts with non-str keys,
-nesting deeper than 128 levels, and times or datetimes that ISO text cannot carry exactly: a tzinfo
-other than an unnamed ``datetime.timezone`` or a keyed ``ZoneInfo``, ``fold=1`` where it does not
-change the offset, and non-zero offsets under one second.
+strings with lone surrogates inside JSON or generic values, nesting deeper than 128 levels, and times
+or datetimes that ISO text cannot carry exactly: a tzinfo other than an unnamed ``datetime.timezone``
+or a keyed ``ZoneInfo``, ``fold=1`` where it does not change the offset, non-zero offsets under 1 s.
 """
 
 from __future__ import annotations
@@ -334,9 +334,22 @@ _TAGGED_DECODERS: Final[dict[str, Callable[[Any], Any]]] = {
 }
 
 
+def _check_utf8(v: str) -> None:
+    # orjson refuses lone surrogates, which json.loads ("\ud800") and pickle can produce; database
+    # drivers decode text columns strictly, so the typed String codec skips this per-value cost.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CodecError("string holds a lone surrogate") from exc
+
+
 def _generic_encode(v: Any, depth: int) -> Any:
     t = type(v)
-    if t is str or t is bool or v is None:
+    if t is str:
+        if not v.isascii():
+            _check_utf8(v)
+        return v
+    if t is bool or v is None:
         return v
     if t is int:
         return v if _I64_MIN <= v <= _U64_MAX else ["i", _big_int_str(v)]
@@ -354,6 +367,8 @@ def _generic_encode(v: Any, depth: int) -> Any:
         for k, x in v.items():
             if type(k) is not str:
                 raise CodecError(f"dict key of type {type(k).__name__} is not a str")
+            if not k.isascii():
+                _check_utf8(k)
             out[k] = _generic_encode(x, depth)
         return out
     tagged = _TAGGED_ENCODERS.get(t)
@@ -585,7 +600,11 @@ def _dec_uuid(x: Any) -> Any:
 
 def _json_check(v: Any, depth: int) -> None:
     t = type(v)
-    if t is str or t is bool or v is None:
+    if t is str:
+        if not v.isascii():
+            _check_utf8(v)
+        return
+    if t is bool or v is None:
         return
     if t is int:
         if not _I64_MIN <= v <= _U64_MAX:
@@ -603,6 +622,8 @@ def _json_check(v: Any, depth: int) -> None:
         for k, x in v.items():
             if type(k) is not str:
                 raise CodecError(f"JSON object key of type {type(k).__name__} is not a str")
+            if not k.isascii():
+                _check_utf8(k)
             _json_check(x, depth)
     elif t is list:
         for x in v:

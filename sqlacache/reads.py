@@ -626,7 +626,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
             deps = deps_mod.table_read_deps(tables)
         deps = sorted(set(deps) | frame.deps)
         if not _written(ctx, tables):
-            cache.store(key, payload, deps, generation, ttl)
+            cache.submit_store(key, payload, deps, generation, ttl)
         if ticket is not None:  # per mapper: the row's own dependencies differ for every pk
             layout_of(ticket.mapper).get_hint.update(d for d in deps if d.startswith("t:"))
         else:
@@ -634,7 +634,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
     except _Unstorable as exc:
         cache.count("unstorable")
         log.debug("sqlacache: not storing %s: %s", key, exc)
-    except CodecError as exc:
+    except (CodecError, orjson.JSONEncodeError) as exc:  # orjson refuses e.g. lone surrogates
         cache.count("unencodable")
         log.debug("sqlacache: cannot encode %s: %s", key, exc)
     for loaded_state, values in frame.fresh.items():

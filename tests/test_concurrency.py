@@ -166,3 +166,63 @@ def test_threads_never_see_a_value_older_than_a_finished_commit(world):
     assert not errors, errors[:5]
     with world.Session() as s:
         assert s.get(User, 1).balance == 29
+
+
+@pytest.mark.parametrize("world", ["sqlite+fakeredis", "postgres+redis"], indirect=True)
+def test_background_stores_are_checked_like_inline_ones(world):
+    """background_stores=True returns from a miss before the store; the store is still refused if a
+    commit invalidated what the read saw. (The memory backend always stores inline.)"""
+    from sqlacache import Cache
+
+    seed(world)
+    cache = Cache(backend=world.cache.backend, prefix=world.cache.prefix, background_stores=True)
+    Session = sessionmaker(world.engine, class_=CachingSession, cache=cache)
+    with Session() as s:
+        s.get(User, 1).name = "u1"
+        s.commit()
+    for _ in range(2):  # a cold dependency's first store is refused (its version is created then)
+        with Session() as s:
+            assert s.get(User, 1).name == "u1"
+        cache.wait_for_stores()
+    before = world.statements()
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"
+    assert world.statements() == before
+    # A reader that read before a commit: its late store must be refused.
+    cache.invalidate(User, pks=[1])
+    reached, resume = threading.Event(), threading.Event()
+    _pause_after_first_select(world.engine, reached, resume, lambda e: e.wait(10))
+    t = threading.Thread(target=lambda: Session().get(User, 1))
+    t.start()
+    assert reached.wait(10)
+    with Session() as writer:
+        writer.get(User, 1, execution_options={"cache": False}).name = "new"
+        writer.commit()
+    refused = cache.stats()["stores_refused"]
+    resume.set()
+    t.join(10)
+    cache.wait_for_stores()
+    assert cache.stats()["stores_refused"] == refused + 1
+    with Session() as s:
+        assert s.get(User, 1).name == "new"
+    cache.close()
+
+
+@pytest.mark.parametrize("aworld", ["asyncpg+redis"], indirect=True)
+async def test_async_background_stores(aworld):
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from sqlacache import Cache, CachingAsyncSession
+
+    await aseed(aworld)
+    cache = Cache(backend=aworld.cache.backend, prefix=aworld.cache.prefix, background_stores=True)
+    Session = async_sessionmaker(aworld.engine, class_=CachingAsyncSession, cache=cache)
+    for _ in range(2):
+        async with Session() as s:
+            assert (await s.get(User, 3)).name == "u3"
+        await cache.await_stores()
+    before = aworld.statements()
+    async with Session() as s:
+        assert (await s.get(User, 3)).name == "u3"
+    assert aworld.statements() == before
+    assert cache.stats()["stores"] >= 1

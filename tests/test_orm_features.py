@@ -87,4 +87,7 @@ def test_joined_inheritance_returns_the_subclass_and_evicts_on_subclass_writes(t
         s.commit()
     with Session() as s:
         assert s.get(Employee, 2).budget == 99
-        assert [getattr(e, "budget", None) for e in s.scalars(select(Employee).order_by(Employee.id))] == [None, 99]
+        assert [getattr(e, "budget", None) for e in s.scalars(select(Employee).order_by(Employee.id))] == [
+            None,
+            99,
+        ]

@@ -526,6 +526,30 @@ class RedisBackend:
         reply = self._run("store", lambda s: s.store(keys=[entry_key], args=args))
         return self._int(reply, "store reply") == 1
 
+    async def astore(
+        self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float
+    ) -> bool:
+        """``store`` awaited on the event loop with the asyncio client."""
+        side = self._async_side()
+        if side is None:
+            return self.store(key, payload, deps, generation, ttl)
+        header = b"\x1f".join([str(int(generation)).encode(), *(d.encode() for d in deps)])
+        if not ttl > 0 or any("\x1f" in d or "\n" in d for d in deps):
+            return False
+        args: list[str | bytes] = [
+            self.prefix,
+            str(int(generation)),
+            str(_ttl_ms(ttl)),
+            header + b"\n" + bytes(payload),
+            self._version_ttl_ms,
+            *deps,
+        ]
+        try:
+            reply = await side.store(keys=[self._entry_key(key)], args=args)
+        except _FAILURES as exc:
+            raise BackendError(f"Redis store failed: {exc!r}") from exc
+        return self._int(reply, "store reply") == 1
+
     def bump(self, deps: Sequence[str]) -> None:
         if not deps:
             return
