@@ -192,7 +192,11 @@ def test_background_stores_are_checked_like_inline_ones(world):
     cache.invalidate(User, pks=[1])
     reached, resume = threading.Event(), threading.Event()
     _pause_after_first_select(world.engine, reached, resume, lambda e: e.wait(10))
-    t = threading.Thread(target=lambda: Session().get(User, 1))
+    def reader():
+        with Session() as s:
+            s.get(User, 1)
+
+    t = threading.Thread(target=reader)
     t.start()
     assert reached.wait(10)
     with Session() as writer:
