@@ -136,6 +136,8 @@ class Cache:
         self.prefix = prefix
         self.keys = KeyBuilder()
         self.backend: Backend = _backend_from(backend, prefix, socket_timeout, max_entries)
+        # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
+        self._owns_backend = self.backend is not backend
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._pending: list[str] = []
@@ -408,7 +410,8 @@ class Cache:
             self._queue.put(None)
             self._worker.join(5)
             self._worker = None
-        self.backend.close()
+        if self._owns_backend:
+            self.backend.close()
 
     async def aclose(self) -> None:
         await self.await_stores()

@@ -367,6 +367,7 @@ def test_redis_clear_touches_only_this_prefix(h: Harness) -> None:
     assert not raw.exists(f"{p}:gen")
     for key, value in foreign.items():
         assert raw.get(key) == value, key
+    raw.delete(*foreign)
 
 
 @redis_conformance
