@@ -527,6 +527,30 @@ def bench_sync(
         return t1 - t0
 
     out["get miss"] = measure({"uncached": get_uncached, "sqlacache": get_miss}, iterations, warmup)
+
+    # -- the same miss with Cache(background_stores=True): the store leaves the request's path.
+    bg_cache = Cache(backend=client, prefix=cache.prefix, background_stores=True)
+    BgCaching = sessionmaker(engine, class_=CachingSession, cache=bg_cache)
+
+    def get_miss_bg(n: int) -> int:
+        i = uid(n)
+        bg_cache.invalidate(User, pks=[i])
+        stores = bg_cache.stats()["stores"]
+        before = sql.n
+        t0 = time.perf_counter_ns()
+        with BgCaching() as s:
+            obj = s.get(User, i)
+        t1 = time.perf_counter_ns()
+        bg_cache.wait_for_stores()
+        check(sql.n == before + 1, "sqlacache get miss (background store): expected 1 statement")
+        check(snapshot(obj) == expected[i], "sqlacache get miss (background store): wrong values")
+        check(bg_cache.stats()["stores"] == stores + 1, "background store did not land")
+        return t1 - t0
+
+    out["get miss, background store"] = measure(
+        {"uncached": get_uncached, "sqlacache": get_miss_bg}, iterations, warmup
+    )
+    bg_cache.close()
     return out
 
 
@@ -846,6 +870,28 @@ async def bench_async(
 
         out["get miss"] = await ameasure(
             {"uncached": get_uncached, "sqlacache": get_miss}, iterations, warmup
+        )
+
+        bg_cache = Cache(backend=aclient, prefix=prefix, background_stores=True)
+        BgCaching = async_sessionmaker(aengine, class_=CachingAsyncSession, cache=bg_cache)
+
+        async def get_miss_bg(n: int) -> int:
+            i = uid(n)
+            await bg_cache.ainvalidate(User, pks=[i])
+            stores = bg_cache.stats()["stores"]
+            before = sql.n
+            t0 = time.perf_counter_ns()
+            async with BgCaching() as s:
+                obj = await s.get(User, i)
+            t1 = time.perf_counter_ns()
+            await bg_cache.await_stores()
+            check(sql.n == before + 1, "async get miss (background store): expected 1 statement")
+            check(snapshot(obj) == expected[i], "async get miss (background store): wrong values")
+            check(bg_cache.stats()["stores"] == stores + 1, "async background store did not land")
+            return t1 - t0
+
+        out["get miss, background store"] = await ameasure(
+            {"uncached": get_uncached, "sqlacache": get_miss_bg}, iterations, warmup
         )
         ctx["async_stats"] = cache.stats()
     finally:

@@ -8,7 +8,7 @@ import random
 import threading
 
 import pytest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.util.concurrency import await_only
 
@@ -192,6 +192,7 @@ def test_background_stores_are_checked_like_inline_ones(world):
     cache.invalidate(User, pks=[1])
     reached, resume = threading.Event(), threading.Event()
     _pause_after_first_select(world.engine, reached, resume, lambda e: e.wait(10))
+
     def reader():
         with Session() as s:
             s.get(User, 1)
@@ -230,3 +231,40 @@ async def test_async_background_stores(aworld):
         assert (await s.get(User, 3)).name == "u3"
     assert aworld.statements() == before
     assert cache.stats()["stores"] >= 1
+
+
+async def test_async_repeatable_read_uses_the_transaction_start(
+    pg_async_url, pg_schema, redis_url, key_prefix
+):
+    import redis.asyncio
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from sqlacache import Cache, CachingAsyncSession
+    from tests.conftest import _pg_schema_url
+
+    url, args = _pg_schema_url(pg_async_url, pg_schema)
+    engine = create_async_engine(url, connect_args=args, isolation_level="REPEATABLE READ")
+    cache = Cache(backend=redis.asyncio.Redis.from_url(redis_url), prefix=key_prefix)
+    Session = async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False)
+    stmt = select(User).where(User.name != "")
+    try:
+        async with Session() as s:
+            for t in ("user_tags", "orders", "users", "tags"):
+                await s.execute(text(f"DELETE FROM {t}"))
+            s.add(User(id=1, name="old"))
+            await s.commit()
+        async with Session() as s:
+            (await s.scalars(stmt)).all()
+        async with Session() as reader:
+            await reader.execute(text("SELECT 1 FROM users"))  # the snapshot is taken here
+            async with Session() as writer:
+                (await writer.get(User, 1, execution_options={"cache": False})).name = "new"
+                await writer.commit()
+            assert (await reader.scalars(stmt)).one().name == "old"
+        for _ in range(2):
+            async with Session() as s:
+                assert (await s.scalars(stmt)).one().name == "new"
+    finally:
+        await cache.ainvalidate_all()
+        await cache.aclose()
+        await engine.dispose()
