@@ -319,9 +319,7 @@ class _HitContext:
         self.session = session
 
 
-def _rebuild_entities(
-    session: Session, table: Any, near: Mapper[Any] | None, ctx: SessionContext, generation: int
-) -> list[Any]:
+def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None, generation: int) -> list[Any]:
     if not isinstance(table, list):
         raise CodecError("entity table is not a list")
     # Decode and validate everything before touching the session: a corrupt entry must leave no
@@ -409,10 +407,8 @@ def _rebuild_entities(
     return objs
 
 
-def decode_result(
-    session: Session, payload: bytes, info: ShapeInfo, ctx: SessionContext, generation: int
-) -> list[Any]:
-    """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError."""
+def _load_payload(payload: bytes) -> tuple[Any, list[Any]]:
+    """(entity table, rows) of an entry's payload; raises CodecError on anything else."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -421,10 +417,10 @@ def decode_result(
         isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
     ):
         raise CodecError("payload format not recognised")
-    near = info.shape.mappers[0] if info.shape.mappers else None
-    objs = _rebuild_entities(session, doc[1], near, ctx, generation)
-    columns = info.columns or []
+    return doc[1], doc[2]
 
+
+def _resolver(objs: list[Any]) -> Any:
     def resolve(ref: Any) -> Any:
         if ref is None:
             return None
@@ -432,12 +428,19 @@ def decode_result(
             raise CodecError("bad entity reference")
         return objs[ref]
 
-    out: list[Any] = []
+    return resolve
+
+
+def decode_result(session: Session, payload: bytes, info: ShapeInfo, generation: int) -> list[Any]:
+    """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError."""
+    table, rows = _load_payload(payload)
+    near = info.shape.mappers[0] if info.shape.mappers else None
+    resolve = _resolver(_rebuild_entities(session, table, near, generation))
     if info.template is not None and info.template._source_supports_scalars:
-        for ref in doc[2]:
-            out.append((resolve(ref),))
-        return out
-    for row in doc[2]:
+        return [(resolve(ref),) for ref in rows]
+    columns = info.columns or []
+    out: list[Any] = []
+    for row in rows:
         if not isinstance(row, list) or len(row) != len(columns):
             raise CodecError("row does not fit the result shape")
         out.append(tuple(resolve(v) if c is None else c.decode(v) for v, c in zip(row, columns)))
@@ -595,7 +598,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         info.hint.update(entry.deps)
     if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
         try:
-            rows = decode_result(session, entry.payload, info, ctx, lookup.generation if lookup else -1)
+            rows = decode_result(session, entry.payload, info, lookup.generation if lookup else -1)
         except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
             _drop_corrupt(cache, key, exc)
         else:
@@ -728,7 +731,7 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
         plan.layout.get_hint.update(d for d in entry.deps if d.startswith("t:"))
         if not _entry_written(ctx, entry.deps):
             try:
-                objs = _decode_get(session, entry.payload, plan.mapper, ctx, lookup.generation)
+                objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
             except Exception as exc:
                 _drop_corrupt(ctx.cache, plan.key, exc)
                 lookup = Lookup(None, lookup.generation)
@@ -750,23 +753,9 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     return finish_get(session, ctx, plan, ctx.cache.lookup(plan.key, plan.hint))
 
 
-def _decode_get(
-    session: Session, payload: bytes, mapper: Mapper[Any], ctx: SessionContext, generation: int
-) -> list[Any]:
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise CodecError("payload is not JSON") from exc
-    if not (
-        isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
-    ):
-        raise CodecError("payload format not recognised")
-    objs = _rebuild_entities(session, doc[1], mapper, ctx, generation)
-    out = []
-    for ref in doc[2]:
-        if type(ref) is not int or not 0 <= ref < len(objs):
-            raise CodecError("bad entity reference")
-        out.append(objs[ref])
-    if len(out) > 1:
+def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any], generation: int) -> list[Any]:
+    table, rows = _load_payload(payload)
+    if len(rows) > 1:
         raise CodecError("a primary-key read with several rows")
-    return out
+    resolve = _resolver(_rebuild_entities(session, table, mapper, generation))
+    return [resolve(ref) for ref in rows]

@@ -8,33 +8,23 @@ from typing import Any
 from tests.models import Order, Tag, User
 
 
+def _world_objects(n: int) -> list[Any]:
+    tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
+    return [
+        User(id=i, name=f"u{i}", orders=[Order(id=i * 10 + j, total=j) for j in range(2)], tags=tags[: i % 3])
+        for i in range(1, n + 1)
+    ]
+
+
 def seed(world: Any, n: int = 3) -> None:
     with world.Session() as s:
-        tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
-        for i in range(1, n + 1):
-            s.add(
-                User(
-                    id=i,
-                    name=f"u{i}",
-                    orders=[Order(id=i * 10 + j, total=j) for j in range(2)],
-                    tags=tags[: i % 3],
-                )
-            )
+        s.add_all(_world_objects(n))
         s.commit()
 
 
 async def aseed(world: Any, n: int = 3) -> None:
     async with world.Session() as s:
-        tags = [Tag(id=1, label="red"), Tag(id=2, label="blue")]
-        for i in range(1, n + 1):
-            s.add(
-                User(
-                    id=i,
-                    name=f"u{i}",
-                    orders=[Order(id=i * 10 + j, total=j) for j in range(2)],
-                    tags=tags[: i % 3],
-                )
-            )
+        s.add_all(_world_objects(n))
         await s.commit()
 
 

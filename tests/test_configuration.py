@@ -48,14 +48,14 @@ def test_dotted_paths_aliases_and_fallback():
     assert Cache().policy.rule_for(Order).ops == {"get", "fetch", "count", "exists"}
 
 
-def test_ops_decide_what_is_cached(tmp_path):
+def _seeded_reads(tmp_path, cache):
+    """Seed a SQLite database, then run a get and a list three times; returns the SQL sent."""
     engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
     Base.metadata.create_all(engine)
     sql = []
     from sqlalchemy import event
 
     event.listen(engine, "before_cursor_execute", lambda *a: sql.append(a[2]))
-    cache = Cache(models={User: {"ops": {"get"}}})
     S = sessionmaker(engine, class_=CachingSession, cache=cache)
 
     class W:
@@ -66,6 +66,11 @@ def test_ops_decide_what_is_cached(tmp_path):
         with S() as s:
             s.get(User, 1)
             s.scalars(select(User)).all()
+    return sql
+
+
+def test_ops_decide_what_is_cached(tmp_path):
+    sql = _seeded_reads(tmp_path, Cache(models={User: {"ops": {"get"}}}))
     assert sum("WHERE users.id = ?" in q for q in sql) == 2  # get: stored on the second miss, then hit
     assert sum(q.startswith("SELECT users.id") and "WHERE" not in q for q in sql) == 3  # fetch: never
 
@@ -107,20 +112,10 @@ def test_configure_sets_the_default_cache_and_bind_caches_plain_sessions(tmp_pat
 
 
 def test_disabled_cache_is_a_pass_through(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'e.db'}")
-    Base.metadata.create_all(engine)
     cache = Cache(enabled=False)
-    S = sessionmaker(engine, class_=CachingSession, cache=cache)
-
-    class W:
-        Session = S
-
-    seed(W)
-    for _ in range(3):
-        with S() as s:
-            s.get(User, 1)
-            s.scalars(select(User)).all()
+    sql = _seeded_reads(tmp_path, cache)
     assert cache.stats()["hits"] == cache.stats()["misses"] == 0
+    assert sum(q.startswith("SELECT users") for q in sql) == 6
 
 
 def test_plain_sessions_are_untouched_when_nothing_is_bound(tmp_path):
