@@ -14,7 +14,16 @@ from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache
-    from sqlacache.reads import Frame
+
+
+@dataclass(slots=True)
+class Frame:
+    """One read in progress: the objects it created from rows, with the values they were loaded with."""
+
+    generation: int | None  # the generation the read began at (None: unknown, nothing is stored)
+    fresh: dict[Any, dict[str, Any]] = field(default_factory=dict)  # state → column values as loaded
+    deps: set[str] = field(default_factory=set)  # dependencies of nested reads served meanwhile
+    unstorable: str | None = None
 
 
 @dataclass(slots=True)

@@ -162,9 +162,6 @@ class KeyBuilder:
         if known is not None and known[1] is metadata and known[0] == len(metadata.tables):
             return known[2]
         fp = schema_fingerprint(metadata)
-        from sqlacache.dependencies import register_metadata
-
-        register_metadata(metadata)
         self._fingerprints[id(metadata)] = (len(metadata.tables), metadata, fp)
         return fp
 

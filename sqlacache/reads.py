@@ -33,7 +33,7 @@ from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
 from sqlacache.backends import Lookup
 from sqlacache.codec import CodecError, ValueCodec, codec_for
-from sqlacache.context import SessionContext, context_of
+from sqlacache.context import Frame, SessionContext, context_of
 from sqlacache.keys import Shape, Uncacheable, _path
 from sqlacache.policy import never_cached_reason, op_of
 
@@ -167,6 +167,8 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
         columns = _columns_of(statement)
         if columns is None and reason is None:
             reason = "result shape not supported (bundles)"
+        for table in shape.tables:  # so raw SQL naming these tables finds their foreign keys
+            deps_mod.register_metadata(table.metadata)
         lead = shape.mappers[0].class_ if shape.mappers else None
         info = ShapeInfo(shape, reason, op_of(statement), lead, columns)
         _shapes.put(key_tuple, info)
@@ -175,14 +177,6 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
 
 # --------------------------------------------------------------------------------------------
 # Capture: which objects the current read created from database rows.
-
-
-@dataclass(slots=True)
-class Frame:
-    generation: int | None  # the generation the read began at (None: unknown, nothing is stored)
-    fresh: dict[Any, dict[str, Any]] = field(default_factory=dict)  # state → column values as loaded
-    deps: set[str] = field(default_factory=set)  # dependencies of nested reads served meanwhile
-    unstorable: str | None = None
 
 
 _KNOWN = "sqlacache.loaded"  # key in InstanceState.info: (values as loaded, generation)
