@@ -28,7 +28,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from sqlacache import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup, MemoryBackend, RedisBackend
-from sqlacache.keys import KeyBuilder
+from sqlacache.keys import KeyBuilder, translation_token
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
 
 log = logging.getLogger("sqlacache")
@@ -321,8 +321,13 @@ class Cache:
     # -- keys -------------------------------------------------------------------------------
 
     def namespace(self, bind: Engine | Connection) -> str:
-        """Which database a key belongs to: the same server and database in every process."""
-        engine = bind.engine if isinstance(bind, Connection) else bind
+        """Which database a key belongs to: the same server and database in every process, and the
+        same schema translation (``schema_translate_map`` makes one statement read other tables)."""
+        if isinstance(bind, Connection):
+            translate = bind._execution_options.get("schema_translate_map")
+            base = self.namespace(bind.engine)
+            return f"{base}|{translation_token(translate)}" if translate else base
+        engine = bind
         ns = self._namespaces.get(engine)
         if ns is None:
             url = engine.url
@@ -334,6 +339,9 @@ class Cache:
                     database = os.path.abspath(database)
             where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
             ns = f"{url.get_backend_name()}://{where}/{database}"
+            translate = engine._execution_options.get("schema_translate_map")
+            if translate:
+                ns = f"{ns}|{translation_token(translate)}"
             self._namespaces[engine] = ns
         return ns
 

@@ -135,6 +135,11 @@ def pk_bytes(pk: Sequence[Any]) -> bytes:
     return orjson.dumps([value_token(v) for v in pk])
 
 
+def translation_token(translate: Mapping[Any, Any]) -> str:
+    """A ``schema_translate_map`` as part of a namespace: the same statement reads other tables."""
+    return digest(sorted([str(k), str(v)] for k, v in translate.items()))[:16]
+
+
 def digest(parts: Any) -> str:
     return hashlib.blake2b(orjson.dumps(parts), digest_size=20).hexdigest()
 

@@ -34,7 +34,7 @@ from sqlacache._lru import LRU
 from sqlacache.backends import Lookup
 from sqlacache.codec import CodecError, ValueCodec, codec_for
 from sqlacache.context import Frame, SessionContext, context_of
-from sqlacache.keys import Shape, Uncacheable, _path
+from sqlacache.keys import Shape, Uncacheable, _path, translation_token
 from sqlacache.policy import never_cached_reason, op_of
 
 if TYPE_CHECKING:
@@ -574,9 +574,13 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         key, lookup = ticket.key, ticket.lookup
     else:
         bind = session.get_bind(**state.bind_arguments)
+        namespace = cache.namespace(bind)
+        translate = opts.get("schema_translate_map")
+        if translate:
+            namespace = f"{namespace}|{translation_token(translate)}"
         try:
             key = cache.keys.key(
-                cache.namespace(bind),
+                namespace,
                 info.shape.digest,
                 [b.effective_value for b in ck.bindparams],
                 state.parameters if isinstance(state.parameters, Mapping) else None,
@@ -689,8 +693,8 @@ def plan_get(
     if not isinstance(mapper, Mapper) or not cache.enabled:
         return None
     flag = execution_options.get("cache")
-    if flag is False:
-        return None
+    if flag is False or "schema_translate_map" in execution_options:
+        return None  # the statement path keys on the translation
     rule = cache.policy.rule_for(mapper.class_)
     if flag is not True and (rule is None or "get" not in rule.ops):
         return None

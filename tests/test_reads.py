@@ -254,3 +254,45 @@ def test_object_loaded_before_another_commit_is_never_stored_as_current(world):
         assert listing(s)[0] == "committed meanwhile"
     with world.Session() as s:
         assert listing(s)[0] == "committed meanwhile"
+
+
+def test_schema_translate_map_is_part_of_the_key(pg_sync_url, pg_schema, redis_url, key_prefix):
+    """Schema-per-tenant: the same statement on two schemas must never share a cache entry."""
+    import redis
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import sessionmaker
+
+    from sqlacache import Cache, CachingSession
+    from tests.conftest import _pg_schema_url
+    from tests.models import Base
+
+    other = pg_schema + "_b"
+    admin = create_engine(pg_sync_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {other}"))
+    url, args = _pg_schema_url(pg_sync_url, pg_schema)
+    base_engine = create_engine(url, connect_args=args)
+    cache = Cache(backend=redis.Redis.from_url(redis_url), prefix=key_prefix)
+    try:
+        tenants = {}
+        for schema, name in ((pg_schema, "in-a"), (other, "in-b")):
+            engine = base_engine.execution_options(schema_translate_map={None: schema})
+            Base.metadata.create_all(engine)
+            with engine.begin() as conn:
+                conn.execute(text(f"DELETE FROM {schema}.user_tags"))
+                conn.execute(text(f"DELETE FROM {schema}.orders"))
+                conn.execute(text(f"DELETE FROM {schema}.users"))
+                conn.execute(User.__table__.insert().values(id=1, name=name))
+            tenants[name] = sessionmaker(engine, class_=CachingSession, cache=cache)
+        for _ in range(3):
+            for name, Session in tenants.items():
+                with Session() as s:
+                    assert s.get(User, 1).name == name
+                    assert s.scalars(select(User)).one().name == name
+        assert cache.stats()["hits"] >= 4
+    finally:
+        cache.invalidate_all()
+        base_engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {other} CASCADE"))
+        admin.dispose()
