@@ -76,6 +76,32 @@ def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: in
     )
 
 
+_database_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+# database → the caches holding reads of it: a commit there, by any session, invalidates them all.
+_watchers: dict[str, weakref.WeakSet[Cache]] = {}
+
+
+def database_id(engine: Engine) -> str:
+    """The database an engine talks to, the same in every process (but private for SQLite memory)."""
+    found = _database_ids.get(engine)
+    if found is None:
+        url = engine.url
+        database = url.database or ""
+        if url.get_backend_name() == "sqlite":
+            if database in ("", ":memory:") or "mode=memory" in str(url):
+                database = f":memory:{uuid.uuid4().hex}"  # private to this process and engine
+            else:
+                database = os.path.abspath(database)
+        where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
+        found = _database_ids[engine] = f"{url.get_backend_name()}://{where}/{database}"
+    return found
+
+
+def watchers(engine: Engine) -> list[Cache]:
+    found = _watchers.get(database_id(engine))
+    return list(found) if found else []
+
+
 _bound: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
 
 
@@ -323,27 +349,24 @@ class Cache:
     def namespace(self, bind: Engine | Connection) -> str:
         """Which database a key belongs to: the same server and database in every process, and the
         same schema translation (``schema_translate_map`` makes one statement read other tables)."""
-        if isinstance(bind, Connection):
-            translate = bind._execution_options.get("schema_translate_map")
-            base = self.namespace(bind.engine)
-            return f"{base}|{translation_token(translate)}" if translate else base
-        engine = bind
+        engine = bind.engine if isinstance(bind, Connection) else bind
         ns = self._namespaces.get(engine)
         if ns is None:
-            url = engine.url
-            database = url.database or ""
-            if url.get_backend_name() == "sqlite":
-                if database in ("", ":memory:") or "mode=memory" in str(url):
-                    database = f":memory:{uuid.uuid4().hex}"  # private to this process and engine
-                else:
-                    database = os.path.abspath(database)
-            where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
-            ns = f"{url.get_backend_name()}://{where}/{database}"
+            ns = database_id(engine)
+            self.watch(engine)
             translate = engine._execution_options.get("schema_translate_map")
             if translate:
                 ns = f"{ns}|{translation_token(translate)}"
             self._namespaces[engine] = ns
+        if isinstance(bind, Connection):
+            translate = bind._execution_options.get("schema_translate_map")
+            if translate:
+                return f"{ns}|{translation_token(translate)}"
         return ns
+
+    def watch(self, engine: Engine) -> None:
+        """Have commits on this database — from any session, cached or not — invalidate this cache."""
+        _watchers.setdefault(database_id(engine), weakref.WeakSet()).add(self)
 
     # -- manual control ---------------------------------------------------------------------
 
@@ -406,6 +429,7 @@ class Cache:
         if not isinstance(sync_engine, Engine):
             raise ConfigurationError(f"bind: {engine!r} is not an Engine or AsyncEngine")
         _bound[sync_engine] = self
+        self.watch(sync_engine)
         return _Bound(self)
 
     def unbind(self, engine: Engine | AsyncEngine) -> None:

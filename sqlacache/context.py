@@ -36,6 +36,8 @@ class TxFrame:
 @dataclass(slots=True)
 class SessionContext:
     cache: Cache
+    # False for a plain session on a database some cache reads: its writes are tracked, its reads not.
+    reads: bool = True
     frames: list[Frame] = field(default_factory=list)
     # Keyed by SessionTransaction (root or savepoint): what each has written and not yet committed.
     tx: dict[Any, TxFrame] = field(default_factory=dict)
@@ -47,6 +49,8 @@ class SessionContext:
     written_everything: bool = False
     # Connections tagged as belonging to this session's transaction (untagged at its end).
     connections: list[Any] = field(default_factory=list)
+    # Engines this transaction used: its commit invalidates every cache watching their databases.
+    engines: set[Any] = field(default_factory=set)
     # Rows written by flushes in this root transaction, with old and new values.
     rows: list[Any] = field(default_factory=list)
     # Tables DML touched during the current flush, and those the mapper events accounted for.
@@ -70,3 +74,30 @@ def context_of(session: Session) -> SessionContext | None:
     ctx = SessionContext(cache)
     session.__dict__["_sqlacache"] = ctx
     return ctx
+
+
+def write_context(session: Session, engine: Any) -> SessionContext | None:
+    """The context that records this session's writes: its own, or — for a plain session on a
+    database some cache reads from — a write-only one, so its commits invalidate that cache too."""
+    ctx = context_of(session)
+    if ctx is not None:
+        return ctx
+    existing: SessionContext | None = session.__dict__.get("_sqlacache_writes")
+    if existing is not None:
+        return existing
+    from sqlacache.cache import watchers
+
+    caches = watchers(engine)
+    if not caches:
+        return None
+    ctx = SessionContext(caches[0], reads=False)
+    session.__dict__["_sqlacache_writes"] = ctx
+    return ctx
+
+
+def any_context(session: Session) -> SessionContext | None:
+    """Whichever context this session already has (reading or write-only)."""
+    found: SessionContext | None = session.__dict__.get("_sqlacache") or session.__dict__.get(
+        "_sqlacache_writes"
+    )
+    return found

@@ -505,7 +505,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         ctx = context_of(session)
         if ctx is None:
             return None
-    if not state.is_select or not ctx.cache.enabled:
+    if not state.is_select or not ctx.reads or not ctx.cache.enabled:
         return None
     flag = state.execution_options.get("cache")
     if flag is False:

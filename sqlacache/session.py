@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Awaitable, Generator, Mapping
 from typing import Any
 
-from sqlalchemy.engine import Result
+from sqlalchemy.engine import Engine, Result
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import EMPTY_DICT
@@ -86,6 +86,9 @@ class CachingSession(Session):
                 "or call sqlacache.configure(...) first"
             )
         self.__dict__["_sqlacache_cache"] = cache
+        engine = getattr(bind, "engine", bind)
+        if isinstance(engine, Engine):
+            cache.watch(engine)
         self._sqlacache_deferred: list[weakref.ref[DeferredResult]] = []
         # Under CachingAsyncSession the awaitable offers .cached(); results must be real here.
         self._sqlacache_async = False

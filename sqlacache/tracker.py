@@ -23,7 +23,8 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.schema import Column
 
 from sqlacache import dependencies as deps_mod
-from sqlacache.context import SessionContext, TxFrame, context_of
+from sqlacache.cache import watchers
+from sqlacache.context import SessionContext, TxFrame, any_context, write_context
 from sqlacache.reads import layout_of
 
 log = logging.getLogger("sqlacache.tracker")
@@ -72,7 +73,7 @@ def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> No
     session = state.session
     if session is None:
         return
-    ctx = context_of(session)
+    ctx = write_context(session, connection.engine)
     if ctx is None:
         return
     layout = layout_of(state.mapper)
@@ -174,12 +175,13 @@ def _after_cursor_execute(
 
 @event.listens_for(Session, "after_begin")
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
-    ctx = context_of(session)
+    ctx = write_context(session, connection.engine)
     if ctx is None:
         return
     connection.info[_TAG] = (ctx, weakref.ref(session))
     ctx.connections.append(connection)
-    if ctx.tx_generation is None:
+    ctx.engines.add(connection.engine)
+    if ctx.reads and ctx.tx_generation is None:
         level = (
             connection._execution_options.get("isolation_level") or connection.default_isolation_level or ""
         ).upper()
@@ -192,7 +194,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
 
 @event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, flush_context: Any) -> None:
-    ctx = context_of(session)
+    ctx = any_context(session)
     if ctx is None:
         return
     others = ctx.flush_dml_tables - ctx.flush_row_tables
@@ -207,7 +209,7 @@ def _after_flush(session: Session, flush_context: Any) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
-    ctx = session.__dict__.get("_sqlacache")
+    ctx = any_context(session)
     if ctx is None:
         return
     committing = session._transaction
@@ -224,12 +226,16 @@ def _after_commit(session: Session) -> None:
         else:
             target.deps |= frame.deps
         return
-    ctx.cache.bump(frame.deps)
+    caches = {ctx.cache}
+    for engine in ctx.engines:
+        caches.update(watchers(engine))
+    for cache in caches:
+        cache.bump(frame.deps)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    ctx = session.__dict__.get("_sqlacache")
+    ctx = any_context(session)
     if ctx is None:
         return
     # Whatever is still recorded for this transaction was not committed: drop it.
@@ -239,6 +245,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
             with contextlib.suppress(Exception):  # a closed connection has nothing left to untag
                 connection.info.pop(_TAG, None)
         ctx.connections.clear()
+        ctx.engines.clear()
         ctx.tx.clear()
         ctx.rows.clear()
         ctx.written.clear()

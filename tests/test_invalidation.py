@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import delete, exists, func, insert, select, text, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import selectinload, sessionmaker
 
 from tests.helpers import cached, seed
 from tests.models import Order, Tag, User, user_tags
@@ -231,3 +231,38 @@ def test_stats_count_what_happened(world):
         s.get(User, 1).name = "x"
         s.commit()
     assert world.cache.stats()["invalidations"] == 1
+
+
+def test_plain_sessions_and_other_caches_on_the_same_database_invalidate_too(world):
+    """Admin code with a plain Session, or a second Cache on the same database: their commits must
+    evict what the caching sessions cached."""
+    from sqlalchemy.orm import Session
+
+    from sqlacache import Cache, CachingSession
+
+    seed(world)
+    other_cache = Cache(backend="memory://")
+    Other = sessionmaker(world.engine, class_=CachingSession, cache=other_cache)
+    cached(world, lambda s: s.get(User, 1).name)
+    cached(world, names)
+    for _ in range(3):
+        with Other() as s:
+            s.get(User, 1)
+    with Session(world.engine) as plain:
+        plain.get(User, 1).name = "by a plain session"
+        plain.commit()
+    with world.Session() as s:
+        assert s.get(User, 1).name == "by a plain session"
+        assert names(s)[0] == "by a plain session"
+    with Other() as s:
+        assert s.get(User, 1).name == "by a plain session"
+    with world.Session() as s:
+        s.get(User, 1).name = "by the first cache"
+        s.commit()
+    with Other() as s:
+        assert s.get(User, 1).name == "by the first cache"
+    with Session(world.engine) as plain:  # bulk/Core writes through a plain session count as well
+        plain.execute(update(User).values(active=False))
+        plain.commit()
+    with world.Session() as s:
+        assert s.scalar(select(func.count()).select_from(User).where(User.active)) == 0
