@@ -515,11 +515,30 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         early = _run_remaining(state)
         if early is not None:
             return early
-    result = _read(ctx, state, flag is True)
+    # A bug in sqlacache must never break a read: before the statement runs (and outside the
+    # autoflush, whose errors are the application's), any failure means "go to the database".
+    guard = _Guard()
+    try:
+        result = _read(ctx, state, flag is True, guard)
+    except Exception as exc:
+        if guard.passthrough:
+            raise
+        ctx.cache._error("internal", exc)
+        log.exception("sqlacache: internal error on the read path; using the database")
+        result = None
     if result is None and ran_others:
         # The later hooks have run already; don't let the session run them a second time.
         return state.invoke_statement()
     return result
+
+
+class _Guard:
+    """True while the application's own work runs (autoflush, the statement): its errors are its own."""
+
+    __slots__ = ("passthrough",)
+
+    def __init__(self) -> None:
+        self.passthrough = False
 
 
 def _plain_read(state: ORMExecuteState) -> bool:
@@ -536,7 +555,7 @@ def _plain_read(state: ORMExecuteState) -> bool:
     return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
 
 
-def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[Any] | None:
+def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Guard) -> Result[Any] | None:
     cache = ctx.cache
     if not _plain_read(state):
         return None
@@ -566,7 +585,9 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
         ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
     if state.load_options._autoflush:
         # The database path flushes before it reads; so must we, or a hit would hide pending writes.
+        guard.passthrough = True
         session._autoflush()
+        guard.passthrough = False
     statement_tables = {deps_mod.table_name(t) for t in info.shape.tables}
     if _written(ctx, statement_tables):
         return None
@@ -610,6 +631,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
     )
     frame = Frame(generation if generation is not None and generation >= 0 else None)
     ctx.frames.append(frame)
+    guard.passthrough = True  # from here on the statement runs: its errors reach the caller
     try:
         frozen = state.invoke_statement().freeze()
     finally:
@@ -638,6 +660,9 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool) -> Result[A
     except (CodecError, orjson.JSONEncodeError) as exc:  # orjson refuses e.g. lone surrogates
         cache.count("unencodable")
         log.debug("sqlacache: cannot encode %s: %s", key, exc)
+    except Exception as exc:  # a bug of ours: the caller still gets its rows, nothing is stored
+        cache._error("internal", exc)
+        log.exception("sqlacache: internal error while storing %s", key)
     for loaded_state, values in frame.fresh.items():
         remember(loaded_state, values, frame.generation)
     if ctx.frames:
@@ -683,6 +708,7 @@ def plan_get(
     ident: Any,
     execution_options: Any,
     can_flush: bool = True,
+    guard: _Guard | None = None,
 ) -> GetPlan | None:
     """Decide whether the cache answers this ``get``: None when the database path must (identity map
     hit, op not cached, a table this transaction wrote, pending changes that can't be flushed here)."""
@@ -708,7 +734,11 @@ def plan_get(
     if session._new or session._deleted or session.identity_map._modified:
         if not can_flush:
             return None
+        if guard is not None:
+            guard.passthrough = True
         session._autoflush()  # what the database path would flush before reading
+        if guard is not None:
+            guard.passthrough = False
         if identity in session.identity_map:
             return None
     if _written(ctx, layout.tables):
@@ -745,10 +775,18 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     Returns the object (or None for a cached "not found"), ``_NOT_HANDLED``, or a GetTicket to put
     into ``execution_options`` for the statement the ORM will run on a miss.
     """
-    plan = plan_get(session, ctx, entity, ident, execution_options)
-    if plan is None:
+    guard = _Guard()
+    try:
+        plan = plan_get(session, ctx, entity, ident, execution_options, guard=guard)
+        if plan is None:
+            return _NOT_HANDLED
+        return finish_get(session, ctx, plan, ctx.cache.lookup(plan.key, plan.hint))
+    except Exception as exc:
+        if guard.passthrough:
+            raise
+        ctx.cache._error("internal", exc)
+        log.exception("sqlacache: internal error on the get path; using the database")
         return _NOT_HANDLED
-    return finish_get(session, ctx, plan, ctx.cache.lookup(plan.key, plan.hint))
 
 
 def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any], generation: int) -> list[Any]:

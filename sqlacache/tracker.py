@@ -11,8 +11,10 @@ which have been delivered (or queued for retry) by the time ``commit()`` returns
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,29 @@ class RowWrite:
     pk: tuple[Any, ...]
     old: dict[str, Any]
     new: dict[str, Any]
+
+
+def _never_raise(listener: Callable[..., None]) -> Callable[..., None]:
+    """A failure while recording a write must not break the write: log it, and have the commit
+    evict everything instead (when we can still reach the session's context)."""
+
+    @functools.wraps(listener)
+    def guarded(*args: Any) -> None:
+        try:
+            listener(*args)
+        except Exception:
+            log.exception("sqlacache: failed to record a write; the commit will evict everything")
+            session = next((a for a in args if isinstance(a, Session)), None)
+            if session is None:
+                state = next((instance_state(a) for a in args if hasattr(a, "_sa_instance_state")), None)
+                session = state.session if state is not None else None
+            ctx = any_context(session) if session is not None else None
+            if session is not None and ctx is not None:
+                with contextlib.suppress(Exception):
+                    record(ctx, session, [deps_mod.ALL], set())
+                ctx.written_everything = True
+
+    return guarded
 
 
 def _owner(session: Session) -> SessionTransaction | None:
@@ -111,6 +136,7 @@ def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> No
 
 for _op in ("insert", "update", "delete"):
 
+    @_never_raise
     def _listener(mapper: Mapper[Any], connection: Any, target: Any, _op: str = _op) -> None:
         _row_write(_op, mapper, connection, target)
 
@@ -121,6 +147,7 @@ for _op in ("insert", "update", "delete"):
 
 
 @event.listens_for(Engine, "after_cursor_execute")
+@_never_raise
 def _after_cursor_execute(
     conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
@@ -174,6 +201,7 @@ def _after_cursor_execute(
 
 
 @event.listens_for(Session, "after_begin")
+@_never_raise
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
     ctx = write_context(session, connection.engine)
     if ctx is None:
@@ -193,6 +221,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
 
 
 @event.listens_for(Session, "after_flush")
+@_never_raise
 def _after_flush(session: Session, flush_context: Any) -> None:
     ctx = any_context(session)
     if ctx is None:

@@ -22,7 +22,11 @@ def _world(tmp_path, backend, **kw):
         pass
 
     w = W()
-    w.engine, w.cache = engine, cache
+    w.engine, w.cache, w.sql = engine, cache, []
+    w.statements = lambda: len(w.sql)
+    from sqlalchemy import event
+
+    event.listen(engine, "before_cursor_execute", lambda *a: w.sql.append(a[2]))
     w.Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     return w
 
@@ -90,3 +94,53 @@ def test_corrupt_entry_is_a_miss_deleted_and_counted(tmp_path, redis_url, key_pr
         assert all(client.get(k) is None or b"not an int" not in client.get(k) for k in keys)
     finally:
         w.cache.invalidate_all()
+
+
+def test_a_bug_in_the_read_path_falls_back_to_the_database(tmp_path, monkeypatch):
+    w = _world(tmp_path, "memory://")
+    seed(w)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(w.cache.keys, "key", broken)
+    monkeypatch.setattr(w.cache.keys, "get_key", broken)
+    for _ in range(2):
+        with w.Session() as s:
+            assert s.get(User, 1).name == "u1"
+            assert [u.name for u in s.scalars(select(User).order_by(User.id))] == ["u1", "u2", "u3"]
+    assert w.cache.stats()["errors.internal"] >= 2
+
+
+def test_a_bug_while_storing_still_returns_the_rows(tmp_path, monkeypatch):
+    w = _world(tmp_path, "memory://")
+    seed(w)
+    monkeypatch.setattr(w.cache, "submit_store", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    for _ in range(2):
+        with w.Session() as s:
+            assert [u.name for u in s.scalars(select(User).order_by(User.id))] == ["u1", "u2", "u3"]
+    assert w.cache.stats()["errors.internal"] == 2
+
+
+def test_a_bug_while_recording_a_write_evicts_everything_at_commit(tmp_path, monkeypatch):
+    from sqlacache import dependencies
+    from tests.helpers import cached
+    from tests.models import Tag
+
+    w = _world(tmp_path, "memory://")
+    seed(w)
+    cached(w, lambda s: [t.label for t in s.scalars(select(Tag).order_by(Tag.id))])
+    cached(w, lambda s: s.get(User, 2).name)
+    monkeypatch.setattr(
+        dependencies, "row_write_deps", lambda *a: (_ for _ in ()).throw(RuntimeError("injected"))
+    )
+    with w.Session() as s:
+        s.get(User, 2).name = "written"
+        s.commit()  # the write itself succeeds
+    monkeypatch.undo()
+    with w.Session() as s:
+        assert s.get(User, 2).name == "written"
+    before = w.cache.stats()["misses"]
+    with w.Session() as s:
+        [t.label for t in s.scalars(select(Tag))]
+    assert w.cache.stats()["misses"] == before + 1  # everything was evicted, unrelated tables too
