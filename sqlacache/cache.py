@@ -437,6 +437,8 @@ class Cache:
         _bound.pop(sync_engine, None)
 
     def close(self) -> None:
+        for watching in _watchers.values():
+            watching.discard(self)
         if self._worker is not None:
             self.wait_for_stores()
             self._queue.put(None)

@@ -99,6 +99,7 @@ def test_repeatable_read_uses_the_transaction_start(pg_sync_url, pg_schema, redi
             assert s.scalars(select(User).where(User.name != "")).one().name == "new"
     finally:
         cache.invalidate_all()
+        cache.close()
         engine.dispose()
 
 

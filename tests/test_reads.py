@@ -292,6 +292,7 @@ def test_schema_translate_map_is_part_of_the_key(pg_sync_url, pg_schema, redis_u
         assert cache.stats()["hits"] >= 4
     finally:
         cache.invalidate_all()
+        cache.close()
         base_engine.dispose()
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {other} CASCADE"))
