@@ -152,13 +152,6 @@ class Policy:
                 raise ConfigurationError(f"{where}: {cls!r} is not a mapped class")
             self._rules[cls] = rule
 
-    @property
-    def max_ttl(self) -> float:
-        ttls = [r.ttl for r in self._rules.values()]
-        if self._fallback is not None:
-            ttls.append(self._fallback.ttl)
-        return max([self.default_ttl, *ttls])
-
     def rule_for(self, cls: type | None) -> Rule | None:
         if cls is None:
             return self._fallback
