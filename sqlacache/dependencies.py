@@ -12,6 +12,7 @@ every table it touched. A row write bumps ``r:`` and ``t:``; an unnamed-rows wri
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import weakref
@@ -85,9 +86,18 @@ def tables_named(name: str) -> list[Table]:
     return [t for md in list(_known) for t in md.tables.values() if table_name(t) == name]
 
 
-def cascade_closure(table: Table, op: str, changed: Iterable[str] | None = None) -> set[str]:
+def cascade_closure(table: Table, op: str, changed: Iterable[str] | None = None) -> frozenset[str]:
     """Every table the database may change through ON DELETE/UPDATE actions, transitively.
     ``changed=None`` means the updated columns are unknown (assume any)."""
+    metadata = table.metadata
+    # Memoized per schema size: a table added to the schema later is never missed.
+    return _cascade_closure(table, op, None if changed is None else frozenset(changed), len(metadata.tables))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cascade_closure(
+    table: Table, op: str, changed: frozenset[str] | None, _schema_size: int
+) -> frozenset[str]:
     out: set[str] = set()
     todo = [(table, op, changed)]
     seen: set[int] = set()
@@ -100,7 +110,7 @@ def cascade_closure(table: Table, op: str, changed: Iterable[str] | None = None)
             out.add(name)
             # A cascaded delete deletes; SET NULL / SET DEFAULT / CASCADE on update update.
             todo.append((child, current_op, None))
-    return out
+    return frozenset(out)
 
 
 def cascade_targets(table: Table, op: str, changed: Iterable[str] | None = None) -> list[tuple[str, Table]]:

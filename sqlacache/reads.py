@@ -134,6 +134,7 @@ class ShapeInfo:
     columns: list[ValueCodec | None] | None  # per result column; None entries are entities
     template: FrozenResult[Any] | None = None  # empty result with this shape's metadata
     hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
+    table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
 
 
 _shapes: LRU[Any, ShapeInfo] = LRU(4096)
@@ -170,7 +171,14 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
         for table in shape.tables:  # so raw SQL naming these tables finds their foreign keys
             deps_mod.register_metadata(table.metadata)
         lead = shape.mappers[0].class_ if shape.mappers else None
-        info = ShapeInfo(shape, reason, op_of(statement), lead, columns)
+        info = ShapeInfo(
+            shape,
+            reason,
+            op_of(statement),
+            lead,
+            columns,
+            table_names=frozenset(deps_mod.table_name(t) for t in shape.tables),
+        )
         _shapes.put(key_tuple, info)
     return info
 
@@ -588,7 +596,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         guard.passthrough = True
         session._autoflush()
         guard.passthrough = False
-    statement_tables = {deps_mod.table_name(t) for t in info.shape.tables}
+    statement_tables = info.table_names
     if _written(ctx, statement_tables):
         return None
     if ticket is not None:
