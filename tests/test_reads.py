@@ -297,3 +297,27 @@ def test_schema_translate_map_is_part_of_the_key(pg_sync_url, pg_schema, redis_u
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {other} CASCADE"))
         admin.dispose()
+
+
+def test_deferred_results_run_before_the_sessions_next_operation(world):
+    """execute() of a SELECT the configuration doesn't cache runs when first used — but always
+    before the session's next operation, so it sees the state it was issued in."""
+    from sqlalchemy.orm import sessionmaker
+
+    from sqlacache import Cache, CachingSession, DeferredResult
+
+    seed(world)
+    cache = Cache(backend=world.cache.backend, prefix=world.cache.prefix, models={User: {}})
+    Session = sessionmaker(world.engine, class_=CachingSession, cache=cache)
+    with Session() as s:
+        pending = s.execute(select(Order.id).order_by(Order.id))
+        assert isinstance(pending, DeferredResult)
+        before = world.statements()
+        s.add(Order(id=99, user_id=1))
+        s.flush()  # the deferred SELECT runs first, then the INSERT
+        assert world.sql[before].lstrip().upper().startswith("SELECT")
+        rows = pending.scalars().all()
+        if world.dialect != "sqlite":  # pysqlite streams rows: a later INSERT can show, as without us
+            assert 99 not in rows
+        assert 99 in s.scalars(select(Order.id)).all()
+        s.rollback()
