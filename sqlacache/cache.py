@@ -41,11 +41,11 @@ class _RateLimitedLog:
         self._interval = interval
         self._last: dict[str, float] = {}
 
-    def __call__(self, kind: str, message: str, *args: Any) -> None:
+    def __call__(self, kind: str, message: str, *args: Any, exc_info: BaseException | None = None) -> None:
         now = time.monotonic()
         if now - self._last.get(kind, -self._interval) >= self._interval:
             self._last[kind] = now
-            log.warning(message, *args)
+            log.warning(message, *args, exc_info=exc_info)
 
 
 def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int) -> Backend:
@@ -187,6 +187,14 @@ class Cache:
         self.count("errors")
         self.count(f"errors.{kind}")
         self._warn(kind, "sqlacache: %s failed, using the database: %s", kind, exc)
+
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        """A bug of sqlacache's own, survived: counted, logged with its traceback (rate-limited)."""
+        self.count("errors")
+        self.count("errors.internal")
+        self._warn(
+            f"internal:{where}", "sqlacache: internal error %s; using the database", where, exc_info=exc
+        )
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: hits, misses, stores, stores_refused, invalidations, errors, …"""

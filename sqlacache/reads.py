@@ -283,7 +283,7 @@ def _encode_entities(
 
 
 def encode_result(
-    ctx: SessionContext, frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame
+    frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame
 ) -> tuple[bytes, set[str], int]:
     """(payload bytes, tables the loaded graph read, the generation to store it at)."""
     if frame.unstorable:
@@ -531,8 +531,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
     except Exception as exc:
         if guard.passthrough:
             raise
-        ctx.cache._error("internal", exc)
-        log.exception("sqlacache: internal error on the read path; using the database")
+        ctx.cache.internal_error(exc, "on the read path")
         result = None
     if result is None and ran_others:
         # The later hooks have run already; don't let the session run them a second time.
@@ -546,6 +545,12 @@ class _Guard:
     __slots__ = ("passthrough",)
 
     def __init__(self) -> None:
+        self.passthrough = False
+
+    def autoflush(self, session: Session) -> None:
+        """The flush the database path would do before reading; a failure in it is the caller's."""
+        self.passthrough = True
+        session._autoflush()
         self.passthrough = False
 
 
@@ -593,9 +598,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
     if state.load_options._autoflush:
         # The database path flushes before it reads; so must we, or a hit would hide pending writes.
-        guard.passthrough = True
-        session._autoflush()
-        guard.passthrough = False
+        guard.autoflush(session)
     statement_tables = info.table_names
     if _written(ctx, statement_tables):
         return None
@@ -648,7 +651,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         info.template = template_of(frozen)
     deps: list[str] = []
     try:
-        payload, tables, generation = encode_result(ctx, frozen, info.columns or [], frame)
+        payload, tables, generation = encode_result(frozen, info.columns or [], frame)
         tables |= statement_tables
         if ticket is not None:
             own = {deps_mod.table_name(t) for t in ticket.mapper.tables}
@@ -669,8 +672,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         cache.count("unencodable")
         log.debug("sqlacache: cannot encode %s: %s", key, exc)
     except Exception as exc:  # a bug of ours: the caller still gets its rows, nothing is stored
-        cache._error("internal", exc)
-        log.exception("sqlacache: internal error while storing %s", key)
+        cache.internal_error(exc, "while storing a result")
     for loaded_state, values in frame.fresh.items():
         remember(loaded_state, values, frame.generation)
     if ctx.frames:
@@ -715,11 +717,11 @@ def plan_get(
     entity: Any,
     ident: Any,
     execution_options: Any,
-    can_flush: bool = True,
     guard: _Guard | None = None,
 ) -> GetPlan | None:
     """Decide whether the cache answers this ``get``: None when the database path must (identity map
-    hit, op not cached, a table this transaction wrote, pending changes that can't be flushed here)."""
+    hit, op not cached, a table this transaction wrote, pending changes and no ``guard`` to flush them
+    under)."""
     cache = ctx.cache
     mapper = getattr(entity, "__mapper__", None)
     if not isinstance(mapper, Mapper) or mapper.class_ is not entity:
@@ -740,13 +742,9 @@ def plan_get(
     if identity in session.identity_map:
         return None  # the identity map answers, as it does without a cache
     if session._new or session._deleted or session.identity_map._modified:
-        if not can_flush:
+        if guard is None:  # no way to flush here (async, outside the greenlet): the ORM path will
             return None
-        if guard is not None:
-            guard.passthrough = True
-        session._autoflush()  # what the database path would flush before reading
-        if guard is not None:
-            guard.passthrough = False
+        guard.autoflush(session)
         if identity in session.identity_map:
             return None
     if _written(ctx, layout.tables):
@@ -792,8 +790,7 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     except Exception as exc:
         if guard.passthrough:
             raise
-        ctx.cache._error("internal", exc)
-        log.exception("sqlacache: internal error on the get path; using the database")
+        ctx.cache.internal_error(exc, "on the get path")
         return _NOT_HANDLED
 
 

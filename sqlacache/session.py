@@ -8,7 +8,6 @@ on the result of ``execute`` for statements the configuration does not cache.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Awaitable, Generator, Mapping
 from typing import Any
@@ -23,8 +22,6 @@ from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
 from sqlacache.policy import ConfigurationError
 from sqlacache.reads import _NOT_HANDLED, GetTicket, fast_get, finish_get, plan_get, shape_info
-
-log = logging.getLogger("sqlacache.session")
 
 
 def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | None) -> dict[str, Any]:
@@ -253,14 +250,13 @@ class CachingAsyncSession(AsyncSession):
         sync = self.sync_session
         ctx = context_of(sync)
         if ctx is not None and not (options or populate_existing or with_for_update or identity_token or kw):
-            try:  # can_flush=False: nothing of the application's runs here, so any failure is ours
-                plan = plan_get(sync, ctx, entity, ident, execution_options, can_flush=False)
+            try:  # no guard: nothing of the application's runs here (no flush), so any failure is ours
+                plan = plan_get(sync, ctx, entity, ident, execution_options)
                 found = None
                 if plan is not None:
                     found = finish_get(sync, ctx, plan, await ctx.cache.alookup(plan.key, plan.hint))
             except Exception as exc:
-                ctx.cache._error("internal", exc)
-                log.exception("sqlacache: internal error on the get path; using the database")
+                ctx.cache.internal_error(exc, "on the get path")
                 plan = None
             if plan is not None:
                 if not isinstance(found, GetTicket):
