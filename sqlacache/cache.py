@@ -22,11 +22,13 @@ from typing import Any
 
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from sqlacache import dependencies as deps_mod
+from sqlacache import rowtokens
 from sqlacache.backends import Backend, BackendError, Lookup, MemoryBackend, RedisBackend
 from sqlacache.keys import KeyBuilder, translation_token
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
@@ -149,6 +151,8 @@ class Cache:
         socket_timeout: float = 0.05,
         max_entries: int = 10_000,
         background_stores: bool = False,
+        invalidation: str = "conditions",
+        condition_in_limit: int = 32,
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -158,6 +162,24 @@ class Cache:
             )
         ttl = default_ttl if default_ttl is not None else default_timeout
         self.policy = Policy(models, ttl_value(ttl if ttl is not None else 3600, "default_ttl"))
+        if invalidation not in ("conditions", "tables"):
+            raise ConfigurationError(
+                f"invalidation={invalidation!r}: use 'conditions' (evict the reads whose WHERE a written "
+                "row matches) or 'tables' (evict every read of a written table)"
+            )
+        if (
+            isinstance(condition_in_limit, bool)
+            or not isinstance(condition_in_limit, int)
+            or (condition_in_limit < 0)
+        ):
+            raise ConfigurationError(
+                f"condition_in_limit={condition_in_limit!r}: give the longest IN list (an int >= 0) "
+                "to track value by value"
+            )
+        # Condition-level: a write evicts only the cached reads whose conditions its old or new
+        # values match. Table-level: any write to a table evicts every read of it.
+        self.precise = invalidation == "conditions"
+        self.condition_in_limit = condition_in_limit
         self.enabled = bool(enabled)
         self.prefix = prefix
         self.keys = KeyBuilder()
@@ -168,6 +190,7 @@ class Cache:
         self._lock = threading.Lock()
         self._pending: list[str] = []
         self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+        self._database_deps: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._warn = _RateLimitedLog()
         # A miss doesn't need the store's answer: with background_stores the reader returns as
         # soon as it has its rows. Safety doesn't depend on timing — the store is still the atomic
@@ -337,20 +360,27 @@ class Cache:
         except BackendError as exc:
             self._error("delete", exc)
 
-    def bump(self, deps: Iterable[str]) -> None:
-        """Invalidate: called after the database committed, so it must not raise."""
+    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> None:
+        """Invalidate: called after the database committed, so it must not raise.
+
+        ``rows`` are the written rows' images, for condition-level invalidation."""
         todo = sorted(set(deps))
-        if not todo:
+        if not todo and not rows:
             return
         self.count("invalidations")
         if self._deliver_pending():
             try:
-                self.backend.bump(todo)
+                if rows:
+                    self.backend.bump(todo, rows)
+                else:  # a Backend written before row images existed still works
+                    self.backend.bump(todo)
                 return
             except BackendError as exc:
                 self._error("invalidate", exc)
+        # Kept for retry without the images: every condition read of their tables goes instead.
         with self._lock:
             self._pending.extend(todo)
+            self._pending.extend(sorted({deps_mod.scheme_dep(table) for table, _ in rows}))
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -371,6 +401,14 @@ class Cache:
             if translate:
                 return f"{ns}|{translation_token(translate)}"
         return ns
+
+    def database_dep(self, bind: Engine | Connection) -> str:
+        """The dependency every read of this bind's database has (see ``dependencies``)."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        dep = self._database_deps.get(engine)
+        if dep is None:
+            dep = self._database_deps[engine] = deps_mod.database_dep(database_id(engine))
+        return dep
 
     def watch(self, engine: Engine) -> None:
         """Have commits on this database — from any session, cached or not — invalidate this cache."""
@@ -399,10 +437,16 @@ class Cache:
                 for name in names:
                     todo += deps_mod.unknown_rows_write_deps(name)
             else:
+                # Rows changed in ways we don't know: their keyed reads, and every condition read.
+                dialects = {e.dialect.name: e.dialect for e in list(self._namespaces.keys())}
                 for pk in pks:
                     ident = tuple(pk) if isinstance(pk, (tuple, list)) else (pk,)
-                    for name in names:
-                        todo += deps_mod.row_write_deps(name, ident)
+                    for dialect in dialects.values() or [DefaultDialect()]:
+                        tokens = rowtokens.pk_tokens(mapper, ident, dialect)
+                        for name in names:
+                            todo += deps_mod.row_write_deps(name, tokens)
+                for name in names:
+                    todo.append(deps_mod.scheme_dep(name))
         elif pks is not None:
             raise ConfigurationError("invalidate: pks= needs a model")
         for t in tables:

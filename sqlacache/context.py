@@ -31,6 +31,7 @@ class TxFrame:
     """Writes recorded inside one transaction or savepoint, not yet committed."""
 
     deps: set[str] = field(default_factory=set)
+    rows: list[Any] = field(default_factory=list)  # row images (table, {column: token}), old and new
 
 
 @dataclass(slots=True)
@@ -51,10 +52,9 @@ class SessionContext:
     connections: list[Any] = field(default_factory=list)
     # Engines this transaction used: its commit invalidates every cache watching their databases.
     engines: set[Any] = field(default_factory=set)
-    # Rows written by flushes in this root transaction, with old and new values.
-    rows: list[Any] = field(default_factory=list)
     # Tables DML touched during the current flush, and those the mapper events accounted for.
-    flush_dml_tables: set[str] = field(default_factory=set)
+    # Per table: the DML statements (compiled, parameters, dialect) a flush ran, None if unknown.
+    flush_dml: dict[str, list[Any] | None] = field(default_factory=dict)
     flush_row_tables: set[str] = field(default_factory=set)
 
 

@@ -1,13 +1,19 @@
 """Pure analysis: what a cached read depends on, and what a write invalidates.
 
 Dependency names (what backends version):
-  ``t:<table>``        every cached read of the table that is not a primary-key read;
-  ``a:<table>``        "all rows" — bumped by writes whose rows we cannot name (bulk, Core, raw SQL);
-  ``r:<table>:<pk>``   one row, for primary-key reads (including cached "not found");
-  ``*``                everything: bumped by raw SQL we cannot understand.
-A primary-key read depends on its rows and on ``a:`` of their tables; any other read on ``t:`` of
-every table it touched. A row write bumps ``r:`` and ``t:``; an unnamed-rows write bumps ``a:`` and
-``t:``. Every read also depends on ``*``.
+  ``t:<table>``                   reads of any row of the table (no provable conditions);
+  ``c:<table>:<cols>:<tokens>``   reads of the rows whose columns ``<cols>`` (sorted, comma-joined)
+                                  hold the values of ``<tokens>`` (see ``canon``);
+  ``s:<table>``                   every condition read of the table, and its scheme registry;
+  ``r:<table>:<tokens>``          one row by primary key (including a cached "not found");
+  ``a:<table>``                   "all rows": bumped by writes whose rows we cannot name;
+  ``d:<database>``                every read of one database: bumped by raw SQL we cannot understand;
+  ``*``                           everything (``Cache.invalidate_all``, a failure to record a write).
+A read depends on ``*``, ``d:`` of its database and, per table it read: ``t:``; or ``s:`` plus one ``c:`` per
+conjunction of its conditions; or, when a conjunction pins the primary key, ``r:`` plus ``a:``.
+A row write bumps ``r:`` and ``t:`` and hands the backend its old and new column tokens, from
+which the backend bumps the ``c:`` of every registered scheme (or ``s:`` when a value is unknown).
+A write whose rows are unknown bumps ``a:``, ``t:`` and ``s:``.
 """
 
 from __future__ import annotations
@@ -16,16 +22,16 @@ import functools
 import hashlib
 import re
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import Table
 from sqlalchemy.sql.schema import ForeignKeyConstraint, MetaData
 from sqlalchemy.sql.selectable import TableClause
 
-from sqlacache.keys import pk_bytes
-
 ALL = "*"
+
+# A row image: (table, {column name: token}) with the columns whose values are known.
+RowImage = tuple[str, dict[str, str]]
 
 
 def table_name(table: TableClause) -> str:
@@ -42,17 +48,31 @@ def allrows_dep(name: str) -> str:
     return f"a:{name}"
 
 
-def row_dep(name: str, pk: Sequence[Any]) -> str:
-    return f"r:{name}:{hashlib.blake2b(pk_bytes(pk), digest_size=12).hexdigest()}"
+def scheme_dep(name: str) -> str:
+    return f"s:{name}"
+
+
+def row_dep(name: str, pk_tokens: Sequence[str]) -> str:
+    return f"r:{name}:{','.join(pk_tokens)}"
+
+
+def condition_dep(name: str, conjunction: Mapping[str, str]) -> str:
+    columns = sorted(conjunction)
+    return f"c:{name}:{','.join(columns)}:{','.join(conjunction[c] for c in columns)}"
+
+
+def database_dep(database_id: str) -> str:
+    """Every read of one database: bumped by raw SQL on it that we cannot understand."""
+    return f"d:{hashlib.blake2b(database_id.encode(), digest_size=8).hexdigest()}"
 
 
 def table_of_dep(dep: str) -> str | None:
     """The table a dependency belongs to (for the session's read-your-writes check)."""
-    if dep == ALL:
+    if dep == ALL or dep.startswith("d:"):
         return None
     kind, _, rest = dep.partition(":")
-    if kind == "r":
-        return rest.rpartition(":")[0]
+    if kind == "r" or kind == "c":
+        return rest.split(":", 1)[0]
     return rest
 
 
@@ -60,17 +80,46 @@ def table_read_deps(tables: Iterable[str]) -> list[str]:
     return [ALL, *sorted({table_dep(t) for t in tables})]
 
 
-def pk_read_deps(tables: Iterable[str], pk: Sequence[Any]) -> list[str]:
+def keyable(name: str) -> bool:
+    """Whether a table's name can carry row and condition dependencies (backends split on ':')."""
+    return ":" not in name
+
+
+def pk_read_deps(tables: Iterable[str], pk_tokens: Sequence[str]) -> list[str]:
     names = sorted(set(tables))
-    return [ALL, *(row_dep(t, pk) for t in names), *(allrows_dep(t) for t in names)]
+    if not all(keyable(n) for n in names):
+        return table_read_deps(names)
+    return [ALL, *(row_dep(t, pk_tokens) for t in names), *(allrows_dep(t) for t in names)]
 
 
-def row_write_deps(table: str, pk: Sequence[Any]) -> list[str]:
-    return [row_dep(table, pk), table_dep(table)]
+def condition_read_deps(
+    conditions: Mapping[str, list[dict[str, str]] | None], pk_columns: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """Dependencies of a read whose rows, per table, satisfy one of the conjunctions (None: any)."""
+    out = {ALL}
+    for name, conjunctions in conditions.items():
+        if conjunctions is None or not keyable(name):
+            out.add(table_dep(name))
+            continue
+        pk = pk_columns.get(name) or ()
+        for conjunction in conjunctions:
+            if pk and all(c in conjunction for c in pk):
+                out.add(row_dep(name, [conjunction[c] for c in pk]))
+                out.add(allrows_dep(name))
+            else:
+                out.add(condition_dep(name, conjunction))
+                out.add(scheme_dep(name))
+    return sorted(out)
+
+
+def row_write_deps(table: str, pk_tokens: Sequence[str] | None) -> list[str]:
+    if pk_tokens is None or not keyable(table):  # a key we cannot canonicalise: every keyed read
+        return unknown_rows_write_deps(table)
+    return [row_dep(table, pk_tokens), table_dep(table)]
 
 
 def unknown_rows_write_deps(table: str) -> list[str]:
-    return [allrows_dep(table), table_dep(table)]
+    return [allrows_dep(table), table_dep(table), scheme_dep(table)]
 
 
 _known: weakref.WeakSet[MetaData] = weakref.WeakSet()

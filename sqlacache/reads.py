@@ -25,14 +25,17 @@ from sqlalchemy.engine.result import FrozenResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, strategies
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.relationships import RelationshipProperty
+from sqlalchemy.orm.util import LoaderCriteriaOption
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column, Table
 from sqlalchemy.sql.type_api import TypeEngine
 
+from sqlacache import conditions, rowtokens
 from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
 from sqlacache.backends import Lookup
 from sqlacache.codec import CodecError, ValueCodec, codec_for
+from sqlacache.conditions import Analysis
 from sqlacache.context import Frame, SessionContext, context_of
 from sqlacache.keys import Shape, Uncacheable, _path, translation_token
 from sqlacache.policy import never_cached_reason, op_of
@@ -135,6 +138,9 @@ class ShapeInfo:
     template: FrozenResult[Any] | None = None  # empty result with this shape's metadata
     hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
     table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
+    analysis: Analysis | None = None  # its conditions (built on first use)
+    criteria_tables: frozenset[str] | None = None  # tables read whole because of loader criteria
+    pk_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → primary key columns
 
 
 _shapes: LRU[Any, ShapeInfo] = LRU(4096)
@@ -170,6 +176,11 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             reason = "result shape not supported (bundles)"
         for table in shape.tables:  # so raw SQL naming these tables finds their foreign keys
             deps_mod.register_metadata(table.metadata)
+        pk_columns = {
+            deps_mod.table_name(t): tuple(c.name for c in t.primary_key.columns)
+            for t in shape.tables
+            if isinstance(t, Table)
+        }
         lead = shape.mappers[0].class_ if shape.mappers else None
         info = ShapeInfo(
             shape,
@@ -178,6 +189,7 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             lead,
             columns,
             table_names=frozenset(deps_mod.table_name(t) for t in shape.tables),
+            pk_columns=pk_columns,
         )
         _shapes.put(key_tuple, info)
     return info
@@ -215,8 +227,52 @@ def _on_load(target: Any, context: Any) -> None:
     ctx.frames[-1].fresh[state] = {k: dict_[k] for k in layout.columns if k in dict_}
 
 
+@dataclass(slots=True)
+class _Graph:
+    """What an encoded object graph read, beyond the statement's own conditions."""
+
+    dialect: Any  # None: table-level invalidation
+    covered: frozenset[str]  # tables the statement's conditions account for (its root rows)
+    tables: set[str] = field(default_factory=set)  # every table read (read-your-writes check)
+    deps: set[str] = field(default_factory=set)
+
+    def whole(self, names: Any) -> None:
+        self.tables.update(names)
+        self.deps.update(deps_mod.table_dep(n) for n in names)
+
+    def row(self, state: Any, layout: MapperLayout, loaded: dict[str, Any], related: bool) -> None:
+        self.tables.update(layout.tables)
+        for key in layout.expr_tables.keys() & loaded.keys():
+            self.whole(layout.expr_tables[key])
+        if self.dialect is None:
+            self.whole(layout.tables)
+        elif related:
+            # A row reached through a relationship: the statement's conditions don't cover it.
+            tokens = rowtokens.pk_tokens(state.mapper, [loaded.get(k) for k in layout.pk_keys], self.dialect)
+            if tokens is None:
+                self.whole(layout.tables)
+            else:
+                self.deps.update(deps_mod.pk_read_deps(layout.tables, tokens))
+        elif not layout.tables <= self.covered:
+            self.whole(layout.tables - self.covered)
+
+    def relationship(self, prop: RelationshipProperty[Any], loaded: dict[str, Any]) -> None:
+        target = layout_of(prop.mapper).tables
+        secondary = (
+            {deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table)}
+            if prop.secondary is not None
+            else set()
+        )
+        self.tables.update(target, secondary)
+        found = None if self.dialect is None else rowtokens.membership_deps(prop, loaded, self.dialect)
+        if found is None:
+            self.whole(target | secondary)
+        else:
+            self.deps.update(found)
+
+
 def _encode_entities(
-    roots: Sequence[Any], frame: Frame, tables: set[str], oldest: list[int]
+    roots: Sequence[Any], frame: Frame, graph: _Graph, oldest: list[int]
 ) -> tuple[list[Any], dict[int, int]]:
     """The entity table of a payload. Objects this read created are encoded from what it loaded;
     objects that were already in the session from what they were loaded with, lowering ``oldest``
@@ -224,7 +280,7 @@ def _encode_entities(
     table: list[Any] = []
     index: dict[int, int] = {}
 
-    def ref(obj: Any) -> int | None:
+    def ref(obj: Any, related: bool = True) -> int | None:
         if obj is None:
             return None
         found = index.get(id(obj))
@@ -244,9 +300,7 @@ def _encode_entities(
             if not isinstance(fn, _DEFERRED_LOADERS) or getattr(fn, "raiseload", False):
                 raise _Unstorable(f"a loader option installed a per-object loader on {key!r}")
         layout = layout_of(state.mapper)
-        tables.update(layout.tables)
-        for key in layout.expr_tables.keys() & loaded.keys():
-            tables.update(layout.expr_tables[key])
+        graph.row(state, layout, loaded, related)
         slot = len(table)
         index[id(obj)] = slot
         entry: list[Any] = [
@@ -262,11 +316,7 @@ def _encode_entities(
                 continue
             if key in state.committed_state:
                 raise _Unstorable(f"relationship {key!r} has changes not flushed")
-            tables.update(layout_of(prop.mapper).tables)
-            if prop.secondary is not None:
-                tables.update(
-                    deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table)
-                )
+            graph.relationship(prop, loaded)
             value = dict_[key]
             if prop.uselist:
                 if not isinstance(value, (list, set)):
@@ -278,26 +328,25 @@ def _encode_entities(
         return slot
 
     for obj in roots:
-        ref(obj)
+        ref(obj, False)
     return table, index
 
 
 def encode_result(
-    frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame
-) -> tuple[bytes, set[str], int]:
-    """(payload bytes, tables the loaded graph read, the generation to store it at)."""
+    frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame, graph: _Graph
+) -> tuple[bytes, int]:
+    """(payload bytes, the generation to store it at); what the graph read goes into ``graph``."""
     if frame.unstorable:
         raise _Unstorable(frame.unstorable)
     if frame.generation is None:
         raise _Unstorable("no generation: the backend was unavailable when the read began")
-    tables: set[str] = set()
     oldest = [frame.generation]
     if frozen._source_supports_scalars:
-        table, index = _encode_entities(frozen.data, frame, tables, oldest)
+        table, index = _encode_entities(frozen.data, frame, graph, oldest)
         rows: list[Any] = [None if o is None else index[id(o)] for o in frozen.data]
     else:
         roots = [v for row in frozen.data for v, c in zip(row, columns) if c is ENTITY and v is not None]
-        table, index = _encode_entities(roots, frame, tables, oldest)
+        table, index = _encode_entities(roots, frame, graph, oldest)
         rows = [
             [
                 (None if v is None else index[id(v)]) if c is None else c.encode(v)
@@ -305,7 +354,7 @@ def encode_result(
             ]
             for row in frozen.data
         ]
-    return orjson.dumps([PAYLOAD_FORMAT, table, rows]), tables, oldest[0]
+    return orjson.dumps([PAYLOAD_FORMAT, table, rows]), oldest[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,9 +516,10 @@ class GetTicket:
 
     key: str
     mapper: Mapper[Any]
-    pk: tuple[Any, ...]
+    own_deps: list[str]  # the row's own dependencies
     lookup: Lookup | None
     ttl: float
+    dialect: Any
     used: bool = False
 
 
@@ -568,6 +618,56 @@ def _plain_read(state: ORMExecuteState) -> bool:
     return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
 
 
+_key_deps: LRU[str, tuple[str, ...]] = LRU(8192)  # key → the dependencies its entry had last
+
+
+def _valueless(dep: str) -> bool:
+    """A dependency every entry of a shape shares (not one naming rows by value)."""
+    return dep[0] not in "rc"
+
+
+def _learn(key: str, deps: Sequence[str], shape_hint: set[str] | None) -> None:
+    """Remember an entry's dependencies so that the next lookup fetches their versions with it."""
+    _key_deps.put(key, tuple(deps))
+    if shape_hint is not None:
+        shape_hint.update(d for d in deps if _valueless(d))
+
+
+def _hint(key: str, predicted: Sequence[str], shape_hint: set[str]) -> list[str]:
+    known = _key_deps.get(key)
+    out = set(predicted) | shape_hint
+    if known is not None:
+        out.update(known)
+    return sorted(out)
+
+
+def _statement_deps(
+    cache: Cache, info: ShapeInfo, statement: Any, ck: Any, parameters: Any, dialect: Any
+) -> list[str]:
+    """What a statement's own conditions make it depend on (before any row is loaded)."""
+    if dialect is None:
+        return deps_mod.table_read_deps(info.table_names)
+    if info.analysis is None:
+        info.analysis = conditions.analyse(statement, ck.bindparams, deps_mod.table_name)
+    found = conditions.resolve(
+        info.analysis,
+        ck.bindparams,
+        parameters if isinstance(parameters, Mapping) else None,
+        dialect,
+        cache.condition_in_limit,
+    )
+    if info.criteria_tables is None:
+        # with_loader_criteria() adds conditions (and maybe subqueries) when the ORM compiles the
+        # statement, out of the analysis' sight: every table the shape names is then read whole.
+        options = getattr(statement, "_with_options", ())
+        info.criteria_tables = (
+            info.table_names if any(isinstance(o, LoaderCriteriaOption) for o in options) else frozenset()
+        )
+    for name in info.criteria_tables:
+        found.setdefault(name, None)
+    return deps_mod.condition_read_deps(found, info.pk_columns)
+
+
 def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Guard) -> Result[Any] | None:
     cache = ctx.cache
     if not _plain_read(state):
@@ -602,10 +702,13 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
     statement_tables = info.table_names
     if _written(ctx, statement_tables):
         return None
+    statement_deps: list[str]
     if ticket is not None:
-        key, lookup = ticket.key, ticket.lookup
+        key, lookup, dialect = ticket.key, ticket.lookup, ticket.dialect
+        statement_deps = ticket.own_deps
     else:
         bind = session.get_bind(**state.bind_arguments)
+        dialect = bind.dialect if cache.precise else None
         namespace = cache.namespace(bind)
         translate = opts.get("schema_translate_map")
         if translate:
@@ -620,12 +723,14 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         except Uncacheable:
             cache.count("uncacheable")
             return None
-        if not info.hint:
-            info.hint.update(deps_mod.table_read_deps(statement_tables))
-        lookup = cache.lookup(key, sorted(info.hint))
+        statement_deps = [
+            cache.database_dep(bind),
+            *_statement_deps(cache, info, statement, ck, state.parameters, dialect),
+        ]
+        lookup = cache.lookup(key, _hint(key, statement_deps, info.hint))
     entry = lookup.entry if lookup is not None else None
-    if entry is not None and ticket is None:
-        info.hint.update(entry.deps)
+    if entry is not None:
+        _learn(key, entry.deps, None if ticket is not None else info.hint)
     if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
         try:
             rows = decode_result(session, entry.payload, info, lookup.generation if lookup else -1)
@@ -651,20 +756,12 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         info.template = template_of(frozen)
     deps: list[str] = []
     try:
-        payload, tables, generation = encode_result(frozen, info.columns or [], frame)
-        tables |= statement_tables
-        if ticket is not None:
-            own = {deps_mod.table_name(t) for t in ticket.mapper.tables}
-            deps = deps_mod.pk_read_deps(own, ticket.pk) + deps_mod.table_read_deps(tables - own)
-        else:
-            deps = deps_mod.table_read_deps(tables)
-        deps = sorted(set(deps) | frame.deps)
-        if not _written(ctx, tables):
+        graph = _Graph(dialect, statement_tables if ticket is None else layout_of(ticket.mapper).tables)
+        payload, generation = encode_result(frozen, info.columns or [], frame, graph)
+        deps = sorted(set(statement_deps) | graph.deps | frame.deps)
+        if not _written(ctx, graph.tables | statement_tables):
             cache.submit_store(key, payload, deps, generation, ttl)
-        if ticket is not None:  # per mapper: the row's own dependencies differ for every pk
-            layout_of(ticket.mapper).get_hint.update(d for d in deps if d.startswith("t:"))
-        else:
-            info.hint.update(deps)
+        _learn(key, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
     except _Unstorable as exc:
         cache.count("unstorable")
         log.debug("sqlacache: not storing %s: %s", key, exc)
@@ -706,9 +803,10 @@ class GetPlan:
     key: str
     mapper: Mapper[Any]
     layout: MapperLayout
-    pk: tuple[Any, ...]
+    own_deps: list[str]
     hint: list[str]
     ttl: float
+    dialect: Any
 
 
 def plan_get(
@@ -749,20 +847,30 @@ def plan_get(
             return None
     if _written(ctx, layout.tables):
         return None
+    bind = session.get_bind(mapper)
     try:
-        key = cache.keys.get_key(cache.namespace(session.get_bind(mapper)), mapper, pk)
+        key = cache.keys.get_key(cache.namespace(bind), mapper, pk)
     except Uncacheable:
         return None
     ttl = execution_options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
-    hint = [*deps_mod.pk_read_deps(layout.tables, pk), *layout.get_hint]
-    return GetPlan(key, mapper, layout, pk, hint, ttl)
+    tokens = rowtokens.pk_tokens(mapper, pk, bind.dialect)
+    own = [
+        cache.database_dep(bind),
+        *(
+            deps_mod.pk_read_deps(layout.tables, tokens)
+            if tokens is not None
+            else deps_mod.table_read_deps(layout.tables)  # a key we cannot canonicalise: the table
+        ),
+    ]
+    dialect = bind.dialect if cache.precise else None
+    return GetPlan(key, mapper, layout, own, _hint(key, own, layout.get_hint), ttl, dialect)
 
 
 def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Lookup | None) -> Any:
     """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss."""
     entry = lookup.entry if lookup is not None else None
     if lookup is not None and entry is not None:
-        plan.layout.get_hint.update(d for d in entry.deps if d.startswith("t:"))
+        _learn(plan.key, entry.deps, plan.layout.get_hint)
         if not _entry_written(ctx, entry.deps):
             try:
                 objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
@@ -772,7 +880,7 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
             else:
                 ctx.cache.count("hits")
                 return objs[0] if objs else None
-    return GetTicket(plan.key, plan.mapper, plan.pk, lookup, plan.ttl)
+    return GetTicket(plan.key, plan.mapper, plan.own_deps, lookup, plan.ttl, plan.dialect)
 
 
 def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:

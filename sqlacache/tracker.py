@@ -15,7 +15,6 @@ import functools
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, Table, event
@@ -25,7 +24,9 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.schema import Column
 
 from sqlacache import dependencies as deps_mod
-from sqlacache.cache import watchers
+from sqlacache import dml, rowtokens
+from sqlacache._lru import LRU
+from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
 from sqlacache.reads import layout_of
 
@@ -33,17 +34,6 @@ log = logging.getLogger("sqlacache.tracker")
 
 _TAG = "_sqlacache_ctx"
 _SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
-
-
-@dataclass(frozen=True, slots=True)
-class RowWrite:
-    """One row written by a flush; old/new hold the column values that changed (all, for inserts)."""
-
-    op: str
-    table: str
-    pk: tuple[Any, ...]
-    old: dict[str, Any]
-    new: dict[str, Any]
 
 
 def _never_raise(listener: Callable[..., None]) -> Callable[..., None]:
@@ -85,8 +75,17 @@ def _frame(ctx: SessionContext, session: Session) -> TxFrame:
     return frame
 
 
-def record(ctx: SessionContext, session: Session, deps: list[str], tables: set[str]) -> None:
-    _frame(ctx, session).deps.update(deps)
+def record(
+    ctx: SessionContext,
+    session: Session,
+    deps: list[str],
+    tables: set[str],
+    rows: list[deps_mod.RowImage] | None = None,
+) -> None:
+    frame = _frame(ctx, session)
+    frame.deps.update(deps)
+    if rows:
+        frame.rows.extend(rows)
     ctx.written |= tables
 
 
@@ -105,33 +104,41 @@ def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> No
     dict_ = state.dict
     committed = state.committed_state
     pk = tuple(dict_.get(k) for k in layout.pk_keys)
-    if op == "insert":
-        old: dict[str, Any] = {}
-        new = {k: dict_[k] for k in layout.columns if k in dict_}
-    elif op == "delete":
-        old = {k: committed.get(k, dict_.get(k)) for k in layout.columns if k in dict_ or k in committed}
-        new = {}
-    else:
-        old = {k: committed[k] for k in layout.columns if k in committed}
-        new = {k: dict_.get(k) for k in old}
+    loaded = {k: dict_[k] for k in layout.columns if k in dict_}
+    # Old values: as committed before this flush (changed attributes) or as loaded (the others).
+    old = {} if op == "insert" else {**loaded, **{k: committed[k] for k in layout.columns if k in committed}}
+    new = {} if op == "delete" else loaded
     pks = {pk}
     if op != "insert" and any(k in committed for k in layout.pk_keys):
-        pks.add(tuple(committed.get(k, dict_.get(k)) for k in layout.pk_keys))
+        pks.add(tuple(old.get(k) for k in layout.pk_keys))
+    dialect = connection.dialect
     depset: list[str] = []
     tables: set[str] = set()
+    for key in pks:
+        tokens = rowtokens.pk_tokens(state.mapper, key, dialect)
+        for table in state.mapper.tables:
+            depset += deps_mod.row_write_deps(deps_mod.table_name(table), tokens)
+    images = [
+        image
+        for side, values in (("insert", old), ("delete", new))
+        if op != side  # an insert has no old row, a delete no new one
+        for image in rowtokens.images(state.mapper, values, dialect)
+    ]
     for table in state.mapper.tables:
-        name = deps_mod.table_name(table)
-        tables.add(name)
-        for key in pks:
-            depset += deps_mod.row_write_deps(name, key)
-            ctx.rows.append(RowWrite(op, name, key, old, new))
+        tables.add(deps_mod.table_name(table))
         if op != "insert" and isinstance(table, Table):
-            changed = {c.name for k in old for c in state.mapper.attrs[k].columns if isinstance(c, Column)}
+            changed = {
+                c.name
+                for k in committed
+                if k in layout.columns
+                for c in state.mapper.attrs[k].columns
+                if isinstance(c, Column)
+            }
             for other in deps_mod.cascade_closure(table, op, changed):
                 depset += deps_mod.unknown_rows_write_deps(other)
                 tables.add(other)
     ctx.flush_row_tables |= tables
-    record(ctx, session, depset, tables)
+    record(ctx, session, depset, tables, images)
 
 
 for _op in ("insert", "update", "delete"):
@@ -160,11 +167,27 @@ def _after_cursor_execute(
         return
     compiled = context.compiled
     tables: set[str] | None
+    found: dml.Effects | None = None
     if compiled is not None and (context.isinsert or context.isupdate or context.isdelete):
         table = compiled.statement.table._deannotate()  # ORM statements carry annotated copies
         tables = {deps_mod.table_name(table)}
         if not context.isinsert and isinstance(table, Table):
             tables |= deps_mod.cascade_closure(table, "delete" if context.isdelete else "update")
+        if session._flushing:
+            # Rows of mapped tables are recorded by the mapper events; the others (association
+            # tables of many-to-many) are settled after the flush, from the statements kept here.
+            for name in tables:
+                kept = ctx.flush_dml.setdefault(name, [])
+                if kept is not None:
+                    if name == deps_mod.table_name(table):
+                        kept.append((compiled, context.compiled_parameters, conn.dialect))
+                    else:
+                        ctx.flush_dml[name] = None  # cascaded: rows unknown
+            return
+        if ctx.cache.precise:
+            found = dml.effects(
+                compiled, context.compiled_parameters, conn.dialect, ctx.cache.condition_in_limit
+            )
     elif compiled is not None and not context.isddl and not isinstance(compiled.statement, TextClause):
         return  # a compiled SELECT
     else:
@@ -172,29 +195,45 @@ def _after_cursor_execute(
         if tables is not None and not tables:
             return
         if tables is not None:
+            verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+            # ON DELETE actions follow deletes (and REPLACE, which deletes); ON UPDATE ones updates.
+            ops = {"UPDATE": ("update",), "INSERT": ()}.get(verb, ("delete", "update"))
             for name in list(tables):
                 for table in deps_mod.tables_named(name):
-                    tables |= deps_mod.cascade_closure(table, "delete") | deps_mod.cascade_closure(
-                        table, "update"
-                    )
+                    for op in ops:
+                        tables |= deps_mod.cascade_closure(table, op)
     if session._flushing and tables is not None:
-        # Rows of mapped tables are recorded by the mapper events; what they don't cover
-        # (association tables of many-to-many) is settled after the flush.
-        ctx.flush_dml_tables |= tables
+        for name in tables:
+            ctx.flush_dml[name] = None
         return
     if tables is None:
-        ctx.cache._warn(
-            f"raw:{statement[:60]}",
-            "sqlacache: cannot tell which tables %r writes; evicting everything",
-            statement[:200],
+        _warn_once(
+            statement,
+            "sqlacache: cannot tell which tables %r writes; its commit evicts every cached read of "
+            "this database. Use cache.invalidate(tables=...) after it instead, or cache=False reads.",
         )
-        record(ctx, session, [deps_mod.ALL], set())
+        everything = [deps_mod.database_dep(database_id(conn.engine))]
+        record(ctx, session, everything, set())
         ctx.written_everything = True
         return
     depset: list[str] = []
+    images: list[deps_mod.RowImage] = []
+    if found is not None:
+        depset, images = found
     for name in tables:
-        depset += deps_mod.unknown_rows_write_deps(name)
-    record(ctx, session, depset, tables)
+        if found is None or name != deps_mod.table_name(compiled.statement.table):
+            depset += deps_mod.unknown_rows_write_deps(name)  # rows we cannot name (or cascaded)
+    record(ctx, session, depset, tables, images)
+
+
+_warned: LRU[str, bool] = LRU(1024)
+
+
+def _warn_once(statement: str, message: str) -> None:
+    """Once per statement shape (its text, which carries placeholders rather than values)."""
+    if _warned.get(statement) is None:
+        _warned.put(statement, True)
+        log.warning(message, statement[:200])
 
 
 # -- session transaction lifecycle -------------------------------------------------------------
@@ -226,13 +265,27 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     ctx = any_context(session)
     if ctx is None:
         return
-    others = ctx.flush_dml_tables - ctx.flush_row_tables
-    if others:
-        depset: list[str] = []
-        for name in others:
+    depset: list[str] = []
+    images: list[deps_mod.RowImage] = []
+    others: set[str] = set()
+    for name, kept in ctx.flush_dml.items():
+        if name in ctx.flush_row_tables:
+            continue
+        others.add(name)
+        found = None
+        if kept is not None and ctx.cache.precise:
+            results = [dml.effects(c, p, d, ctx.cache.condition_in_limit) for c, p, d in kept]
+            if all(r is not None for r in results):
+                found = [r for r in results if r is not None]
+        if found is None:
             depset += deps_mod.unknown_rows_write_deps(name)
-        record(ctx, session, depset, others)
-    ctx.flush_dml_tables = set()
+        else:
+            for deps, rows in found:
+                depset += deps
+                images += rows
+    if others:
+        record(ctx, session, depset, others, images)
+    ctx.flush_dml = {}
     ctx.flush_row_tables = set()
 
 
@@ -254,12 +307,13 @@ def _after_commit(session: Session) -> None:
             ctx.tx[parent] = frame
         else:
             target.deps |= frame.deps
+            target.rows.extend(frame.rows)
         return
     caches = {ctx.cache}
     for engine in ctx.engines:
         caches.update(watchers(engine))
     for cache in caches:
-        cache.bump(frame.deps)
+        cache.bump(frame.deps, frame.rows)
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -276,7 +330,6 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         ctx.connections.clear()
         ctx.engines.clear()
         ctx.tx.clear()
-        ctx.rows.clear()
         ctx.written.clear()
         ctx.written_everything = False
         ctx.tx_generation = None

@@ -111,8 +111,10 @@ def conformance(body: Callable[[Harness], None]) -> Callable[[Harness], Awaitabl
 
 
 def _ready(h: Harness, deps: list[str]) -> int:
-    """A generation at which ``deps`` all have versions (a fresh backend has none: missing = bumped)."""
-    h.backend.bump(deps)
+    """A generation at which ``deps`` all have versions (a fresh backend has none: missing = bumped).
+
+    A refused store creates the missing ones; a bump never does."""
+    h.backend.store("__ready__", b"", deps, 0, TTL)
     return int(h.backend.lookup("__ready__").generation)
 
 
@@ -469,7 +471,7 @@ def test_redis_counter_ahead_of_clock_still_increases(h: Harness) -> None:
 
 def test_memory_lru_bound_and_hits_refresh_recency() -> None:
     backend = MemoryBackend(max_entries=3)
-    backend.bump(["t:a"])
+    backend.store("_", b"", ["t:a"], 0, TTL)
     g = backend.generation()
     for key in ("a", "b", "c"):
         assert backend.store(key, key.encode(), ["t:a"], g, TTL)
@@ -482,10 +484,10 @@ def test_memory_lru_bound_and_hits_refresh_recency() -> None:
 
 def test_memory_version_table_bound_is_safe() -> None:
     backend = MemoryBackend(max_versions=2)
-    backend.bump(["t:a"])
+    backend.store("_", b"", ["t:a"], 0, TTL)
     g = backend.generation()
     assert backend.store("k", b"v", ["t:a"], g, TTL)
-    backend.bump(["t:b", "t:c"])  # pushes t:a out of the version table
+    backend.store("_", b"", ["t:b", "t:c"], 0, TTL)  # pushes t:a out of the version table
     assert backend.lookup("k").entry is None
     g = backend.lookup("k").generation
     assert backend.store("k", b"v", ["t:a"], g, TTL) is False
@@ -815,7 +817,7 @@ def test_hinted_lookup_agrees_with_plain_lookup(h: Harness) -> None:
 async def test_alookup_on_the_event_loop_agrees_with_lookup(h: Harness) -> None:
     """CachingAsyncSession.get awaits alookup directly (no greenlet); it must answer like lookup."""
     backend = h.backend
-    await h.run(lambda h: h.backend.bump(["t:a", "*"]))
+    await h.run(lambda h: h.backend.store("_", b"", ["t:a", "*"], 0, TTL))
     miss = await backend.alookup("k", ["t:a", "*"])
     assert miss.entry is None
     assert await h.run(lambda h: h.backend.store("k", b"v\n1", ["t:a", "*"], miss.generation, TTL))

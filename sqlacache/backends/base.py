@@ -17,7 +17,7 @@ Generations are strictly increasing per backend: any ``bump`` that happens after
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -69,12 +69,20 @@ class Backend(Protocol):
         Refuses (returns ``False``, stores nothing) when any dependency's version is newer than
         ``generation`` or missing; a missing version is created at the current generation so that
         later readers can store. On success every dependency's version is kept alive at least as
-        long as the entry.
+        long as the entry. A condition dependency ``c:<table>:<columns>:<tokens>`` whose scheme
+        ``<columns>`` is not yet registered for ``<table>`` registers it, moves ``s:<table>`` to
+        the current generation and refuses.
         """
         ...
 
-    def bump(self, deps: Sequence[str]) -> None:
-        """Give every dependency in ``deps`` a new version greater than every generation handed out."""
+    def bump(self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> None:
+        """Give every dependency in ``deps`` a new version greater than every generation handed out.
+
+        A missing version may stay missing. ``rows`` are row images ``(table, {column: token})``:
+        for every condition scheme registered for the table (by ``store`` of a dependency
+        ``c:<table>:<columns>:<tokens>``), the image bumps the condition its values name, or
+        ``s:<table>`` (every condition entry of the table) when it lacks one of the columns.
+        """
         ...
 
     def delete(self, keys: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from sqlacache.backends.base import BackendError, Entry, Lookup
@@ -51,6 +51,9 @@ class MemoryBackend:
         self._max_versions = max_versions
         self._entries: OrderedDict[str, _Stored] = OrderedDict()
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # table → the condition schemes (sorted column names) its entries use; meaningful only while
+        # the registry version "s:<table>" exists.
+        self._schemes: dict[str, list[str]] = {}
         # Starts above 0 so that a generation of 0 can never be mistaken for a real one.
         self._generation = 1
         self._closed = False
@@ -112,9 +115,38 @@ class MemoryBackend:
             self._check_open()
             accepted = True
             fresh: int | None = None
+            versions = self._versions
+
+            def floor(table: str) -> int | None:
+                # See the Redis backend: a missing row/condition version of a table may start at
+                # the table's own version when that is no newer than this reader.
+                found = versions.get(f"t:{table}")
+                return found if found is not None and found <= generation else None
+
+            # Condition dependencies register their scheme with their table (see the Redis backend).
             for dep in deps:
-                version = self._versions.get(dep)
+                if not dep.startswith("c:"):
+                    continue
+                table, scheme = dep.split(":", 3)[1:3]
+                registry = f"s:{table}"
+                current = versions.get(registry)
+                schemes = self._schemes.get(table) if current is not None else None
+                if schemes is None or scheme not in schemes:
+                    start = floor(table)
+                    if start is None:
+                        if fresh is None:
+                            fresh = self._next_generation()
+                        start = fresh
+                        accepted = False
+                    self._schemes[table] = [*(schemes or []), scheme]
+                    self._set_version(registry, max(start, current or 0))
+            for dep in deps:
+                version = versions.get(dep)
                 if version is None:
+                    start = floor(dep.split(":", 2)[1]) if dep[:2] in ("c:", "r:", "a:", "s:") else None
+                    if start is not None:
+                        self._set_version(dep, start)
+                        continue
                     # Lost metadata counts as a bump that happened just now: this reader may have
                     # read before the (forgotten) write, so refuse; the next reader can store.
                     if fresh is None:
@@ -133,14 +165,30 @@ class MemoryBackend:
                 self._entries.popitem(last=False)
             return True
 
-    def bump(self, deps: Sequence[str]) -> None:
-        if not deps:
+    def bump(self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> None:
+        if not deps and not rows:
             return
         with self._lock:
             self._check_open()
             generation = self._next_generation()
-            for dep in deps:
-                self._set_version(dep, generation)
+            todo = set(deps)
+            for table, values in rows:
+                if f"s:{table}" not in self._versions:
+                    continue  # no registry: no condition entry of this table is valid anyway
+                for scheme in self._schemes.get(table, ()):
+                    tokens = [values.get(c) for c in scheme.split(",")]
+                    if all(t is not None for t in tokens):
+                        todo.add(f"c:{table}:{scheme}:{','.join(tokens)}")  # type: ignore[arg-type]
+                    else:
+                        todo.add(f"s:{table}")
+            versions = self._versions
+            for dep in todo:
+                # A missing row/condition version stays missing: nothing valid depends on it. A
+                # table's own is created, for the others to start from (see store).
+                if dep in versions:
+                    versions[dep] = generation
+                elif dep.startswith("t:"):
+                    self._set_version(dep, generation)
 
     def delete(self, keys: Sequence[str]) -> None:
         with self._lock:
@@ -155,6 +203,7 @@ class MemoryBackend:
             # The generation counter survives: generations must keep increasing for readers that
             # took one before the clear.
             self._versions.clear()
+            self._schemes.clear()
 
     def close(self) -> None:
         with self._lock:

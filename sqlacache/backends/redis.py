@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -73,11 +73,31 @@ local function get(key)
   return value, false
 end
 
+-- A version is digits; a table's scheme registry ("v:s:<table>") is digits then "|scheme|scheme…".
 local function num(value)
-  if value and string.match(value, '^%d+$') then
-    return tonumber(value)
+  if value then
+    local digits = string.match(value, '^(%d+)$') or string.match(value, '^(%d+)|')
+    if digits then
+      return tonumber(digits)
+    end
   end
   return nil
+end
+
+-- Give a version a new value. A missing row or condition version stays missing: nothing valid
+-- depends on it, and not creating it keeps metadata proportional to what is cached, not to what
+-- is written. A table's own version is created (there are few), so that the table's other
+-- missing versions can start from it (see the store script's floor).
+local function bump_version(key, g, create_ttl)
+  local value = get(key)
+  if not value then
+    if create_ttl then
+      redis.call('SET', key, g, 'PX', create_ttl)
+    end
+    return
+  end
+  local schemes = string.match(value, '^%d+(|.*)$') or ''
+  redis.call('SET', key, g .. schemes, 'KEEPTTL')
 end
 
 local function clock()
@@ -169,19 +189,77 @@ _STORE = (
 local prefix = ARGV[1]
 local generation = num(ARGV[2])
 local ttl = tonumber(ARGV[3])
+local vttl = ARGV[5]
 local accepted = generation ~= nil
 local fresh = nil
+local function now()
+  if not fresh then
+    local _, s = next_generation(prefix)
+    fresh = s
+  end
+  return fresh
+end
+-- Where a missing version of <table> (row, condition, registry, all rows) may start: at the
+-- table's own version, which every write to the table moves (it exists only while it is at least
+-- as new as the table's last write). Nil when that is missing or newer than this reader: then
+-- the missing version counts as "bumped now".
+local function floor(tbl)
+  if not generation then
+    return nil
+  end
+  local tkey = prefix .. ':v:t:' .. tbl
+  local value = get(tkey)
+  local n = num(value)
+  if not n or n > generation then
+    return nil
+  end
+  local pttl = redis.call('PTTL', tkey)
+  if pttl >= 0 and pttl < tonumber(vttl) then
+    redis.call('PEXPIRE', tkey, vttl)
+  end
+  return string.format('%d', n)
+end
+-- A condition dependency "c:<table>:<columns>:<tokens>" is only bumped by writers that find its
+-- scheme (<columns>) in the table's registry, so the registry's version (every condition entry
+-- of the table depends on it) must start no older than the last write that may not have known it.
 for i = 6, #ARGV do
-  local key = prefix .. ':v:' .. ARGV[i]
+  local tbl, scheme = string.match(ARGV[i], '^c:([^:]*):([^:]*):')
+  if tbl then
+    local rkey = prefix .. ':v:s:' .. tbl
+    local value = get(rkey)
+    local current = num(value)
+    if not (current and string.find(value .. '|', '|' .. scheme .. '|', 1, true)) then
+      local start = floor(tbl)
+      if not start then
+        start = now()
+        accepted = false
+      end
+      if current then
+        if current > tonumber(start) then
+          start = string.format('%d', current)
+        end
+        local schemes = string.match(value, '^%d+(|.*)$') or ''
+        redis.call('SET', rkey, start .. schemes .. '|' .. scheme, 'KEEPTTL')
+      else
+        redis.call('SET', rkey, start .. '|' .. scheme, 'PX', vttl)
+      end
+    end
+  end
+end
+for i = 6, #ARGV do
+  local dep = ARGV[i]
+  local key = prefix .. ':v:' .. dep
   local version = num((get(key)))
   if not version then
-    -- A lost version counts as bumped now: refuse, and create it so that the next reader can store.
-    if not fresh then
-      local _, s = next_generation(prefix)
-      fresh = s
+    local tbl = string.match(dep, '^[cr]:([^:]*):') or string.match(dep, '^[as]:([^:]*)$')
+    local start = tbl and floor(tbl)
+    if start then
+      redis.call('SET', key, start, 'PX', vttl)
+    else
+      -- A lost version counts as bumped now: refuse, and create it so that the next reader can store.
+      redis.call('SET', key, now(), 'PX', vttl)
+      accepted = false
     end
-    redis.call('SET', key, fresh, 'PX', ARGV[5])
-    accepted = false
   elseif not accepted or version > generation then
     accepted = false
   end
@@ -202,18 +280,66 @@ return 1
 """
 )
 
-# ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3..] deps. Returns the new generation.
+# ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3] number of deps n, ARGV[4..n+3] deps, then row
+# images, each "<table>\x1f<column>\x1f<token>\x1f<column>\x1f<token>…". Returns the new generation.
+# Each image bumps, for every scheme registered for its table, the condition dependency its values
+# name — or the whole registry (every condition entry of the table) when it lacks a column.
 _BUMP = (
     _PRELUDE
     + r"""
 local prefix = ARGV[1]
+local vttl = ARGV[2]
+local ndeps = tonumber(ARGV[3])
 local _, g = next_generation(prefix)
-for i = 3, #ARGV do
-  local key = prefix .. ':v:' .. ARGV[i]
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('SET', key, g, 'KEEPTTL')
-  else
-    redis.call('SET', key, g, 'PX', ARGV[2])
+g = string.format('%d', g)
+local done = {}
+local function bump(dep)
+  if not done[dep] then
+    done[dep] = true
+    bump_version(prefix .. ':v:' .. dep, g, string.sub(dep, 1, 2) == 't:' and vttl)
+  end
+end
+for i = 4, 3 + ndeps do
+  bump(ARGV[i])
+end
+local registries = {}
+for i = 4 + ndeps, #ARGV do
+  local fields = {}
+  for f in string.gmatch(ARGV[i], '[^\31]+') do
+    fields[#fields + 1] = f
+  end
+  local tbl = fields[1]
+  local values = {}
+  for j = 2, #fields - 1, 2 do
+    values[fields[j]] = fields[j + 1]
+  end
+  local schemes = registries[tbl]
+  if not schemes then
+    schemes = {}
+    local value = get(prefix .. ':v:s:' .. tbl)
+    if value then
+      for scheme in string.gmatch(value, '|([^|]+)') do
+        schemes[#schemes + 1] = scheme
+      end
+    end
+    registries[tbl] = schemes
+  end
+  for _, scheme in ipairs(schemes) do
+    local tokens = {}
+    local known = true
+    for column in string.gmatch(scheme, '[^,]+') do
+      local t = values[column]
+      if not t then
+        known = false
+        break
+      end
+      tokens[#tokens + 1] = t
+    end
+    if known then
+      bump('c:' .. tbl .. ':' .. scheme .. ':' .. table.concat(tokens, ','))
+    else
+      bump('s:' .. tbl)
+    end
   end
 end
 return g
@@ -490,7 +616,7 @@ class RedisBackend:
                 return None
             version = versions[dep]
             try:
-                if version is None or int(version) > stored_at:
+                if version is None or int(version.partition(b"|")[0]) > stored_at:
                     return Lookup(None, current)  # stale: the store that follows replaces it
             except ValueError:
                 return None
@@ -550,10 +676,12 @@ class RedisBackend:
             raise BackendError(f"Redis store failed: {exc!r}") from exc
         return self._int(reply, "store reply") == 1
 
-    def bump(self, deps: Sequence[str]) -> None:
-        if not deps:
+    def bump(self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> None:
+        if not deps and not rows:
             return
-        args = [self.prefix, self._version_ttl_ms, *deps]
+        args = [self.prefix, self._version_ttl_ms, str(len(deps)), *deps]
+        for table, values in rows:
+            args.append("\x1f".join([table, *(x for item in values.items() for x in item)]))
         self._run("bump", lambda s: s.bump(args=args))
 
     def delete(self, keys: Sequence[str]) -> None:
