@@ -144,6 +144,11 @@ def _ours(type_: TypeEngine[Any]) -> bool:
 
 
 def _canon(t: TypeEngine[Any], dialect: Dialect) -> _Canon | None:
+    """The rule for values in a column of ``t``, or None when no value gets a token.
+
+    Values are taken by exact type: subclasses (str- and int-mixin enums, pandas or pendulum datetimes)
+    format differently in Python or reach the driver as something else.
+    """
     name = dialect.name
     mysql = name in _MYSQL
     if isinstance(t, Boolean):
@@ -196,7 +201,7 @@ def _canon(t: TypeEngine[Any], dialect: Dialect) -> _Canon | None:
         return lambda v: _time(v, whole_seconds=mysql)
     if isinstance(t, Uuid):
         # Only PostgreSQL's native uuid parses strings; elsewhere they are compared as stored text.
-        parse = False
+        parse = name == "postgresql" and t.native_uuid
         return lambda v: _uuid(v, parse)
     if isinstance(t, LargeBinary):
         limit = (t.length or _MYSQL_TEXT_BYTES) if mysql else None
@@ -228,7 +233,7 @@ def _boolean(v: Any) -> str | None:
 
 
 def _integer(v: Any, low: int, high: int) -> str | None:
-    if isinstance(v, str):
+    if type(v) is str:
         # PostgreSQL casts, SQLite's affinity and MySQL convert "01", " 1" or "1e0" to 1: only the canonical
         # spelling is safe, and MySQL compares string and integer as doubles.
         try:
@@ -238,22 +243,22 @@ def _integer(v: Any, low: int, high: int) -> str | None:
         if str(n) != v or abs(n) >= _EXACT_FLOAT_INT:
             return None
         v = n
-    elif isinstance(v, float):
+    elif type(v) is float:
         # A non-integral value is rounded by PostgreSQL's cast; a large one equals several integers in MySQL.
         if not (v.is_integer() and abs(v) < _EXACT_FLOAT_INT):
             return None
         v = int(v)
-    elif isinstance(v, decimal.Decimal):
+    elif type(v) is decimal.Decimal:
         if not (v.is_finite() and v == v.to_integral_value() and low <= v <= high):
             return None
         v = int(v)
-    if not isinstance(v, int) or not low <= v <= high:
+    if type(v) not in (int, bool) or not low <= v <= high:
         return None
     return f"i:{int(v)}"
 
 
 def _float(v: Any) -> str | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float, decimal.Decimal)):
+    if type(v) not in (int, float, decimal.Decimal):
         return None
     try:
         f = float(v)
@@ -267,7 +272,7 @@ def _float(v: Any) -> str | None:
 
 
 def _numeric(v: Any, precision: int | None, scale: int | None) -> str | None:
-    if isinstance(v, bool) or not isinstance(v, (int, decimal.Decimal)):
+    if type(v) not in (int, decimal.Decimal):
         return None  # a float is compared as a float (PostgreSQL) or after lossy conversion
     d = decimal.Decimal(v)
     if not d.is_finite():
@@ -322,7 +327,7 @@ def _rtrim(s: str) -> str:
 def _string(v: Any, fold: Callable[[str], str], length: int | None, mysql: bool) -> str | None:
     if type(v) is int and not mysql:
         v = str(v)  # SQLite's TEXT affinity and PostgreSQL's ::VARCHAR make the same digits
-    if not isinstance(v, str) or "\x00" in v:
+    if type(v) is not str or "\x00" in v:
         return None
     if length is not None and len(v) > length:
         return None  # PostgreSQL silently cuts excess trailing spaces; MySQL may truncate
@@ -358,7 +363,6 @@ def _wall(v: dt.datetime) -> str:
 
 
 def _naive_datetime(v: Any, whole_seconds: bool) -> str | None:
-    # Only the exact type: subclasses (pandas, pendulum) may carry more than the driver sends.
     if type(v) is not dt.datetime or v.utcoffset() is not None:
         return None  # the database would read an aware value in the session time zone
     if whole_seconds and (v.microsecond or v.year < 1000):
@@ -385,14 +389,14 @@ def _time(v: Any, whole_seconds: bool) -> str | None:
 
 
 def _uuid(v: Any, parse_strings: bool) -> str | None:
-    if isinstance(v, str) and parse_strings:
+    if type(v) is str and parse_strings:
         # The spellings PostgreSQL's uuid input accepts; anything else is an error there.
         digits = v[1:-1] if v[:1] == "{" and v[-1:] == "}" else v
         digits = digits.replace("-", "")
         if len(digits) != 32 or not all(c in "0123456789abcdefABCDEF" for c in digits):
             return None
         return f"u:{digits.lower()}"
-    if isinstance(v, uuid.UUID):
+    if type(v) is uuid.UUID:
         return f"u:{v.hex}"
     return None
 

@@ -240,10 +240,14 @@ class _Graph:
         self.tables.update(names)
         self.deps.update(deps_mod.table_dep(n) for n in names)
 
-    def row(self, state: Any, layout: MapperLayout, loaded: dict[str, Any], related: bool) -> None:
+    def row(self, state: Any, layout: MapperLayout, loaded: dict[str, Any], related: bool | None) -> None:
+        """``related``: False for the statement's own rows, True for rows reached through a
+        relationship, None for those a relationship's condition already covers."""
         self.tables.update(layout.tables)
         for key in layout.expr_tables.keys() & loaded.keys():
             self.whole(layout.expr_tables[key])
+        if related is None:
+            return
         if self.dialect is None:
             self.whole(layout.tables)
         elif related:
@@ -256,7 +260,9 @@ class _Graph:
         elif not layout.tables <= self.covered:
             self.whole(layout.tables - self.covered)
 
-    def relationship(self, prop: RelationshipProperty[Any], loaded: dict[str, Any]) -> None:
+    def relationship(self, prop: RelationshipProperty[Any], loaded: dict[str, Any]) -> bool:
+        """Account for a loaded relationship; True when its condition also covers its members'
+        rows (a member's change shows in its old values, which satisfy the condition)."""
         target = layout_of(prop.mapper).tables
         secondary = (
             {deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table)}
@@ -267,8 +273,9 @@ class _Graph:
         found = None if self.dialect is None else rowtokens.membership_deps(prop, loaded, self.dialect)
         if found is None:
             self.whole(target | secondary)
-        else:
-            self.deps.update(found)
+            return False
+        self.deps.update(found)
+        return prop.secondary is None
 
 
 def _encode_entities(
@@ -280,7 +287,7 @@ def _encode_entities(
     table: list[Any] = []
     index: dict[int, int] = {}
 
-    def ref(obj: Any, related: bool = True) -> int | None:
+    def ref(obj: Any, related: bool | None = True) -> int | None:
         if obj is None:
             return None
         found = index.get(id(obj))
@@ -316,14 +323,14 @@ def _encode_entities(
                 continue
             if key in state.committed_state:
                 raise _Unstorable(f"relationship {key!r} has changes not flushed")
-            graph.relationship(prop, loaded)
+            covered = graph.relationship(prop, loaded)
             value = dict_[key]
             if prop.uselist:
                 if not isinstance(value, (list, set)):
                     raise _Unstorable(f"collection class of {key!r} is not a list or set")
-                rels[key] = [ref(v) for v in value]
+                rels[key] = [ref(v, None if covered else True) for v in value]
             else:
-                rels[key] = ref(value)
+                rels[key] = ref(value, None if covered else True)
         entry[2] = rels
         return slot
 

@@ -826,3 +826,84 @@ async def test_alookup_on_the_event_loop_agrees_with_lookup(h: Harness) -> None:
         assert hit.entry is not None and hit.entry.payload == b"v\n1"
     await h.run(lambda h: h.backend.bump(["t:a"]))
     assert (await backend.alookup("k", ["t:a", "*"])).entry is None
+
+
+# -- condition dependencies: scheme registries and row images ---------------------------------------
+
+NAME_A = "c:users:name:aaaa"
+COND = ["*", "s:users", NAME_A]
+
+
+@conformance
+def test_rows_evict_condition_entries_by_value(h: Harness) -> None:
+    g = _ready(h, ["*", "t:users"])
+    assert h.backend.store("k", b"v", COND, g, TTL)  # registry and condition start at the table's version
+    h.backend.bump([], [("users", {"name": "bbbb", "id": "1"})])
+    assert h.backend.lookup("k", COND).entry is not None  # another value: still valid
+    h.backend.bump([], [("orders", {"name": "aaaa"})])
+    assert h.backend.lookup("k", COND).entry is not None  # another table
+    h.backend.bump([], [("users", {"name": "aaaa", "id": "2"})])
+    assert h.backend.lookup("k", COND).entry is None
+
+
+@conformance
+def test_a_row_image_missing_a_scheme_column_evicts_every_condition_entry_of_its_table(h: Harness) -> None:
+    g = _ready(h, ["*", "t:users", "t:orders"])
+    assert h.backend.store("k", b"v", COND, g, TTL)
+    assert h.backend.store("o", b"v", ["*", "s:orders", "c:orders:total:1111"], g, TTL)
+    h.backend.bump([], [("users", {"id": "1"})])  # the name of the written row is unknown
+    assert h.backend.lookup("k", COND).entry is None
+    assert h.backend.lookup("o").entry is not None
+
+
+@conformance
+def test_a_scheme_registered_after_a_write_cannot_hide_it(h: Harness) -> None:
+    """A writer that committed before the scheme existed bumped no condition of it; a reader that
+    began before that write must not store under the new scheme."""
+    _ready(h, ["*", "t:users"])
+    g = h.backend.generation()  # the reader begins
+    h.backend.bump(["t:users"], [("users", {"name": "aaaa"})])  # no scheme registered yet
+    assert h.backend.store("k", b"stale", COND, g, TTL) is False
+    g2 = h.backend.generation()
+    assert h.backend.store("k", b"fresh", COND, g2, TTL)
+
+
+@conformance
+def test_registering_a_scheme_keeps_the_others(h: Harness) -> None:
+    g = _ready(h, ["*", "t:users"])
+    assert h.backend.store("k", b"v", COND, g, TTL)
+    other = ["*", "s:users", "c:users:active,name:1111,aaaa"]
+    assert h.backend.store("k2", b"v", other, h.backend.generation(), TTL)
+    assert h.backend.lookup("k", COND).entry is not None  # registering at an old version moves nothing
+    h.backend.bump([], [("users", {"name": "aaaa", "active": "0000"})])
+    assert h.backend.lookup("k", COND).entry is None
+    assert h.backend.lookup("k2", other).entry is not None
+    h.backend.bump([], [("users", {"name": "aaaa", "active": "1111"})])
+    assert h.backend.lookup("k2", other).entry is None
+
+
+@conformance
+def test_a_lost_registry_is_a_miss(h: Harness) -> None:
+    g = _ready(h, ["*", "t:users"])
+    assert h.backend.store("k", b"v", COND, g, TTL)
+    h.evict_version("s:users")
+    assert h.backend.lookup("k", COND).entry is None
+    h.backend.bump(["t:users"], [("users", {"name": "aaaa"})])  # nobody knows the scheme now
+    assert h.backend.store("k", b"v", COND, g, TTL) is False  # the write above is newer than g
+    assert h.backend.store("k", b"v", COND, h.backend.generation(), TTL)
+
+
+@conformance
+def test_bumps_do_not_create_row_or_condition_versions(h: Harness) -> None:
+    """Metadata grows with what is cached, not with what is written."""
+    _ready(h, ["*", "t:users"])
+    before = _version_count(h)
+    for i in range(200):
+        h.backend.bump([f"r:users:{i:04x}", "t:users"], [("users", {"name": f"{i:04x}"})])
+    assert _version_count(h) == before
+
+
+def _version_count(h: Harness) -> int:
+    if h.raw is not None:
+        return sum(1 for _ in h.raw.scan_iter(match=f"{_glob_escape(h.prefix)}:v:*", count=1000))
+    return len(h.backend._versions)
