@@ -73,6 +73,7 @@ _MYSQL = ("mysql", "mariadb")
 _DIALECTS = ("sqlite", "postgresql", *_MYSQL)
 _EXACT_FLOAT_INT = 2**53  # below this every integer is exactly a double, so int/double comparisons agree
 _MYSQL_TEXT_BYTES = 65535  # TEXT and BLOB, the smallest types SQLAlchemy picks when no length is given
+_MYSQL_MIN_YEAR = 1000  # earlier DATE and DATETIME values "may work" but are not supported
 
 
 def token(type_: TypeEngine[Any], value: Any, dialect: Dialect) -> str | None:
@@ -189,9 +190,8 @@ def _canon(t: TypeEngine[Any], dialect: Dialect) -> _Canon | None:
     if isinstance(t, Date):
         if _custom_sqlite_format(t):
             return None
-        return lambda v: (
-            f"d:{v.isoformat()}" if type(v) is dt.date and (not mysql or v.year >= 1000) else None
-        )
+        min_year = _MYSQL_MIN_YEAR if mysql else 1
+        return lambda v: f"d:{v.isoformat()}" if type(v) is dt.date and v.year >= min_year else None
     if isinstance(t, Time):
         # timetz on PostgreSQL applies the session zone to naive values; MySQL TIME drops fractions.
         if (t.timezone and name != "sqlite") or getattr(t, "precision", None) is not None:
@@ -346,7 +346,7 @@ def _datetime_canon(t: DateTime, dialect: Dialect) -> _Canon | None:
         # TIMESTAMP converts through the session zone (and skips DST gaps); DATETIME drops fractions.
         if t.timezone or isinstance(t, TIMESTAMP):
             return None
-        return lambda v: _naive_datetime(v, whole_seconds=True)
+        return lambda v: _naive_datetime(v, whole_seconds=True, min_year=_MYSQL_MIN_YEAR)
     if t.timezone:
         return _aware_datetime
     # A declared precision rounds fractions.
@@ -362,10 +362,10 @@ def _wall(v: dt.datetime) -> str:
     return v.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def _naive_datetime(v: Any, whole_seconds: bool) -> str | None:
+def _naive_datetime(v: Any, whole_seconds: bool, min_year: int = 1) -> str | None:
     if type(v) is not dt.datetime or v.utcoffset() is not None:
         return None  # the database would read an aware value in the session time zone
-    if whole_seconds and (v.microsecond or v.year < 1000):
+    if (whole_seconds and v.microsecond) or v.year < min_year:
         return None
     return f"dt:{_wall(v)}"
 

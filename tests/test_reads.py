@@ -72,7 +72,7 @@ def test_objects_from_a_hit_are_attached_editable_and_flushable(world):
 
 def test_object_already_in_session_keeps_its_pending_changes(world):
     seed(world)
-    read = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]  # noqa: E731
+    read = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]
     cached(world, read)
     with world.Session() as s, s.no_autoflush:
         mine = s.get(User, 1, execution_options={"cache": False})
@@ -221,7 +221,7 @@ def test_lazy_loads_are_cached_per_parent(world):
 
 def test_results_with_objects_already_in_the_session_are_stored_from_what_was_loaded(world):
     seed(world)
-    listing = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]  # noqa: E731
+    listing = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]
     for _ in range(2):  # the get is cached first, so its object is "known" in the next session
         with world.Session() as s:
             s.get(User, 1)
@@ -238,7 +238,7 @@ def test_results_with_objects_already_in_the_session_are_stored_from_what_was_lo
 
 def test_object_loaded_before_another_commit_is_never_stored_as_current(world):
     seed(world)
-    listing = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]  # noqa: E731
+    listing = lambda s: [u.name for u in s.scalars(select(User).order_by(User.id))]
     for _ in range(2):
         with world.Session() as s:
             s.get(User, 1)
