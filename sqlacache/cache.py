@@ -380,7 +380,7 @@ class Cache:
         # Kept for retry without the images: every condition read of their tables goes instead.
         with self._lock:
             self._pending.extend(todo)
-            self._pending.extend(sorted({deps_mod.scheme_dep(table) for table, _ in rows}))
+            self._pending.extend(sorted({deps_mod.scheme_dep(image[0]) for image in rows}))
 
     # -- keys -------------------------------------------------------------------------------
 

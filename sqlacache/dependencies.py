@@ -30,8 +30,10 @@ from sqlalchemy.sql.selectable import TableClause
 
 ALL = "*"
 
-# A row image: (table, {column name: token}) with the columns whose values are known.
-RowImage = tuple[str, dict[str, str]]
+# A row image: (table, {column name: token}, guard) with the columns whose values are known. A
+# guard g says the values are only known to be current if the table had no committed write since
+# generation g (values an ORM object was loaded with); None: they are exact (written values).
+RowImage = tuple[str, dict[str, str], int | None]
 
 
 def table_name(table: TableClause) -> str:

@@ -57,7 +57,7 @@ def effects(
             return None
         for params in parameters:
             image = _tokens(table, _insert_values(statement, params, table), dialect)
-            images.append((name, image))
+            images.append((name, image, None))
             keyed(image)
         return deps, images
     if not isinstance(statement, (Update, Delete)):
@@ -80,14 +80,14 @@ def effects(
             _set_values(statement, params, table, where_keys) if isinstance(statement, Update) else None
         )
         for conjunction in found:
-            images.append((name, dict(conjunction)))
+            images.append((name, dict(conjunction), None))
             keyed(conjunction)
             if new_values is not None:
                 new = {c: t for c, t in conjunction.items() if c not in new_values}
                 new.update(
                     _tokens(table, {c: v for c, v in new_values.items() if v is not _UNKNOWN}, dialect)
                 )
-                images.append((name, new))
+                images.append((name, new, None))
                 keyed(new)
     return deps, images
 

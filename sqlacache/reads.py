@@ -248,17 +248,18 @@ class _Graph:
             self.whole(layout.expr_tables[key])
         if related is None:
             return
-        if self.dialect is None:
-            self.whole(layout.tables)
-        elif related:
-            # A row reached through a relationship: the statement's conditions don't cover it.
+        if not related:
+            if not layout.tables <= self.covered:
+                self.whole(layout.tables - self.covered)
+            return
+        # A row reached through a relationship: the statement's own dependencies don't cover it.
+        tokens = None
+        if self.dialect is not None:
             tokens = rowtokens.pk_tokens(state.mapper, [loaded.get(k) for k in layout.pk_keys], self.dialect)
-            if tokens is None:
-                self.whole(layout.tables)
-            else:
-                self.deps.update(deps_mod.pk_read_deps(layout.tables, tokens))
-        elif not layout.tables <= self.covered:
-            self.whole(layout.tables - self.covered)
+        if tokens is None:
+            self.whole(layout.tables)
+        else:
+            self.deps.update(deps_mod.pk_read_deps(layout.tables, tokens))
 
     def relationship(self, prop: RelationshipProperty[Any], loaded: dict[str, Any]) -> bool:
         """Account for a loaded relationship; True when its condition also covers its members'

@@ -84,7 +84,9 @@ def pk_tokens(mapper: Mapper[Any], pk: Sequence[Any], dialect: Dialect) -> list[
     return out
 
 
-def images(mapper: Mapper[Any], values: Mapping[str, Any], dialect: Dialect) -> list[deps_mod.RowImage]:
+def images(
+    mapper: Mapper[Any], values: Mapping[str, Any], dialect: Dialect, guard: int | None = None
+) -> list[deps_mod.RowImage]:
     """One image per table of the mapper, with the columns whose values are known (by attribute key)."""
     out = []
     for table in columns_of(mapper).tables:
@@ -100,7 +102,7 @@ def images(mapper: Mapper[Any], values: Mapping[str, Any], dialect: Dialect) -> 
             t = NULL_TOKEN if value is None else token(type_, value, dialect)
             if t is not None:
                 image[name] = t
-        out.append((table.name, image))
+        out.append((table.name, image, guard))
     return out
 
 

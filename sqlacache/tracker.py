@@ -28,7 +28,7 @@ from sqlacache import dml, rowtokens
 from sqlacache._lru import LRU
 from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
-from sqlacache.reads import layout_of
+from sqlacache.reads import _KNOWN, layout_of
 
 log = logging.getLogger("sqlacache.tracker")
 
@@ -118,12 +118,20 @@ def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> No
         tokens = rowtokens.pk_tokens(state.mapper, key, dialect)
         for table in state.mapper.tables:
             depset += deps_mod.row_write_deps(deps_mod.table_name(table), tokens)
-    images = [
-        image
-        for side, values in (("insert", old), ("delete", new))
-        if op != side  # an insert has no old row, a delete no new one
-        for image in rowtokens.images(state.mapper, values, dialect)
-    ]
+    # Written values are exact. Values the object was loaded with (an update's unchanged columns
+    # and old values, a delete's row) may be older than the database: they count only if the
+    # table had no committed write since they were loaded (checked when the eviction runs).
+    remembered = state.info.get(_KNOWN) if "info" in state.__dict__ else None
+    guard = remembered[1] if remembered is not None else None
+    images: list[deps_mod.RowImage] = []
+    if op == "insert":
+        images += rowtokens.images(state.mapper, new, dialect)
+    elif guard is None:
+        # Loaded outside the cache: when is unknown, so every condition read of the table goes.
+        depset += [deps_mod.scheme_dep(deps_mod.table_name(t)) for t in state.mapper.tables]
+    else:
+        for values in (old, new) if op == "update" else (old,):
+            images += rowtokens.images(state.mapper, values, dialect, guard)
     for table in state.mapper.tables:
         tables.add(deps_mod.table_name(table))
         if op != "insert" and isinstance(table, Table):

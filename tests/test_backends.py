@@ -838,11 +838,11 @@ COND = ["*", "s:users", NAME_A]
 def test_rows_evict_condition_entries_by_value(h: Harness) -> None:
     g = _ready(h, ["*", "t:users"])
     assert h.backend.store("k", b"v", COND, g, TTL)  # registry and condition start at the table's version
-    h.backend.bump([], [("users", {"name": "bbbb", "id": "1"})])
+    h.backend.bump([], [("users", {"name": "bbbb", "id": "1"}, None)])
     assert h.backend.lookup("k", COND).entry is not None  # another value: still valid
-    h.backend.bump([], [("orders", {"name": "aaaa"})])
+    h.backend.bump([], [("orders", {"name": "aaaa"}, None)])
     assert h.backend.lookup("k", COND).entry is not None  # another table
-    h.backend.bump([], [("users", {"name": "aaaa", "id": "2"})])
+    h.backend.bump([], [("users", {"name": "aaaa", "id": "2"}, None)])
     assert h.backend.lookup("k", COND).entry is None
 
 
@@ -851,7 +851,7 @@ def test_a_row_image_missing_a_scheme_column_evicts_every_condition_entry_of_its
     g = _ready(h, ["*", "t:users", "t:orders"])
     assert h.backend.store("k", b"v", COND, g, TTL)
     assert h.backend.store("o", b"v", ["*", "s:orders", "c:orders:total:1111"], g, TTL)
-    h.backend.bump([], [("users", {"id": "1"})])  # the name of the written row is unknown
+    h.backend.bump([], [("users", {"id": "1"}, None)])  # the name of the written row is unknown
     assert h.backend.lookup("k", COND).entry is None
     assert h.backend.lookup("o").entry is not None
 
@@ -862,7 +862,7 @@ def test_a_scheme_registered_after_a_write_cannot_hide_it(h: Harness) -> None:
     began before that write must not store under the new scheme."""
     _ready(h, ["*", "t:users"])
     g = h.backend.generation()  # the reader begins
-    h.backend.bump(["t:users"], [("users", {"name": "aaaa"})])  # no scheme registered yet
+    h.backend.bump(["t:users"], [("users", {"name": "aaaa"}, None)])  # no scheme registered yet
     assert h.backend.store("k", b"stale", COND, g, TTL) is False
     g2 = h.backend.generation()
     assert h.backend.store("k", b"fresh", COND, g2, TTL)
@@ -875,10 +875,10 @@ def test_registering_a_scheme_keeps_the_others(h: Harness) -> None:
     other = ["*", "s:users", "c:users:active,name:1111,aaaa"]
     assert h.backend.store("k2", b"v", other, h.backend.generation(), TTL)
     assert h.backend.lookup("k", COND).entry is not None  # registering at an old version moves nothing
-    h.backend.bump([], [("users", {"name": "aaaa", "active": "0000"})])
+    h.backend.bump([], [("users", {"name": "aaaa", "active": "0000"}, None)])
     assert h.backend.lookup("k", COND).entry is None
     assert h.backend.lookup("k2", other).entry is not None
-    h.backend.bump([], [("users", {"name": "aaaa", "active": "1111"})])
+    h.backend.bump([], [("users", {"name": "aaaa", "active": "1111"}, None)])
     assert h.backend.lookup("k2", other).entry is None
 
 
@@ -888,7 +888,7 @@ def test_a_lost_registry_is_a_miss(h: Harness) -> None:
     assert h.backend.store("k", b"v", COND, g, TTL)
     h.evict_version("s:users")
     assert h.backend.lookup("k", COND).entry is None
-    h.backend.bump(["t:users"], [("users", {"name": "aaaa"})])  # nobody knows the scheme now
+    h.backend.bump(["t:users"], [("users", {"name": "aaaa"}, None)])  # nobody knows the scheme now
     assert h.backend.store("k", b"v", COND, g, TTL) is False  # the write above is newer than g
     assert h.backend.store("k", b"v", COND, h.backend.generation(), TTL)
 
@@ -899,7 +899,7 @@ def test_bumps_do_not_create_row_or_condition_versions(h: Harness) -> None:
     _ready(h, ["*", "t:users"])
     before = _version_count(h)
     for i in range(200):
-        h.backend.bump([f"r:users:{i:04x}", "t:users"], [("users", {"name": f"{i:04x}"})])
+        h.backend.bump([f"r:users:{i:04x}", "t:users"], [("users", {"name": f"{i:04x}"}, None)])
     assert _version_count(h) == before
 
 
@@ -907,3 +907,19 @@ def _version_count(h: Harness) -> int:
     if h.raw is not None:
         return sum(1 for _ in h.raw.scan_iter(match=f"{_glob_escape(h.prefix)}:v:*", count=1000))
     return len(h.backend._versions)
+
+
+@conformance
+def test_loaded_values_count_only_if_their_table_was_not_written_since(h: Harness) -> None:
+    """An ORM object's unchanged columns are what it was loaded with, maybe before another commit."""
+    g = _ready(h, ["*", "t:users"])
+    assert h.backend.store("k", b"v", COND, g, TTL)
+    loaded_at = h.backend.generation()
+    h.backend.bump(["t:users"], [("users", {"name": "bbbb"}, None)])  # another writer, another row
+    assert h.backend.lookup("k", COND).entry is not None
+    # Values loaded before that write may be stale (the row may now be named "aaaa"): not trusted.
+    h.backend.bump(["t:users"], [("users", {"name": "cccc"}, loaded_at)])
+    assert h.backend.lookup("k", COND).entry is None
+    assert h.backend.store("k", b"v", COND, h.backend.generation(), TTL)
+    h.backend.bump(["t:users"], [("users", {"name": "cccc"}, h.backend.generation())])  # current
+    assert h.backend.lookup("k", COND).entry is not None

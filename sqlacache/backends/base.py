@@ -75,13 +75,17 @@ class Backend(Protocol):
         """
         ...
 
-    def bump(self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> None:
+    def bump(
+        self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str], int | None]] = ()
+    ) -> None:
         """Give every dependency in ``deps`` a new version greater than every generation handed out.
 
-        A missing version may stay missing. ``rows`` are row images ``(table, {column: token})``:
-        for every condition scheme registered for the table (by ``store`` of a dependency
-        ``c:<table>:<columns>:<tokens>``), the image bumps the condition its values name, or
-        ``s:<table>`` (every condition entry of the table) when it lacks one of the columns.
+        A missing version may stay missing. ``rows`` are row images ``(table, {column: token},
+        guard)``: for every condition scheme registered for the table (by ``store`` of a
+        dependency ``c:<table>:<columns>:<tokens>``), the image bumps the condition its values
+        name, or ``s:<table>`` (every condition entry of the table) when it lacks one of the
+        columns — or when ``guard`` is a generation and ``t:<table>``, before this bump, is
+        missing or newer than it (the values may be older than the database).
         """
         ...
 

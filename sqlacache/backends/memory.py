@@ -120,7 +120,12 @@ class MemoryBackend:
             def floor(table: str) -> int | None:
                 # See the Redis backend: a missing row/condition version of a table may start at
                 # the table's own version when that is no newer than this reader.
+                nonlocal fresh
                 found = versions.get(f"t:{table}")
+                if found is None:
+                    if fresh is None:
+                        fresh = self._next_generation()
+                    self._set_version(f"t:{table}", fresh)
                 return found if found is not None and found <= generation else None
 
             # Condition dependencies register their scheme with their table (see the Redis backend).
@@ -165,16 +170,25 @@ class MemoryBackend:
                 self._entries.popitem(last=False)
             return True
 
-    def bump(self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> None:
+    def bump(
+        self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str], int | None]] = ()
+    ) -> None:
         if not deps and not rows:
             return
         with self._lock:
             self._check_open()
             generation = self._next_generation()
             todo = set(deps)
-            for table, values in rows:
+            for table, values, guard in rows:
                 if f"s:{table}" not in self._versions:
                     continue  # no registry: no condition entry of this table is valid anyway
+                if guard is not None:
+                    # Values as an object was loaded: current only if its table wasn't written since
+                    # (checked before this bump moves the table's own version).
+                    current = self._versions.get(f"t:{table}")
+                    if current is None or current > guard:
+                        todo.add(f"s:{table}")
+                        continue
                 for scheme in self._schemes.get(table, ()):
                     tokens = [values.get(c) for c in scheme.split(",")]
                     if all(t is not None for t in tokens):

@@ -210,7 +210,12 @@ local function floor(tbl)
   local tkey = prefix .. ':v:t:' .. tbl
   local value = get(tkey)
   local n = num(value)
-  if not n or n > generation then
+  if not n then
+    -- Lost (or never written): create it as "bumped now", so that the next readers have a floor.
+    redis.call('SET', tkey, now(), 'PX', vttl)
+    return nil
+  end
+  if n > generation then
     return nil
   end
   local pttl = redis.call('PTTL', tkey)
@@ -281,7 +286,7 @@ return 1
 )
 
 # ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3] number of deps n, ARGV[4..n+3] deps, then row
-# images, each "<table>\x1f<column>\x1f<token>\x1f<column>\x1f<token>…". Returns the new generation.
+# images, each "<table>\x1f<guard or ->\x1f<column>\x1f<token>…". Returns the new generation.
 # Each image bumps, for every scheme registered for its table, the condition dependency its values
 # name — or the whole registry (every condition entry of the table) when it lacks a column.
 _BUMP = (
@@ -299,19 +304,35 @@ local function bump(dep)
     bump_version(prefix .. ':v:' .. dep, g, string.sub(dep, 1, 2) == 't:' and vttl)
   end
 end
-for i = 4, 3 + ndeps do
-  bump(ARGV[i])
-end
-local registries = {}
+-- Parse the images and check their guards first: a guarded image holds values an object was
+-- loaded with, current only if its table had no committed write since (before this bump moves
+-- the table's own version).
+local images = {}
 for i = 4 + ndeps, #ARGV do
   local fields = {}
   for f in string.gmatch(ARGV[i], '[^\31]+') do
     fields[#fields + 1] = f
   end
-  local tbl = fields[1]
   local values = {}
-  for j = 2, #fields - 1, 2 do
+  for j = 3, #fields - 1, 2 do
     values[fields[j]] = fields[j + 1]
+  end
+  local trusted = true
+  if fields[2] ~= '-' then
+    local current = num((get(prefix .. ':v:t:' .. fields[1])))
+    trusted = current ~= nil and current <= tonumber(fields[2])
+  end
+  images[#images + 1] = {fields[1], values, trusted}
+end
+for i = 4, 3 + ndeps do
+  bump(ARGV[i])
+end
+local registries = {}
+for _, image in ipairs(images) do
+  local tbl = image[1]
+  local values = image[2]
+  if not image[3] then
+    values = {}
   end
   local schemes = registries[tbl]
   if not schemes then
@@ -676,12 +697,15 @@ class RedisBackend:
             raise BackendError(f"Redis store failed: {exc!r}") from exc
         return self._int(reply, "store reply") == 1
 
-    def bump(self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> None:
+    def bump(
+        self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str], int | None]] = ()
+    ) -> None:
         if not deps and not rows:
             return
         args = [self.prefix, self._version_ttl_ms, str(len(deps)), *deps]
-        for table, values in rows:
-            args.append("\x1f".join([table, *(x for item in values.items() for x in item)]))
+        for table, values, guard in rows:
+            head = [table, "-" if guard is None else str(int(guard))]
+            args.append("\x1f".join([*head, *(x for item in values.items() for x in item)]))
         self._run("bump", lambda s: s.bump(args=args))
 
     def delete(self, keys: Sequence[str]) -> None:
