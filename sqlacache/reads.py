@@ -524,7 +524,7 @@ class GetTicket:
 
     key: str
     mapper: Mapper[Any]
-    own_deps: list[str]  # the row's own dependencies
+    plan: _KeyPlan  # its deps: the row's own dependencies
     lookup: Lookup | None
     ttl: float
     dialect: Any
@@ -626,7 +626,17 @@ def _plain_read(state: ORMExecuteState) -> bool:
     return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
 
 
-_key_deps: LRU[str, tuple[str, ...]] = LRU(8192)  # key → the dependencies its entry had last
+@dataclass(slots=True)
+class _KeyPlan:
+    """Per key: the dependencies its statement predicts, those its entry had, and the hint."""
+
+    deps: list[str]
+    learned: tuple[str, ...] = ()
+    hint: list[str] | None = None
+    shape_size: int = -1
+
+
+_plans: LRU[Any, _KeyPlan] = LRU(8192)  # (key, mode) → plan: computed once per key, not per read
 
 
 def _valueless(dep: str) -> bool:
@@ -634,19 +644,21 @@ def _valueless(dep: str) -> bool:
     return dep[0] not in "rc"
 
 
-def _learn(key: str, deps: Sequence[str], shape_hint: set[str] | None) -> None:
+def _learn(plan: _KeyPlan, deps: Sequence[str], shape_hint: set[str] | None) -> None:
     """Remember an entry's dependencies so that the next lookup fetches their versions with it."""
-    _key_deps.put(key, tuple(deps))
+    found = tuple(deps)
+    if found != plan.learned:
+        plan.learned = found
+        plan.hint = None
     if shape_hint is not None:
-        shape_hint.update(d for d in deps if _valueless(d))
+        shape_hint.update(d for d in found if _valueless(d))
 
 
-def _hint(key: str, predicted: Sequence[str], shape_hint: set[str]) -> list[str]:
-    known = _key_deps.get(key)
-    out = set(predicted) | shape_hint
-    if known is not None:
-        out.update(known)
-    return sorted(out)
+def _hint(plan: _KeyPlan, shape_hint: set[str]) -> list[str]:
+    if plan.hint is None or plan.shape_size != len(shape_hint):
+        plan.hint = sorted(set(plan.deps) | shape_hint | set(plan.learned))
+        plan.shape_size = len(shape_hint)
+    return plan.hint
 
 
 def _statement_deps(
@@ -712,8 +724,8 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         return None
     statement_deps: list[str]
     if ticket is not None:
-        key, lookup, dialect = ticket.key, ticket.lookup, ticket.dialect
-        statement_deps = ticket.own_deps
+        key, lookup, dialect, plan = ticket.key, ticket.lookup, ticket.dialect, ticket.plan
+        statement_deps = plan.deps
     else:
         bind = session.get_bind(**state.bind_arguments)
         dialect = bind.dialect if cache.precise else None
@@ -731,14 +743,18 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         except Uncacheable:
             cache.count("uncacheable")
             return None
-        statement_deps = [
-            cache.database_dep(bind),
-            *_statement_deps(cache, info, statement, ck, state.parameters, dialect),
-        ]
-        lookup = cache.lookup(key, _hint(key, statement_deps, info.hint))
+        plan_key = (key, cache.precise, cache.condition_in_limit)
+        memo = _plans.get(plan_key)
+        if memo is None:
+            found = _statement_deps(cache, info, statement, ck, state.parameters, dialect)
+            memo = _KeyPlan([cache.database_dep(bind), *found])
+            _plans.put(plan_key, memo)
+        plan = memo
+        statement_deps = plan.deps
+        lookup = cache.lookup(key, _hint(plan, info.hint))
     entry = lookup.entry if lookup is not None else None
-    if entry is not None:
-        _learn(key, entry.deps, None if ticket is not None else info.hint)
+    if entry is not None and ticket is None:
+        _learn(plan, entry.deps, info.hint)
     if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
         try:
             rows = decode_result(session, entry.payload, info, lookup.generation if lookup else -1)
@@ -769,7 +785,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         deps = sorted(set(statement_deps) | graph.deps | frame.deps)
         if not _written(ctx, graph.tables | statement_tables):
             cache.submit_store(key, payload, deps, generation, ttl)
-        _learn(key, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
+        _learn(plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
     except _Unstorable as exc:
         cache.count("unstorable")
         log.debug("sqlacache: not storing %s: %s", key, exc)
@@ -811,7 +827,7 @@ class GetPlan:
     key: str
     mapper: Mapper[Any]
     layout: MapperLayout
-    own_deps: list[str]
+    plan: _KeyPlan
     hint: list[str]
     ttl: float
     dialect: Any
@@ -861,24 +877,25 @@ def plan_get(
     except Uncacheable:
         return None
     ttl = execution_options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
-    tokens = rowtokens.pk_tokens(mapper, pk, bind.dialect)
-    own = [
-        cache.database_dep(bind),
-        *(
+    plan = _plans.get(key)
+    if plan is None:
+        tokens = rowtokens.pk_tokens(mapper, pk, bind.dialect)
+        own = (
             deps_mod.pk_read_deps(layout.tables, tokens)
             if tokens is not None
             else deps_mod.table_read_deps(layout.tables)  # a key we cannot canonicalise: the table
-        ),
-    ]
+        )
+        plan = _KeyPlan([cache.database_dep(bind), *own])
+        _plans.put(key, plan)
     dialect = bind.dialect if cache.precise else None
-    return GetPlan(key, mapper, layout, own, _hint(key, own, layout.get_hint), ttl, dialect)
+    return GetPlan(key, mapper, layout, plan, _hint(plan, layout.get_hint), ttl, dialect)
 
 
 def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Lookup | None) -> Any:
     """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss."""
     entry = lookup.entry if lookup is not None else None
     if lookup is not None and entry is not None:
-        _learn(plan.key, entry.deps, plan.layout.get_hint)
+        _learn(plan.plan, entry.deps, plan.layout.get_hint)
         if not _entry_written(ctx, entry.deps):
             try:
                 objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
@@ -888,7 +905,7 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
             else:
                 ctx.cache.count("hits")
                 return objs[0] if objs else None
-    return GetTicket(plan.key, plan.mapper, plan.own_deps, lookup, plan.ttl, plan.dialect)
+    return GetTicket(plan.key, plan.mapper, plan.plan, lookup, plan.ttl, plan.dialect)
 
 
 def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:
