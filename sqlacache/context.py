@@ -32,6 +32,8 @@ class TxFrame:
 
     deps: set[str] = field(default_factory=set)
     rows: list[Any] = field(default_factory=list)  # row images (table, {column: token}), old and new
+    # DML whose written keys RETURNING will tell: (execution context, mapper-less table, dialect).
+    returning: list[Any] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -23,7 +23,8 @@ from sqlacache._lru import LRU
 from sqlacache.canon import NULL_TOKEN, token
 from sqlacache.conditions import Analysis, analyse_where, resolve
 
-Effects = tuple[list[str], list[deps_mod.RowImage]]
+# (dependencies to bump, row images, whether some rows' keys are unknown)
+Effects = tuple[list[str], list[deps_mod.RowImage], bool]
 
 _analyses: LRU[Any, tuple[Analysis, frozenset[str]]] = LRU(1024)
 
@@ -45,12 +46,15 @@ def effects(
     deps = [deps_mod.table_dep(name)]
     images: list[deps_mod.RowImage] = []
 
+    keyless = [False]
+
     def keyed(image: dict[str, str]) -> None:
-        # A row whose key we know bumps its keyed reads only; otherwise every keyed read.
+        # A row whose key we know bumps its keyed reads only; the caller decides for the others
+        # (every keyed read of the table, unless RETURNING tells their keys).
         if pk and all(c in image and image[c] != NULL_TOKEN for c in pk):
             deps.append(deps_mod.row_dep(name, [image[c] for c in pk]))
         else:
-            deps.append(deps_mod.allrows_dep(name))
+            keyless[0] = True
 
     if isinstance(statement, Insert):
         if statement.select is not None or statement._multi_values:
@@ -59,7 +63,7 @@ def effects(
             image = _tokens(table, _insert_values(statement, params, table), dialect)
             images.append((name, image, None))
             keyed(image)
-        return deps, images
+        return deps, images, keyless[0]
     if not isinstance(statement, (Update, Delete)):
         return None
     memo = _analyses.get(statement)
@@ -89,10 +93,24 @@ def effects(
                 )
                 images.append((name, new, None))
                 keyed(new)
-    return deps, images
+    return deps, images, keyless[0]
 
 
 _UNKNOWN: Any = object()
+
+
+def returned_key_positions(compiled: Any, table: Table) -> list[int] | None:
+    """Where the primary key sits in the rows the execution context will keep after a RETURNING
+    (``return_defaults``, which the ORM's ``synchronize_session="fetch"`` adds where RETURNING
+    works); None when it won't keep them."""
+    returning = getattr(compiled, "effective_returning", None)
+    if not returning:
+        return None
+    names = [getattr(c, "name", None) for c in returning]
+    try:
+        return [names.index(c.name) for c in table.primary_key.columns]
+    except ValueError:
+        return None
 
 
 def _column(table: Table, key: Any) -> Column[Any] | None:

@@ -23,8 +23,8 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.schema import Column
 
+from sqlacache import canon, dml, rowtokens
 from sqlacache import dependencies as deps_mod
-from sqlacache import dml, rowtokens
 from sqlacache._lru import LRU
 from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
@@ -227,7 +227,13 @@ def _after_cursor_execute(
     depset: list[str] = []
     images: list[deps_mod.RowImage] = []
     if found is not None:
-        depset, images = found
+        depset, images, keyless = found
+        if keyless:
+            positions = dml.returned_key_positions(compiled, table)
+            if positions is not None:
+                _frame(ctx, session).returning.append((context, table, positions, conn.dialect))
+            else:
+                depset.append(deps_mod.allrows_dep(deps_mod.table_name(table)))
     for name in tables:
         if found is None or name != deps_mod.table_name(compiled.statement.table):
             depset += deps_mod.unknown_rows_write_deps(name)  # rows we cannot name (or cascaded)
@@ -288,9 +294,11 @@ def _after_flush(session: Session, flush_context: Any) -> None:
         if found is None:
             depset += deps_mod.unknown_rows_write_deps(name)
         else:
-            for deps, rows in found:
+            for deps, rows, keyless in found:
                 depset += deps
                 images += rows
+                if keyless:
+                    depset.append(deps_mod.allrows_dep(name))
     if others:
         record(ctx, session, depset, others, images)
     ctx.flush_dml = {}
@@ -316,12 +324,36 @@ def _after_commit(session: Session) -> None:
         else:
             target.deps |= frame.deps
             target.rows.extend(frame.rows)
+            target.returning.extend(frame.returning)
         return
+    for context, table, positions, dialect in frame.returning:
+        frame.deps.update(_returned_keys(context, table, positions, dialect))
     caches = {ctx.cache}
     for engine in ctx.engines:
         caches.update(watchers(engine))
     for cache in caches:
         cache.bump(frame.deps, frame.rows)
+
+
+def _returned_keys(context: Any, table: Table, positions: list[int], dialect: Any) -> list[str]:
+    """The keyed reads of the rows a statement's RETURNING named (all of the table's if it kept
+    none: an explicit ``.returning()`` hands its rows to the caller, not to us)."""
+    name = deps_mod.table_name(table)
+    rows = getattr(context, "returned_default_rows", None)
+    if not rows:
+        return [deps_mod.allrows_dep(name)] if rows is None else []
+    columns = list(table.primary_key.columns)
+    out = []
+    for row in rows:
+        tokens = []
+        for column, position in zip(columns, positions):
+            value = row[position] if position < len(row) else None
+            found = None if value is None else canon.token(column.type, value, dialect)
+            if found is None:
+                return [deps_mod.allrows_dep(name)]
+            tokens.append(found)
+        out.append(deps_mod.row_dep(name, tokens))
+    return out
 
 
 @event.listens_for(Session, "after_transaction_end")

@@ -277,3 +277,21 @@ def test_association_rows_written_by_core(world):
     commit(world, lambda s: s.execute(insert(user_tags).values(user_id=3, tag_id=2)))
     fresh(world, tags_of(3), [[2]])
     still_cached(world, tags_of(1), [[1]])
+
+
+def test_bulk_statements_returning_their_keys_evict_only_those_rows_keyed_reads(world):
+    seed(world)
+    for uid in (1, 3):
+        cached(world, lambda s, uid=uid: s.get(User, uid).name)
+    fetch = {"synchronize_session": "fetch"}  # the ORM asks for the keys with RETURNING where it can
+    commit(
+        world,
+        lambda s: s.execute(
+            update(User).where(User.name == "u1").values(active=False), execution_options=fetch
+        ),
+    )
+    fresh(world, lambda s: (s.get(User, 1).name, s.get(User, 1).active), ("u1", False))
+    if world.engine.dialect.update_returning:
+        still_cached(world, lambda s: s.get(User, 3).name, "u3")
+    commit(world, lambda s: s.execute(delete(Order).where(Order.total == 1), execution_options=fetch))
+    fresh(world, lambda s: s.scalars(select(Order.id).order_by(Order.id)).all(), [10, 20, 30])
