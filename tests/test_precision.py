@@ -295,3 +295,21 @@ def test_bulk_statements_returning_their_keys_evict_only_those_rows_keyed_reads(
         still_cached(world, lambda s: s.get(User, 3).name, "u3")
     commit(world, lambda s: s.execute(delete(Order).where(Order.total == 1), execution_options=fetch))
     fresh(world, lambda s: s.scalars(select(Order.id).order_by(Order.id)).all(), [10, 20, 30])
+
+
+def test_an_object_loaded_before_another_commit_updates_what_the_database_holds(world):
+    """Session A holds user 1 as loaded ("u1"); another request renames it and commits; reads of
+    the new name are cached; A then changes another column of its older copy. Its unchanged
+    columns are not what the database holds, so they can't say which reads the row is in."""
+    seed(world)
+    a = world.Session(expire_on_commit=False)
+    try:
+        mine = a.get(User, 1)
+        commit(world, lambda s: setattr(s.get(User, 1), "name", "bob"))
+        bob = lambda s: [(u.id, u.active) for u in s.scalars(select(User).where(User.name == "bob"))]
+        cached(world, bob)
+        mine.active = False  # UPDATE users SET active=false WHERE id=1: the row is named "bob" now
+        a.commit()
+    finally:
+        a.close()
+    fresh(world, bob, [(1, False)])
