@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, text, update
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy import String, create_engine, delete, event, func, insert, or_, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, selectinload, sessionmaker
 
+from sqlacache import CachingSession
 from tests.helpers import cached, seed
 from tests.models import Order, Status, Tag, User, user_tags
 
@@ -313,3 +314,51 @@ def test_an_object_loaded_before_another_commit_updates_what_the_database_holds(
     finally:
         a.close()
     fresh(world, bob, [(1, False)])
+
+
+class _OtherBase(DeclarativeBase):
+    pass
+
+
+class Note(_OtherBase):
+    """A table only the second database has."""
+
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(String(20))
+
+
+def test_unreadable_raw_sql_evicts_its_database_only(world, tmp_path, caplog):
+    """A statement whose written tables can't be told evicts every read of *its* database, and the
+    warning comes once per statement text."""
+    other = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    _OtherBase.metadata.create_all(other)
+    with sessionmaker(other)() as s:
+        s.add(Note(id=1, body="elsewhere"))
+        s.commit()
+    sql: list[str] = []
+    event.listen(other, "before_cursor_execute", lambda *a: sql.append(a[2]))
+    Other = sessionmaker(other, class_=CachingSession, cache=world.cache)
+    notes = lambda s: s.scalars(select(Note.body)).all()
+    seed(world)
+    labels = lambda s: s.scalars(select(Tag.label).order_by(Tag.id)).all()
+    cached(world, labels)
+    for _ in range(3):
+        with Other() as s:
+            assert notes(s) == ["elsewhere"]
+    statement = "DO $$ BEGIN UPDATE tags SET label = 'green' WHERE id = 1; END $$"
+    if world.dialect != "postgresql":
+        statement = "/* unknown */ WITH x AS (SELECT 1) UPDATE tags SET label = 'green' WHERE id = 1"
+    statement += f" /* {world.name} {tmp_path.name} */"  # the warning is once per text, per process
+    for _ in range(2):
+        with world.Session() as s:
+            s.execute(text(statement))
+            s.commit()
+    fresh(world, labels, ["green", "blue"])
+    before = len(sql)
+    with Other() as s:
+        assert notes(s) == ["elsewhere"]
+    assert len(sql) == before  # the other database's entries survived
+    warned = [r for r in caplog.records if "cannot tell which tables" in r.getMessage()]
+    assert len(warned) == 1
+    other.dispose()
