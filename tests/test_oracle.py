@@ -50,7 +50,7 @@ from pprint import pformat
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -67,10 +67,6 @@ from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 from sqlacache import Cache, CachingAsyncSession, CachingSession
 from tests.conftest import _pg_schema_url
 from tests.models import Base, Order, Status, Tag, User, user_tags
-
-# Deleting an object whose row a cascade or an earlier flush already removed makes the ORM warn
-# ("expected to delete 2 row(s); 1 were matched") with or without the cache: not what this tests.
-pytestmark = pytest.mark.filterwarnings("ignore:DELETE statement on table:sqlalchemy.exc.SAWarning")
 
 # ---------------------------------------------------------------------------------------------
 # Budget
@@ -1004,6 +1000,12 @@ class CacheOracle(RuleBasedStateMachine):
             if obj is None:
                 return
             self.d.delete(s, obj)  # a user's orders and tag links go with it
+            if what == "order":
+                # The ORM leaves a deleted object in the collections that hold it (a later cascade
+                # would delete it again): expire those, as an application should.
+                for user in list(s.identity_map.values()):
+                    if type(user) is User and obj in inspect(user).dict.get("orders", ()):
+                        s.expire(user, ["orders"])
             if what == "user":
                 # The ORM cascades to the orders it has loaded, the database (ON DELETE CASCADE) to
                 # all of them: objects the session holds for rows the database removed are expired.
@@ -1200,6 +1202,11 @@ class CacheOracle(RuleBasedStateMachine):
     @rule(release=st.booleans())
     def end_savepoint(self, release: bool) -> None:
         self.d.end_nested(self.savepoints.pop(), release)
+        if not release:
+            # The ORM can keep objects for rows the rollback removed (flushed inside the savepoint):
+            # start again from the database, as an application recovering from the rollback would.
+            self.writer().expunge_all()
+            self.held.clear()
 
 
 _PLAIN = SyncDriver()
@@ -1211,22 +1218,19 @@ def _indent(text_: str) -> str:
 
 def test_cached_reads_always_match_the_database(oracle_env: Env) -> None:
     env = oracle_env
-    config = settings(
-        max_examples=_examples(env.name),
-        stateful_step_count=_STEPS[env.name],
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    config = settings(max_examples=_examples(env.name), stateful_step_count=_STEPS[env.name], deadline=None)
     started = time.perf_counter()
     run_state_machine_as_test(lambda: CacheOracle(env), settings=config)
     elapsed = time.perf_counter() - started
-    stats = env.cache.stats()
+    stats, other = env.cache.stats(), env.other_cache.stats()
     hits = env.hits()
     print(
         f"\n[{env.name}] {env.examples} examples, {env.steps} writes, {env.compared} compared reads, "
-        f"{hits} hits ({stats['misses']} misses, {stats['stores']} stores, "
-        f"{stats['stores_refused']} refused, errors {stats['errors']}) in {elapsed:.1f}s\n  {stats}"
+        f"{hits} hits ({stats['misses'] + other['misses']} misses, {stats['stores'] + other['stores']} "
+        f"stores, {stats['stores_refused'] + other['stores_refused']} refused) in {elapsed:.1f}s"
     )
     # A run where the cache never answers proves nothing.
     assert env.compared >= 5 * env.examples
-    assert hits >= 3 * env.examples, f"only {hits} cache hits in {env.examples} examples: {stats}"
+    assert hits >= 3 * env.examples, f"only {hits} cache hits in {env.examples} examples: {stats}, {other}"
+    # sqlacache survives its own bugs by going to the database; here they must not happen at all.
+    assert not stats.get("errors.internal") and not other.get("errors.internal"), (stats, other)
