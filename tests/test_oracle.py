@@ -943,9 +943,8 @@ class CacheOracle(RuleBasedStateMachine):
     )
     def orm_update_user(self, uid: int, change: tuple[str, Any], held: bool, flush: bool) -> None:
         s = self.writer()
-        user = self.d.get(
-            s, User, self._pick(User, uid, held), {}
-        )  # through the cache, as an application would
+        # Through the cache, as an application would; a held object comes from the identity map.
+        user = self.d.get(s, User, self._pick(User, uid, held), {})
         if user is None:
             return
         self.held.append(user)
