@@ -38,12 +38,11 @@ from sqlalchemy.sql.selectable import Alias, Join, Select, Subquery
 from sqlalchemy.sql.sqltypes import NullType
 
 from sqlacache.canon import NULL_TOKEN, token
+from sqlacache.dependencies import column_nameable
 
 # Static limit on the disjunction before any IN list is expanded: beyond it, the statement's
 # conditions are not worth the bookkeeping and every table it reads is read whole.
 _MAX_STATIC_CONJUNCTIONS = 64
-# Characters that would make a dependency name ambiguous.
-_RESERVED = frozenset(":,|\x1f\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +280,7 @@ class _Analyser:
         raise _Unprovable
 
     def _column(self, element: Any) -> tuple[int, Column[Any]]:
-        if not isinstance(element, Column) or any(c in _RESERVED for c in element.name):
+        if not isinstance(element, Column) or not column_nameable(element.name):
             raise _Unprovable
         table = element.table
         plain = table._deannotate() if hasattr(table, "_deannotate") else table
@@ -394,10 +393,7 @@ def _plain(element: Any) -> Any:
 
 
 def _dedupe(dnf: list[Conjunction]) -> list[Conjunction]:
-    seen: dict[Conjunction, None] = {}
-    for c in dnf:
-        seen.setdefault(c, None)
-    out = list(seen)
+    out = _dedupe_and(dnf)
     if len(out) > _MAX_STATIC_CONJUNCTIONS or any(not c for c in out):
         # Too many to track, or one branch admits any row: a single TRUE conjunction.
         return [()]
@@ -412,10 +408,7 @@ def _and(left: list[Conjunction], right: list[Conjunction]) -> list[Conjunction]
 
 
 def _dedupe_and(dnf: list[Conjunction]) -> list[Conjunction]:
-    seen: dict[Conjunction, None] = {}
-    for c in dnf:
-        seen.setdefault(c, None)
-    return list(seen)
+    return list(dict.fromkeys(dnf))
 
 
 # -- per execution ---------------------------------------------------------------------------------

@@ -82,6 +82,14 @@ def table_read_deps(tables: Iterable[str]) -> list[str]:
     return [ALL, *sorted({table_dep(t) for t in tables})]
 
 
+_RESERVED = frozenset(":,|\x1f\n")
+
+
+def column_nameable(name: str) -> bool:
+    """Whether a column's name can appear in a condition dependency (the backends split on these)."""
+    return not any(c in _RESERVED for c in name)
+
+
 def keyable(name: str) -> bool:
     """Whether a table's name can carry row and condition dependencies (backends split on ':')."""
     return ":" not in name

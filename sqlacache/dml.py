@@ -161,7 +161,7 @@ def _tokens(table: Table, values: Mapping[str, Any], dialect: Dialect) -> dict[s
     by_name = {c.name: c for c in table.columns}
     for name, value in values.items():
         column = by_name.get(name)
-        if column is None or any(c in ":,|\x1f\n" for c in name):
+        if column is None or not deps_mod.column_nameable(name):
             continue
         t = NULL_TOKEN if value is None else token(column.type, value, dialect)
         if t is not None:

@@ -24,8 +24,6 @@ from sqlalchemy.util import symbol
 from sqlacache import dependencies as deps_mod
 from sqlacache.canon import NULL_TOKEN, token
 
-_RESERVED = frozenset(":,|\x1f\n")
-
 
 @dataclass(frozen=True, slots=True)
 class TableColumns:
@@ -50,7 +48,7 @@ def columns_of(mapper: Mapper[Any]) -> MapperColumns:
         for table in mapper.tables:
             columns = []
             for column in table.columns:
-                if any(c in _RESERVED for c in column.name):
+                if not deps_mod.column_nameable(column.name):
                     continue  # cannot appear in a dependency name: conditions on it widen
                 try:
                     prop = mapper.get_property_by_column(column)
@@ -140,7 +138,7 @@ def _pairs_of(prop: RelationshipProperty[Any]) -> _Pairs | None:
             pairs: list[tuple[str, str, TypeEngine[Any]]] = []
             remote_tables: dict[str, Any] = {}
             for local, remote in raw or []:
-                if not isinstance(remote, Column) or any(c in _RESERVED for c in remote.name):
+                if not isinstance(remote, Column) or not deps_mod.column_nameable(remote.name):
                     pairs = []
                     break
                 key = prop.parent.get_property_by_column(local).key
