@@ -1,23 +1,18 @@
 """``Cache``: configuration and the facade every other layer talks to.
 
-It owns the backend, the policy, the key builder and the counters, and it is where backend
-failures stop: a failed lookup or store is logged, counted and turned into "go to the database";
-a failed invalidation is kept and retried, and until it is delivered this process serves nothing
-from the cache.
+It owns the configuration, the policy, the key builder and the counters; backend calls go through
+``Cache.io`` (``resilient.py``), where backend failures stop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import os
-import queue
-import threading
-import time
 import uuid
 import weakref
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Engine, inspect
@@ -25,29 +20,41 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sqlacache import dependencies as deps_mod
 from sqlacache import rowtokens
-from sqlacache.backends import Backend, BackendError, Lookup, MemoryBackend, RedisBackend
+from sqlacache.backends import Backend, MemoryBackend, RedisBackend
+from sqlacache.breaker import Breaker
+from sqlacache.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
+from sqlacache.resilient import Resilient
+from sqlacache.stats import Counters
 
 log = logging.getLogger("sqlacache")
 
 
-class _RateLimitedLog:
-    """One log line per kind of failure per interval: a Redis outage must not flood the logs."""
+def _number(name: str, value: Any, unit: str, positive: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        bound = "a positive" if positive else "a non-negative"
+        raise ConfigurationError(f"{name}={value!r}: give {bound} number ({unit})")
+    return float(value)
 
-    def __init__(self, interval: float = 30.0) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
 
-    def __call__(self, kind: str, message: str, *args: Any, exc_info: BaseException | None = None) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -self._interval) >= self._interval:
-            self._last[kind] = now
-            log.warning(message, *args, exc_info=exc_info)
+def _warn_if_unbounded(backend: Backend) -> None:
+    """A Redis client without a socket timeout hangs every read while Redis is paused."""
+    for side in ("_sync", "_async"):
+        client = getattr(getattr(backend, side, None), "client", None)
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+        if isinstance(kwargs, dict) and "host" in kwargs and kwargs.get("socket_timeout") is None:
+            log.warning(
+                "sqlacache: the Redis client has no socket_timeout: while Redis hangs, every read "
+                "would hang with it. Pass socket_timeout=0.05 and socket_connect_timeout=0.05 to "
+                "redis.Redis(...), or give Cache a URL (backend='redis://…') to get them"
+            )
+            return
 
 
 def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int) -> Backend:
@@ -153,6 +160,11 @@ class Cache:
         background_stores: bool = False,
         invalidation: str = "conditions",
         condition_in_limit: int = 32,
+        fill_timeout: float = 2.0,
+        refresh_ahead: float = 0.0,
+        max_entry_size: int | None = 1_048_576,
+        breaker_cooldown: float = 0.25,
+        breaker_max_cooldown: float = 5.0,
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -180,207 +192,87 @@ class Cache:
         # values match. Table-level: any write to a table evicts every read of it.
         self.precise = invalidation == "conditions"
         self.condition_in_limit = condition_in_limit
+        # Concurrent misses of one key: one reader fills it, the rest wait at most this long.
+        self.fill_timeout = _number(
+            "fill_timeout", fill_timeout, "seconds readers wait for another's fill; 0 = off"
+        )
+        if not 0 <= refresh_ahead < 1:
+            raise ConfigurationError(
+                f"refresh_ahead={refresh_ahead!r}: give the fraction of a TTL (0 <= f < 1, e.g. 0.1) "
+                "before expiry at which one reader refreshes a hot entry; 0 turns it off"
+            )
+        self.refresh_ahead = float(refresh_ahead)
+        if max_entry_size is not None:
+            _number("max_entry_size", max_entry_size, "bytes; None = no limit", positive=True)
         self.enabled = bool(enabled)
         self.prefix = prefix
         self.keys = KeyBuilder()
         self.backend: Backend = _backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
-        self._counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._pending: list[str] = []
+        self.count = Counters()
         self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._database_deps: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-        self._warn = _RateLimitedLog()
+        breaker = Breaker(
+            _number("breaker_cooldown", breaker_cooldown, "seconds", positive=True),
+            _number("breaker_max_cooldown", breaker_max_cooldown, "seconds", positive=True),
+        )
         # A miss doesn't need the store's answer: with background_stores the reader returns as
         # soon as it has its rows. Safety doesn't depend on timing — the store is still the atomic
         # check against the generation the read began at, however late it arrives.
-        self.background_stores = bool(background_stores) and not isinstance(self.backend, MemoryBackend)
-        self._queue: queue.Queue[tuple[str, bytes, Sequence[str], int, float] | None] = queue.Queue(1024)
-        self._worker: threading.Thread | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.io = Resilient(
+            self.backend,
+            self.count,
+            max_entry_size=max_entry_size,
+            breaker=breaker,
+            background_stores=bool(background_stores) and not isinstance(self.backend, MemoryBackend),
+        )
+        self.flights = Flights()
+        self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (refreshing.py)
+        _warn_if_unbounded(self.backend)
 
     # -- counters ---------------------------------------------------------------------------
-
-    def count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def _error(self, kind: str, exc: BaseException) -> None:
-        self.count("errors")
-        self.count(f"errors.{kind}")
-        self._warn(kind, "sqlacache: %s failed, using the database: %s", kind, exc)
 
     def internal_error(self, exc: BaseException, where: str) -> None:
         """A bug of sqlacache's own, survived: counted, logged with its traceback (rate-limited)."""
         self.count("errors")
         self.count("errors.internal")
-        self._warn(
+        self.io.warn(
             f"internal:{where}", "sqlacache: internal error %s; using the database", where, exc_info=exc
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: hits, misses, stores, stores_refused, invalidations, errors, …"""
-        with self._lock:
-            out: dict[str, Any] = {
-                k: self._counts.get(k, 0)
-                for k in ("hits", "misses", "stores", "stores_refused", "invalidations", "errors")
-            }
-            out.update({k: v for k, v in self._counts.items() if k not in out})
-            out["pending_invalidations"] = len(self._pending)
+        """Counters since start (see README, "Observability"), the breaker's state and what is pending."""
+        out = self.count.snapshot()
+        corrupt = getattr(self.backend, "corrupt_entries", 0)  # found and deleted inside the backend
+        if isinstance(corrupt, int) and corrupt:
+            out["corrupt"] = out.get("corrupt", 0) + corrupt
+        out["pending_invalidations"] = self.io.pending
+        out["breaker"] = self.io.breaker.state
+        out["breaker_opened"] = self.io.breaker.opened
         return out
 
     def reset_stats(self) -> None:
-        with self._lock:
-            self._counts.clear()
+        self.count.clear()
 
-    # -- backend calls that never raise -----------------------------------------------------
+    def retry_pending(self) -> bool:
+        """Deliver now the invalidations kept while the backend was unreachable; True if none remain.
 
-    def _deliver_pending(self) -> bool:
-        """Deliver invalidations that failed earlier; until they are, nothing is served."""
-        if not self._pending:
-            return True
-        with self._lock:
-            pending = list(self._pending)
-        try:
-            self.backend.bump(pending)
-        except BackendError as exc:
-            self._error("invalidate", exc)
-            return False
-        with self._lock:
-            del self._pending[: len(pending)]
-        return True
+        They are retried on their own (every ``0.05`` s in the background, and before any read);
+        this is for shutdown hooks and tests that want to know they are out."""
+        return self.io.deliver_pending(force=True)
 
-    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
-        if not self._deliver_pending():
-            return None
-        try:
-            return self.backend.lookup(key, hint)
-        except BackendError as exc:
-            self._error("lookup", exc)
-            return None
-
-    async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
-        """``lookup`` for async callers: native when the backend offers it, else in a greenlet."""
-        native = getattr(self.backend, "alookup", None)
-        if native is None or self._pending:
-            return await greenlet_spawn(self.lookup, key, hint)
-        try:
-            found: Lookup = await native(key, hint)
-            return found
-        except BackendError as exc:
-            self._error("lookup", exc)
-            return None
-
-    def generation(self) -> int | None:
-        if not self._deliver_pending():
-            return None
-        try:
-            return self.backend.generation()
-        except BackendError as exc:
-            self._error("generation", exc)
-            return None
-
-    def store(self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float) -> bool:
-        if not self._deliver_pending():
-            return False
-        try:
-            stored = self.backend.store(key, payload, deps, generation, ttl)
-        except BackendError as exc:
-            self._error("store", exc)
-            return False
-        self.count("stores" if stored else "stores_refused")
-        return stored
-
-    def submit_store(
-        self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float
-    ) -> None:
-        """Store now, or hand the store to the background when ``background_stores`` is on."""
-        if not self.background_stores:
-            self.store(key, payload, deps, generation, ttl)
-            return
-        astore = getattr(self.backend, "astore", None)
-        if astore is not None and in_greenlet():
-            # Inside an AsyncSession: the event loop runs the store as a task.
-            task = asyncio.get_running_loop().create_task(
-                self._astore(astore, key, payload, deps, generation, ttl)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        if self._worker is None:
-            with self._lock:
-                if self._worker is None:
-                    self._worker = threading.Thread(
-                        target=self._store_worker, name="sqlacache-stores", daemon=True
-                    )
-                    self._worker.start()
-        try:
-            self._queue.put_nowait((key, payload, deps, generation, ttl))
-        except queue.Full:
-            self.count("stores_dropped")  # a dropped store is only a later miss
-
-    async def _astore(
-        self, astore: Any, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float
-    ) -> None:
-        try:
-            stored = await astore(key, payload, deps, generation, ttl)
-        except BackendError as exc:
-            self._error("store", exc)
-            return
-        self.count("stores" if stored else "stores_refused")
-
-    def _store_worker(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                self.store(*item)
-            except Exception as exc:  # the worker must outlive any one store
-                self._error("store", exc)
-            finally:
-                self._queue.task_done()
+    async def aretry_pending(self) -> bool:
+        delivered: bool = await greenlet_spawn(self.retry_pending)
+        return delivered
 
     def wait_for_stores(self, timeout: float = 5.0) -> None:
         """Block until background stores queued so far are done (for tests and shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self.io.wait_for_stores(timeout)
 
     async def await_stores(self) -> None:
         """Async twin of :meth:`wait_for_stores`."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await greenlet_spawn(self.wait_for_stores)
-
-    def discard(self, key: str) -> None:
-        try:
-            self.backend.delete([key])
-        except BackendError as exc:
-            self._error("delete", exc)
-
-    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> None:
-        """Invalidate: called after the database committed, so it must not raise.
-
-        ``rows`` are the written rows' images, for condition-level invalidation."""
-        todo = sorted(set(deps))
-        if not todo and not rows:
-            return
-        self.count("invalidations")
-        if self._deliver_pending():
-            try:
-                if rows:
-                    self.backend.bump(todo, rows)
-                else:  # a Backend written before row images existed still works
-                    self.backend.bump(todo)
-                return
-            except BackendError as exc:
-                self._error("invalidate", exc)
-        # Kept for retry without the images: every condition read of their tables goes instead.
-        with self._lock:
-            self._pending.extend(todo)
-            self._pending.extend(sorted({deps_mod.scheme_dep(image[0]) for image in rows}))
+        await self.io.await_stores()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -453,16 +345,17 @@ class Cache:
             todo += deps_mod.unknown_rows_write_deps(t.lower())
         self.bump(todo)
 
+    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> None:
+        """Invalidate ``deps`` (and the conditions ``rows`` match): never raises, kept if it fails."""
+        todo = sorted(set(deps))
+        if todo or rows:
+            self.count("invalidations")
+            self.io.bump(todo, rows)
+
     def invalidate_all(self) -> None:
         """Evict every entry under this cache's prefix (never anything else: no FLUSHDB)."""
         self.count("invalidations")
-        try:
-            self.backend.bump([deps_mod.ALL])
-            self.backend.clear()
-        except BackendError as exc:
-            self._error("invalidate", exc)
-            with self._lock:
-                self._pending.append(deps_mod.ALL)
+        self.io.invalidate_all()
 
     async def ainvalidate(
         self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
@@ -491,11 +384,9 @@ class Cache:
     def close(self) -> None:
         for watching in _watchers.values():
             watching.discard(self)
-        if self._worker is not None:
-            self.wait_for_stores()
-            self._queue.put(None)
-            self._worker.join(5)
-            self._worker = None
+        if self.refresh_pool is not None:
+            self.refresh_pool.shutdown(wait=True)
+        self.io.close()
         if self._owns_backend:
             self.backend.close()
 

@@ -14,6 +14,8 @@ query did not load stay unloaded, and the ``load`` event fires.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column, Table
 from sqlalchemy.sql.type_api import TypeEngine
 
-from sqlacache import conditions, rowtokens
+from sqlacache import conditions, refreshing, rowtokens, stampede
 from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
 from sqlacache.backends import Lookup
@@ -39,6 +41,8 @@ from sqlacache.conditions import Analysis
 from sqlacache.context import Frame, SessionContext, context_of
 from sqlacache.keys import Shape, Uncacheable, _path, translation_token
 from sqlacache.policy import never_cached_reason, op_of
+from sqlacache.resilient import StoreJob
+from sqlacache.stampede import Fill
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache
@@ -163,6 +167,9 @@ def _columns_of(statement: Any) -> list[ValueCodec | None] | None:
     return out
 
 
+_shapes_lock = threading.Lock()
+
+
 def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
     info = _shapes.get(key_tuple)
     if info is None:
@@ -191,7 +198,9 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             table_names=frozenset(deps_mod.table_name(t) for t in shape.tables),
             pk_columns=pk_columns,
         )
-        _shapes.put(key_tuple, info)
+        with _shapes_lock:  # threads that built it at once must share one (its template, its memo)
+            info = _shapes.get(key_tuple) or info
+            _shapes.put(key_tuple, info)
     return info
 
 
@@ -528,13 +537,8 @@ class GetTicket:
     lookup: Lookup | None
     ttl: float
     dialect: Any
+    began: float = 0.0  # when its lookup began
     used: bool = False
-
-
-def _drop_corrupt(cache: Cache, key: str, exc: BaseException) -> None:
-    cache.count("corrupt")
-    cache._warn("corrupt", "sqlacache: dropping an undecodable entry %s: %s", key, exc)
-    cache.discard(key)
 
 
 def _written(ctx: SessionContext, tables: Any) -> bool:
@@ -723,9 +727,12 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
     if _written(ctx, statement_tables):
         return None
     statement_deps: list[str]
+    refresh: Fill | None = opts.get("_sqlacache_refresh")
     if ticket is not None:
         key, lookup, dialect, plan = ticket.key, ticket.lookup, ticket.dialect, ticket.plan
         statement_deps = plan.deps
+        hint = plan.hint or []
+        began = ticket.began
     else:
         bind = session.get_bind(**state.bind_arguments)
         dialect = bind.dialect if cache.precise else None
@@ -751,21 +758,91 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
             _plans.put(plan_key, memo)
         plan = memo
         statement_deps = plan.deps
-        lookup = cache.lookup(key, _hint(plan, info.hint))
-    entry = lookup.entry if lookup is not None else None
-    if entry is not None and ticket is None:
-        _learn(plan, entry.deps, info.hint)
-    if entry is not None and info.template is not None and not _entry_written(ctx, entry.deps):
-        try:
-            rows = decode_result(session, entry.payload, info, lookup.generation if lookup else -1)
-        except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
-            _drop_corrupt(cache, key, exc)
+        hint = _hint(plan, info.hint)
+        began = time.monotonic()
+        lookup = None if refresh is not None else cache.io.lookup(key, hint)
+    fill = refresh
+    try:
+        if refresh is not None:
+            lookup = Lookup(None, cache.io.generation() or -1)
         else:
-            cache.count("hits")
-            if ctx.frames:
-                ctx.frames[-1].deps.update(entry.deps)
-            return result_from_rows(info.template, rows)
-    cache.count("misses")
+            hit = _serve(ctx, session, info, key, lookup, plan if ticket is None else None)
+            if hit is not None:
+                if lookup is not None and lookup.refresh_due and ticket is None:
+                    _refresh_statement(cache, state, key)
+                return hit
+            if lookup is not None and (lookup.entry is None or info.template is None):
+                # A miss (or a shape this process has never run, so it can't rebuild the result
+                # yet): if another reader is filling this key, wait for it instead.
+                again, fill = stampede.begin(cache, key, hint, began)
+                if again is not None:
+                    hit = _serve(ctx, session, info, key, again, plan if ticket is None else None)
+                    if hit is not None:
+                        return hit
+                    lookup = again
+        cache.count("misses")
+        return _fill(ctx, state, info, key, lookup, fill, ticket, statement_deps, dialect, plan, ttl, guard)
+    finally:
+        stampede.end(cache, fill)
+
+
+def _refresh_statement(cache: Cache, state: ORMExecuteState, key: str) -> None:
+    fill = refreshing.claim(cache, key)
+    if fill is None:
+        return
+    statement, params = state.statement, state.parameters
+    options = {k: v for k, v in state.execution_options.items() if not k.startswith("_sqlacache")}
+    options["_sqlacache_refresh"] = fill
+    bind = state.session.get_bind(**state.bind_arguments)
+    refreshing.start(
+        cache, fill, bind, lambda s: s.execute(statement, params, execution_options=options).all()
+    )
+
+
+def _serve(
+    ctx: SessionContext,
+    session: Session,
+    info: ShapeInfo,
+    key: str,
+    lookup: Lookup | None,
+    plan: _KeyPlan | None,
+) -> Result[Any] | None:
+    """The cached result, when the lookup found one this session may use."""
+    entry = lookup.entry if lookup is not None else None
+    if entry is None or lookup is None:
+        return None
+    if plan is not None:
+        _learn(plan, entry.deps, info.hint)
+    if info.template is None or _entry_written(ctx, entry.deps):
+        return None
+    try:
+        rows = decode_result(session, entry.payload, info, lookup.generation)
+    except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
+        ctx.cache.io.drop(key, "corrupt", exc)
+        return None
+    ctx.cache.count("hits")
+    if ctx.frames:
+        ctx.frames[-1].deps.update(entry.deps)
+    return result_from_rows(info.template, rows)
+
+
+def _fill(
+    ctx: SessionContext,
+    state: ORMExecuteState,
+    info: ShapeInfo,
+    key: str,
+    lookup: Lookup | None,
+    fill: Fill | None,
+    ticket: GetTicket | None,
+    statement_deps: list[str],
+    dialect: Any,
+    plan: _KeyPlan,
+    ttl: float,
+    guard: _Guard,
+) -> Result[Any]:
+    """A miss: run the statement, hand its result to the backend, return it."""
+    cache = ctx.cache
+    statement_tables = info.table_names
     generation = (
         ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
     )
@@ -784,7 +861,10 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         payload, generation = encode_result(frozen, info.columns or [], frame, graph)
         deps = sorted(set(statement_deps) | graph.deps | frame.deps)
         if not _written(ctx, graph.tables | statement_tables):
-            cache.submit_store(key, payload, deps, generation, ttl)
+            lease = fill.lease if fill is not None else None
+            cache.io.submit_store(StoreJob(key, payload, deps, generation, ttl, lease, cache.refresh_ahead))
+            if fill is not None:
+                fill.lease = None  # the store gives it back
         _learn(plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
     except _Unstorable as exc:
         cache.count("unstorable")
@@ -831,6 +911,8 @@ class GetPlan:
     hint: list[str]
     ttl: float
     dialect: Any
+    pk: tuple[Any, ...]
+    began: float  # just before its lookup
 
 
 def plan_get(
@@ -888,7 +970,8 @@ def plan_get(
         plan = _KeyPlan([cache.database_dep(bind), *own])
         _plans.put(key, plan)
     dialect = bind.dialect if cache.precise else None
-    return GetPlan(key, mapper, layout, plan, _hint(plan, layout.get_hint), ttl, dialect)
+    hint = _hint(plan, layout.get_hint)
+    return GetPlan(key, mapper, layout, plan, hint, ttl, dialect, pk, time.monotonic())
 
 
 def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Lookup | None) -> Any:
@@ -900,12 +983,26 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
             try:
                 objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
             except Exception as exc:
-                _drop_corrupt(ctx.cache, plan.key, exc)
+                ctx.cache.io.drop(plan.key, "corrupt", exc)
                 lookup = Lookup(None, lookup.generation)
             else:
                 ctx.cache.count("hits")
+                if lookup.refresh_due:
+                    _refresh_get(session, ctx.cache, plan)
                 return objs[0] if objs else None
-    return GetTicket(plan.key, plan.mapper, plan.plan, lookup, plan.ttl, plan.dialect)
+    return GetTicket(plan.key, plan.mapper, plan.plan, lookup, plan.ttl, plan.dialect, plan.began)
+
+
+def _refresh_get(session: Session, cache: Cache, plan: GetPlan) -> None:
+    fill = refreshing.claim(cache, plan.key)
+    if fill is None:
+        return
+    ticket = GetTicket(plan.key, plan.mapper, plan.plan, None, plan.ttl, plan.dialect)
+    options = {"_sqlacache_get": ticket, "_sqlacache_refresh": fill}
+    cls, pk = plan.mapper.class_, plan.pk
+    refreshing.start(
+        cache, fill, session.get_bind(plan.mapper), lambda s: s.get(cls, pk, execution_options=options)
+    )
 
 
 def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:
@@ -919,7 +1016,7 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
         plan = plan_get(session, ctx, entity, ident, execution_options, guard=guard)
         if plan is None:
             return _NOT_HANDLED
-        return finish_get(session, ctx, plan, ctx.cache.lookup(plan.key, plan.hint))
+        return finish_get(session, ctx, plan, ctx.cache.io.lookup(plan.key, plan.hint))
     except Exception as exc:
         if guard.passthrough:
             raise

@@ -254,7 +254,7 @@ class CachingAsyncSession(AsyncSession):
                 plan = plan_get(sync, ctx, entity, ident, execution_options)
                 found = None
                 if plan is not None:
-                    found = finish_get(sync, ctx, plan, await ctx.cache.alookup(plan.key, plan.hint))
+                    found = finish_get(sync, ctx, plan, await ctx.cache.io.alookup(plan.key, plan.hint))
             except Exception as exc:
                 ctx.cache.internal_error(exc, "on the get path")
                 plan = None

@@ -269,7 +269,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         if level in _SNAPSHOT_LEVELS:
             # The database snapshot may be taken at the first statement of this transaction: a
             # result read later in it is only as fresh as now.
-            generation = ctx.cache.generation()
+            generation = ctx.cache.io.generation()
             ctx.tx_generation = generation if generation is not None else -1
 
 

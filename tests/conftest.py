@@ -225,61 +225,47 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
 
 
 # ---------------------------------------------------------------------------------------------
-# A throwaway redis-server per test module, for tests that pause, kill or restart Redis.
+# A throwaway redis-server per test module, for tests that pause, kill, fill or restart Redis,
+# and a TCP proxy in front of it for latency, blackholes and dropped connections.
 
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+
+from tests.faults import RedisServer, TcpProxy  # noqa: E402
 
 
-class RedisProcess:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe is not None
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if _reachable(self.url, self.port):
-                return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def redis_process() -> Iterator[RedisProcess]:
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this module's own (never the shared one); killed at the end of the module."""
     if shutil.which("redis-server") is None:
         if IN_CI:
             pytest.fail("redis-server is not installed; CI must provide it")
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = RedisProcess(port)
+        pytest.skip("redis-server is not installed; install it to run the fault-injection tests")
+    server = RedisServer()
     server.start()
     yield server
-    server.stop()
+    server.close()
+
+
+@pytest.fixture
+def fresh_redis(redis_server: RedisServer) -> RedisServer:
+    """The module's redis-server, running, not paused, without a memory limit, empty, no scripts."""
+    redis_server.resume()
+    if not redis_server.running:
+        redis_server.start()
+    try:
+        redis_server.clear_oom()
+    except Exception:
+        redis_server.restart()  # whatever a test left it in, a new process is a clean one
+        redis_server.clear_oom()
+    redis_server.flushall()
+    redis_server.script_flush()
+    return redis_server
+
+
+@pytest.fixture
+def proxy(fresh_redis: RedisServer) -> Iterator[TcpProxy]:
+    """A started TcpProxy in front of ``fresh_redis``; stopped after the test."""
+    p = TcpProxy(fresh_redis.port)
+    p.start()
+    yield p
+    p.stop()

@@ -23,7 +23,24 @@ from typing import Protocol, runtime_checkable
 
 
 class BackendError(Exception):
-    """A backend failed (connection, timeout, server error). The read falls back to the database."""
+    """A backend failed (connection, timeout, server error). The read falls back to the database.
+
+    ``kind`` names the failure for the counters: ``"timeout"``, ``"connection"``, ``"loading"``,
+    ``"oom"``, ``"readonly"``, ``"noscript"``, ``"server"`` (another error reply), ``"protocol"``
+    (a reply we cannot read) or ``"error"``.
+    """
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not be reached at all (refused, timed out, still loading its data).
+
+    The cache stops calling it for a while (a circuit breaker) instead of paying the timeout on
+    every request; other errors (the server answered with one) do not trip it.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,8 @@ class Lookup:
 
     entry: Entry | None
     generation: int
+    # Set by the cache, not by backends: the entry is valid but due for refresh-ahead.
+    refresh_due: bool = False
 
 
 @runtime_checkable

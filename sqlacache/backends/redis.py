@@ -5,6 +5,7 @@ Key layout (``P`` is the prefix)::
     P:e:<key>   an entry:  b"<generation>\\x1f<dep1>\\x1f<dep2>...\\n" + payload   (PX = entry ttl)
     P:v:<dep>   a dependency version: the decimal generation of its last bump  (PX >= its entries')
     P:gen       the generation counter (no TTL)
+    P:l:<key>   a lease: the token of the process filling a missing entry  (PX = the lease's time)
 
 Generations are microseconds on the Redis clock, pushed forward by one on every bump when bumps come
 faster than the clock. If ``P:gen`` is lost (eviction, ``clear``) the counter resumes from the clock,
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import threading
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -33,16 +35,14 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
 from redis.exceptions import RedisError
 from redis.retry import Retry
-from sqlalchemy.util import concurrency as _concurrency
 
-from sqlacache.backends.base import BackendError, Entry, Lookup
+from sqlacache._greenlet import await_ as _await
+from sqlacache._greenlet import in_greenlet as _in_greenlet
+from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Lookup
 
 __all__ = ["RedisBackend"]
 
 _T = TypeVar("_T")
-
-# SQLAlchemy 2.1 renamed await_only to await_ (the old name goes away in 2.2).
-_await: Callable[[Awaitable[Any]], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
 
 # Failures of the client or the server. RuntimeError is here because an asyncio client used from an
 # event loop other than the one it connected on fails with one ("attached to a different loop").
@@ -53,6 +53,40 @@ _FAILURES: tuple[type[BaseException], ...] = (
     TimeoutError,
     RuntimeError,
 )
+
+# The server could not be reached or cannot serve yet (LOADING is a ConnectionError in redis-py).
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
+
+
+_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (redis.exceptions.BusyLoadingError, "loading"),
+    (redis.exceptions.TimeoutError, "timeout"),
+    (asyncio.TimeoutError, "timeout"),
+    (TimeoutError, "timeout"),
+    (redis.exceptions.ConnectionError, "connection"),
+    (OSError, "connection"),
+    (redis.exceptions.OutOfMemoryError, "oom"),
+    (redis.exceptions.ReadOnlyError, "readonly"),
+    (redis.exceptions.NoScriptError, "noscript"),
+    (redis.exceptions.ResponseError, "server"),
+)
+
+
+def _failure(what: str, exc: BaseException) -> BackendError:
+    kind = next((name for cls, name in _KINDS if isinstance(exc, cls)), "error")
+    if kind == "server" and "OOM" in str(exc):  # raised inside a script: a plain ResponseError
+        kind = "oom"
+    elif kind == "server" and "READONLY" in str(exc):
+        kind = "readonly"
+    error = BackendUnavailable if isinstance(exc, _UNREACHABLE) else BackendError
+    return error(f"Redis {what} failed: {exc!r}", kind)
+
 
 _DEFAULT_VERSION_TTL = 7 * 86400.0
 # Longer TTLs are clamped: Redis rejects expiry times that overflow its millisecond clock.
@@ -181,8 +215,9 @@ return current_generation(ARGV[1])
 """
 )
 
-# KEYS[1] entry key; ARGV[1] prefix, ARGV[2] reader's generation, ARGV[3] entry ttl ms,
-# ARGV[4] entry value, ARGV[5] version ttl ms, ARGV[6..] deps. Returns 1 if stored, 0 if refused.
+# KEYS[1] entry key, KEYS[2] (optional) the filler's lease; ARGV[1] prefix, ARGV[2] reader's
+# generation, ARGV[3] entry ttl ms, ARGV[4] entry value, ARGV[5] version ttl ms, ARGV[6] the lease's
+# token (released if still ours, stored or not), ARGV[7..] deps. Returns 1 if stored, 0 if refused.
 _STORE = (
     _PRELUDE
     + r"""
@@ -190,6 +225,9 @@ local prefix = ARGV[1]
 local generation = num(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local vttl = ARGV[5]
+if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[6] then
+  redis.call('DEL', KEYS[2])
+end
 local accepted = generation ~= nil
 local fresh = nil
 local function now()
@@ -227,7 +265,7 @@ end
 -- A condition dependency "c:<table>:<columns>:<tokens>" is only bumped by writers that find its
 -- scheme (<columns>) in the table's registry, so the registry's version (every condition entry
 -- of the table depends on it) must start no older than the last write that may not have known it.
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local tbl, scheme = string.match(ARGV[i], '^c:([^:]*):([^:]*):')
   if tbl then
     local rkey = prefix .. ':v:s:' .. tbl
@@ -251,7 +289,7 @@ for i = 6, #ARGV do
     end
   end
 end
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local dep = ARGV[i]
   local key = prefix .. ':v:' .. dep
   local version = num((get(key)))
@@ -273,7 +311,7 @@ if not accepted then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local key = prefix .. ':v:' .. ARGV[i]
   local pttl = redis.call('PTTL', key)
   -- -1: no expiry, keep it that way. Otherwise outlive the entry, never shorten.
@@ -295,13 +333,26 @@ _BUMP = (
 local prefix = ARGV[1]
 local vttl = ARGV[2]
 local ndeps = tonumber(ARGV[3])
-local _, g = next_generation(prefix)
+-- Under maxmemory with noeviction, writes fail but deletes don't: a deleted version reads as
+-- "bumped now" everywhere, so an invalidation still gets through (coarser: whole tables).
+local key = prefix .. ':gen'
+local g = (num((get(key))) or 0) + 1
+local now = clock()
+if g <= now then
+  g = now + 1
+end
 g = string.format('%d', g)
+local full = redis.pcall('SET', key, g)
+local evict = type(full) == 'table' and full.err ~= nil
 local done = {}
 local function bump(dep)
   if not done[dep] then
     done[dep] = true
-    bump_version(prefix .. ':v:' .. dep, g, string.sub(dep, 1, 2) == 't:' and vttl)
+    if evict then
+      redis.call('DEL', prefix .. ':v:' .. dep)
+    else
+      bump_version(prefix .. ':v:' .. dep, g, string.sub(dep, 1, 2) == 't:' and vttl)
+    end
   end
 end
 -- Parse the images and check their guards first: a guarded image holds values an object was
@@ -317,8 +368,8 @@ for i = 4 + ndeps, #ARGV do
   for j = 3, #fields - 1, 2 do
     values[fields[j]] = fields[j + 1]
   end
-  local trusted = true
-  if fields[2] ~= '-' then
+  local trusted = not evict
+  if trusted and fields[2] ~= '-' then
     local current = num((get(prefix .. ':v:t:' .. fields[1])))
     trusted = current ~= nil and current <= tonumber(fields[2])
   end
@@ -334,7 +385,11 @@ for _, image in ipairs(images) do
   if not image[3] then
     values = {}
   end
-  local schemes = registries[tbl]
+  if evict then
+    bump('t:' .. tbl)
+    bump('s:' .. tbl)
+  end
+  local schemes = evict and {} or registries[tbl]
   if not schemes then
     schemes = {}
     local value = get(prefix .. ':v:s:' .. tbl)
@@ -367,6 +422,26 @@ return g
 """
 )
 
+# KEYS[1] a lease, KEYS[2] its entry (or none); ARGV[1] token, ARGV[2] lease ms.
+# Returns 1 if taken, 0 if another holds it, 2 if the entry is there (filled since the caller looked).
+_LEASE = r"""
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] a lease; ARGV[1] its holder's token.
+_RELEASE = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 _GLOB_SPECIAL = frozenset("\\*?[]")
 
 
@@ -386,17 +461,10 @@ def _decodes_responses(client: Any) -> bool:
     return bool(kwargs.get("decode_responses")) if isinstance(kwargs, dict) else False
 
 
-def _in_greenlet() -> bool:
-    try:
-        return bool(_concurrency.in_greenlet())
-    except (ImportError, ValueError):  # greenlet not installed: nothing can be running in one
-        return False
-
-
 class _Side:
     """One client with its registered scripts, and how to get a result out of its calls."""
 
-    __slots__ = ("bump", "client", "generation", "lookup", "resolve", "store")
+    __slots__ = ("bump", "client", "generation", "lease", "lookup", "release", "resolve", "store")
 
     def __init__(self, client: redis.Redis | redis.asyncio.Redis, resolve: Callable[[Any], Any]) -> None:
         self.client: Any = client
@@ -406,6 +474,8 @@ class _Side:
         self.generation: Script | AsyncScript = client.register_script(_GENERATION)
         self.store: Script | AsyncScript = client.register_script(_STORE)
         self.bump: Script | AsyncScript = client.register_script(_BUMP)
+        self.release: Script | AsyncScript = client.register_script(_RELEASE)
+        self.lease: Script | AsyncScript = client.register_script(_LEASE)
 
 
 def _identity(value: _T) -> _T:
@@ -485,12 +555,20 @@ class RedisBackend:
         sync_kwargs = dict(kwargs)
         async_kwargs = dict(kwargs)
         if "retry" not in kwargs:
-            sync_kwargs["retry"] = Retry(NoBackoff(), 1)
-            async_kwargs["retry"] = AsyncRetry(NoBackoff(), 1)
+            # Retry a dropped connection once (the server closed an idle one), never a timeout: a
+            # server that does not answer would cost two timeouts per call.
+            dropped = (redis.exceptions.ConnectionError,)
+            sync_kwargs["retry"] = Retry(NoBackoff(), 1, supported_errors=dropped)
+            async_kwargs["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=dropped)
         backend = cls(redis.Redis.from_url(url, **sync_kwargs), prefix=prefix, version_ttl=version_ttl)
         backend._async_factory = lambda: redis.asyncio.Redis.from_url(url, **async_kwargs)
         backend._owns_clients = True
         return backend
+
+    @property
+    def sync_capable(self) -> bool:
+        """Whether any thread may call it (a backend with only an asyncio client needs its loop)."""
+        return self._sync is not None
 
     # -- dispatch -----------------------------------------------------------------------------------
 
@@ -518,7 +596,7 @@ class RedisBackend:
         try:
             return side.resolve(op(side))
         except _FAILURES as exc:
-            raise BackendError(f"Redis {what} failed: {exc!r}") from exc
+            raise _failure(what, exc) from exc
 
     def _entry_key(self, key: str) -> str:
         return f"{self.prefix}:e:{key}"
@@ -532,7 +610,7 @@ class RedisBackend:
         try:
             return int(value)
         except (TypeError, ValueError) as exc:
-            raise BackendError(f"Redis returned a malformed {what}: {value!r}") from exc
+            raise BackendError(f"Redis returned a malformed {what}: {value!r}", "protocol") from exc
 
     # -- the contract -------------------------------------------------------------------------------
 
@@ -544,7 +622,7 @@ class RedisBackend:
             try:
                 reply = side.resolve(op(side))
             except _FAILURES as exc:
-                raise BackendError(f"Redis lookup failed: {exc!r}") from exc
+                raise _failure("lookup", exc) from exc
             try:
                 op = steps.send(reply)
             except StopIteration as done:
@@ -562,7 +640,7 @@ class RedisBackend:
             try:
                 reply = await op(side)
             except _FAILURES as exc:
-                raise BackendError(f"Redis lookup failed: {exc!r}") from exc
+                raise _failure("lookup", exc) from exc
             try:
                 op = steps.send(reply)
             except StopIteration as done:
@@ -588,7 +666,7 @@ class RedisBackend:
                 return answer
         reply = yield lambda s: s.lookup(keys=[entry_key], args=[self.prefix])
         if not isinstance(reply, list) or len(reply) < 2:
-            raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
+            raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}", "protocol")
         status = reply[0]
         generation = self._int(reply[1], "generation")
         if status == 1 and len(reply) == 3 and isinstance(reply[2], bytes):
@@ -603,7 +681,7 @@ class RedisBackend:
             return Lookup(None, generation)
         if status == 0:
             return Lookup(None, generation)
-        raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}")
+        raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}", "protocol")
 
     @staticmethod
     def _hinted_answer(reply: Any, hint: Sequence[str], expected: int) -> Lookup | None:
@@ -657,45 +735,99 @@ class RedisBackend:
         reply = self._run("generation", lambda s: s.generation(args=[self.prefix]))
         return self._int(reply, "generation")
 
-    def store(self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float) -> bool:
+    def _store_call(
+        self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float, lease: str | None
+    ) -> tuple[list[str], list[str | bytes]] | None:
+        """The store script's keys and arguments; None when there is nothing to store."""
         header_deps = []
         for dep in deps:
             if "\x1f" in dep or "\n" in dep:
                 raise ValueError(f"dependency name {dep!r} contains a separator character (\\x1f or \\n)")
             header_deps.append(dep.encode())
         if not ttl > 0:  # also rejects NaN
-            return False
+            return None
         value = b"\x1f".join([str(int(generation)).encode(), *header_deps]) + b"\n" + bytes(payload)
-        ttl_ms = str(_ttl_ms(ttl))
-        entry_key = self._entry_key(key)
-        args: list[str | bytes] = [self.prefix, str(int(generation)), ttl_ms, value, self._version_ttl_ms]
-        args.extend(deps)
-        reply = self._run("store", lambda s: s.store(keys=[entry_key], args=args))
-        return self._int(reply, "store reply") == 1
-
-    async def astore(
-        self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float
-    ) -> bool:
-        """``store`` awaited on the event loop with the asyncio client."""
-        side = self._async_side()
-        if side is None:
-            return self.store(key, payload, deps, generation, ttl)
-        header = b"\x1f".join([str(int(generation)).encode(), *(d.encode() for d in deps)])
-        if not ttl > 0 or any("\x1f" in d or "\n" in d for d in deps):
-            return False
+        keys = [self._entry_key(key)]
+        if lease is not None:
+            keys.append(self._lease_key(key))
         args: list[str | bytes] = [
             self.prefix,
             str(int(generation)),
             str(_ttl_ms(ttl)),
-            header + b"\n" + bytes(payload),
+            value,
             self._version_ttl_ms,
+            lease or "",
             *deps,
         ]
-        try:
-            reply = await side.store(keys=[self._entry_key(key)], args=args)
-        except _FAILURES as exc:
-            raise BackendError(f"Redis store failed: {exc!r}") from exc
+        return keys, args
+
+    def store(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool:
+        """See the contract; ``lease`` (a token from :meth:`lease`) is released in the same step."""
+        call = self._store_call(key, payload, deps, generation, ttl, lease)
+        if call is None:
+            if lease is not None:
+                self.release(key, lease)
+            return False
+        keys, args = call
+        reply = self._run("store", lambda s: s.store(keys=keys, args=args))
         return self._int(reply, "store reply") == 1
+
+    async def astore(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool:
+        """``store`` awaited on the event loop with the asyncio client."""
+        side = self._async_side()
+        if side is None:
+            return self.store(key, payload, deps, generation, ttl, lease=lease)
+        call = self._store_call(key, payload, deps, generation, ttl, lease)
+        if call is None:
+            return False
+        keys, args = call
+        try:
+            reply = await side.store(keys=keys, args=args)
+        except _FAILURES as exc:
+            raise _failure("store", exc) from exc
+        return self._int(reply, "store reply") == 1
+
+    # -- leases: one process fills a missing key while the others wait a bounded time -------------
+
+    def _lease_key(self, key: str) -> str:
+        return f"{self.prefix}:l:{key}"
+
+    def lease(self, key: str, ttl: float, unless_filled: bool = True) -> str | bool:
+        """Take the lease to fill ``key`` for ``ttl`` seconds: its token; False if another process
+        holds it; True if (``unless_filled``) an entry is there now — look it up again.
+
+        A holder that dies releases nothing; the lease expires after ``ttl`` on its own.
+        """
+        token = secrets.token_hex(8)
+        keys = [self._lease_key(key)]
+        if unless_filled:
+            keys.append(self._entry_key(key))
+        reply = self._run("lease", lambda s: s.lease(keys=keys, args=[token, _ttl_ms(ttl)]))
+        answer = self._int(reply, "lease reply")
+        return token if answer == 1 else answer == 2
+
+    def release(self, key: str, token: str) -> None:
+        """Give a lease back (only if it is still ours: it may have expired and been taken since)."""
+        lease_key = self._lease_key(key)
+        self._run("release", lambda s: s.release(keys=[lease_key], args=[token]))
 
     def bump(
         self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str], int | None]] = ()
@@ -731,14 +863,14 @@ class RedisBackend:
                 if int(cursor) == 0:
                     break
         except _FAILURES as exc:
-            raise BackendError(f"Redis clear failed: {exc!r}") from exc
+            raise _failure("clear", exc) from exc
 
     @staticmethod
     def _is_ours(key: bytes, ours: bytes) -> bool:
         if not key.startswith(ours):
             return False
         rest = key[len(ours) :]
-        return rest.startswith((b"e:", b"v:")) or rest == b"gen"
+        return rest.startswith((b"e:", b"v:", b"l:")) or rest == b"gen"
 
     def close(self) -> None:
         """Close the clients this backend built (see :meth:`from_url`); further calls fail.
@@ -757,7 +889,7 @@ class RedisBackend:
                 client, self._async = self._async.client, None
                 _await(client.aclose())
         except _FAILURES as exc:
-            raise BackendError(f"closing the Redis client failed: {exc!r}") from exc
+            raise _failure("close", exc) from exc
 
     async def aclose(self) -> None:
         """Like :meth:`close`, from async code on the event loop the asyncio client is bound to."""
@@ -771,4 +903,4 @@ class RedisBackend:
                 client, self._async = self._async.client, None
                 await client.aclose()
         except _FAILURES as exc:
-            raise BackendError(f"closing the Redis client failed: {exc!r}") from exc
+            raise _failure("close", exc) from exc

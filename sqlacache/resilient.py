@@ -1,0 +1,413 @@
+"""The backend as the cache calls it: every call returns, whatever the backend does.
+
+A failed lookup or store is counted, logged (rate-limited) and turned into "go to the database".
+A failure that says the backend is unreachable opens the circuit breaker, so that an outage costs
+one timeout, not one per request. An invalidation that cannot be delivered after a commit is kept
+and retried (inline and from a background thread); until it is delivered this process serves
+nothing from the cache. A generation lower than one already seen means the backend came back with
+older data than it had (a restart from an old snapshot, a failover that lost writes): everything
+under the prefix is evicted before anything is served.
+
+Entries are wrapped in a small envelope (a magic number and the refresh-ahead time): anything
+else under an entry key is foreign or damaged, and is a miss that is deleted and counted, as is an
+entry larger than ``max_entry_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from sqlalchemy.util.concurrency import greenlet_spawn
+
+from sqlacache import dependencies as deps_mod
+from sqlacache._greenlet import in_greenlet
+from sqlacache.backends import Backend, BackendError, Lookup
+from sqlacache.backends.base import BackendUnavailable, Entry
+from sqlacache.breaker import Breaker
+from sqlacache.stats import Counters, RateLimitedLog
+
+log = logging.getLogger("sqlacache.backend")
+
+_T = TypeVar("_T")
+
+# b"\xa7q" + the refresh-ahead time in wall-clock milliseconds (0: never), then the codec's payload.
+_ENVELOPE = struct.Struct(">2sQ")
+_MAGIC = b"\xa7q"
+# A generation may trail the highest one seen by this much without meaning lost data (Redis
+# generations are microseconds; a burst of bumps can push them a little ahead of its clock).
+_SLACK = 1000
+_MAX_PENDING = 10_000
+
+Row = tuple[str, Mapping[str, str], "int | None"]
+
+
+def _unexpected(op: str, exc: BaseException) -> BackendError:
+    return BackendError(f"cache {op} raised {exc!r}", "client")
+
+
+class StoreJob(NamedTuple):
+    """A result to store: see ``Backend.store``; ``lease`` is the filler's (released by the store)."""
+
+    key: str
+    payload: bytes
+    deps: Sequence[str]
+    generation: int
+    ttl: float
+    lease: str | None = None
+    refresh_ahead: float = 0.0
+
+
+class _Skipped(Exception):
+    """The breaker is open: the call was not made."""
+
+
+class Resilient:
+    def __init__(
+        self,
+        backend: Backend,
+        count: Counters,
+        *,
+        max_entry_size: int | None,
+        breaker: Breaker,
+        background_stores: bool,
+        retry_interval: float = 0.05,
+    ) -> None:
+        self.backend = backend
+        self.count = count
+        self.breaker = breaker
+        self.max_entry_size = max_entry_size
+        self.warn = RateLimitedLog(log)
+        self.leases = callable(getattr(backend, "lease", None))
+        self._retry_interval = retry_interval
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._closed = False
+        self._last_attempt = 0.0
+        self._retrier: threading.Thread | None = None
+        # The highest generation this process has been given, and when its answer arrived: only a
+        # call that began after that may be compared with it (replies overtake each other).
+        self._seen = -1
+        self._seen_at = 0.0
+        self.background_stores = background_stores
+        self._queue: queue.Queue[StoreJob | None] = queue.Queue(1024)
+        self._worker: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- calling the backend --------------------------------------------------------------------
+
+    def _failed(self, op: str, exc: BackendError) -> None:
+        kind = getattr(exc, "kind", "error")
+        self.count("errors")
+        self.count(f"errors.{op}")
+        self.count(f"errors.{kind}")
+        if isinstance(exc, BackendUnavailable):
+            self.breaker.failed()
+        else:
+            self.breaker.succeeded()  # it answered: reachable
+        self.warn(f"{op}:{kind}", "sqlacache: cache %s failed (%s), using the database: %s", op, kind, exc)
+
+    def _call(self, op: str, fn: Callable[..., _T], *args: Any, probe: bool = False, **kwargs: Any) -> _T:
+        if not probe and not self.breaker.allow():
+            self.count("breaker_skips")
+            raise _Skipped
+        try:
+            result = fn(*args, **kwargs)
+        except BackendError as exc:
+            self._failed(op, exc)
+            raise
+        except Exception as exc:  # a client library's own bug must not reach a read either
+            error = _unexpected(op, exc)
+            self._failed(op, error)
+            raise error from exc
+        self.breaker.succeeded()
+        return result
+
+    # -- invalidations that could not be delivered ----------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _keep(self, deps: Sequence[str]) -> None:
+        with self._lock:
+            self._pending.update(deps)
+            if len(self._pending) > _MAX_PENDING:  # bounded: evict everything instead
+                self._pending = {deps_mod.ALL}
+            start = self._retrier is None and getattr(self.backend, "sync_capable", True)
+            if start:
+                self._retrier = threading.Thread(target=self._retry_loop, name="sqlacache-retry", daemon=True)
+        if start and self._retrier is not None:
+            self._retrier.start()
+
+    def _retry_loop(self) -> None:
+        while True:
+            time.sleep(self._retry_interval)
+            with self._lock:
+                if not self._pending or self._closed:
+                    self._retrier = None
+                    return
+            try:
+                self.deliver_pending(force=True)
+            except Exception as exc:  # the thread must outlive anything one attempt does
+                self.count("errors.internal")
+                self.warn("retry", "sqlacache: retrying invalidations failed", exc_info=exc)
+
+    def deliver_pending(self, force: bool = False) -> bool:
+        """Deliver the invalidations kept earlier; True when none remain."""
+        if not self._pending:
+            return True
+        now = time.monotonic()
+        if not force and now - self._last_attempt < self._retry_interval:
+            return False  # the last attempt just failed: don't pay for another one per request
+        with self._lock:
+            todo = sorted(self._pending)
+            self._last_attempt = now
+        try:
+            # Forced (the retry thread, retry_pending) it is a probe: the breaker doesn't stop it.
+            self._call("invalidate", self.backend.bump, todo, probe=force)
+        except (BackendError, _Skipped):
+            return False
+        with self._lock:
+            self._pending.difference_update(todo)
+            left = not self._pending
+        if left:
+            self.count("pending_delivered")
+            log.info("sqlacache: delivered the invalidations kept while the cache was unreachable")
+        return left
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
+        if self._pending and not self.deliver_pending():
+            return None
+        began = time.monotonic()
+        try:
+            found = self._call("lookup", self.backend.lookup, key, hint)
+        except (BackendError, _Skipped):
+            return None
+        return self._checked(key, found, began)
+
+    async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
+        """``lookup`` for async callers: native when the backend offers it, else in a greenlet."""
+        native = getattr(self.backend, "alookup", None)
+        if native is None or self._pending:
+            return await greenlet_spawn(self.lookup, key, hint)
+        if not self.breaker.allow():
+            self.count("breaker_skips")
+            return None
+        began = time.monotonic()
+        try:
+            found: Lookup = await native(key, hint)
+        except Exception as exc:
+            self._failed("lookup", exc if isinstance(exc, BackendError) else _unexpected("lookup", exc))
+            return None
+        self.breaker.succeeded()
+        return self._checked(key, found, began)
+
+    def _checked(self, key: str, found: Lookup, began: float) -> Lookup | None:
+        if not self._observe(found.generation, began):
+            return None
+        entry = found.entry
+        if entry is None:
+            return found
+        raw = entry.payload
+        if len(raw) < _ENVELOPE.size or raw[:2] != _MAGIC:
+            self.drop(key, "corrupt", "not in sqlacache's format")
+            return Lookup(None, found.generation)
+        if self.max_entry_size is not None and len(raw) - _ENVELOPE.size > self.max_entry_size:
+            self.drop(key, "too_large", f"{len(raw)} bytes, above max_entry_size={self.max_entry_size}")
+            return Lookup(None, found.generation)
+        refresh_at = _ENVELOPE.unpack_from(raw)[1]
+        due = bool(refresh_at) and time.time() * 1000 >= refresh_at
+        return Lookup(Entry(raw[_ENVELOPE.size :], entry.deps), found.generation, due)
+
+    def _observe(self, generation: int, began: float) -> bool:
+        """False when ``generation`` went backwards: the backend lost data it had (then evict all).
+
+        ``began``: when the call that returned it started."""
+        with self._lock:
+            seen = self._seen
+            if generation >= seen - _SLACK or began <= self._seen_at:
+                if generation > seen:
+                    self._seen = generation
+                    self._seen_at = time.monotonic()
+                return True
+            self._seen = generation
+            self._seen_at = time.monotonic()
+        self.count("data_loss")
+        self.warn(
+            "data_loss",
+            "sqlacache: the cache's generation went back from %d to %d: it lost data it had "
+            "(restarted from an old snapshot, or failed over); evicting everything",
+            seen,
+            generation,
+            level=logging.ERROR,
+        )
+        self.invalidate_all()
+        return False
+
+    def drop(self, key: str, what: str, why: Any) -> None:
+        """An entry that cannot be served: counted, logged once in a while, deleted."""
+        self.count(what)
+        self.warn(what, "sqlacache: dropping the cache entry %s: %s", key, why)
+        with contextlib.suppress(BackendError, _Skipped):
+            self._call("delete", self.backend.delete, [key])
+
+    def generation(self) -> int | None:
+        if self._pending and not self.deliver_pending():
+            return None
+        began = time.monotonic()
+        try:
+            generation = self._call("generation", self.backend.generation)
+        except (BackendError, _Skipped):
+            return None
+        return generation if self._observe(generation, began) else None
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def lease(self, key: str, ttl: float, unless_filled: bool = True) -> str | bool | None:
+        """A token if this process may fill ``key``; False if another process holds the lease;
+        True if the entry is there now (look again); None if the backend can't say (fill anyway)."""
+        try:
+            held: str | bool = self._call("lease", self.backend.lease, key, ttl, unless_filled)  # type: ignore[attr-defined]
+        except (BackendError, _Skipped):
+            return None
+        return held
+
+    def release(self, key: str, token: str) -> None:
+        with contextlib.suppress(BackendError, _Skipped):
+            self._call("release", self.backend.release, key, token)  # type: ignore[attr-defined]
+
+    # -- stores ---------------------------------------------------------------------------------
+
+    def _wrap(self, job: StoreJob) -> bytes:
+        refresh_at = 0
+        if job.refresh_ahead > 0 and math.isfinite(job.ttl):
+            refresh_at = int((time.time() + job.ttl * (1 - job.refresh_ahead)) * 1000)
+        return _ENVELOPE.pack(_MAGIC, refresh_at) + job.payload
+
+    def _storable(self, job: StoreJob) -> bool:
+        if self.max_entry_size is not None and len(job.payload) > self.max_entry_size:
+            self.count("too_large")
+            if job.lease is not None:
+                self.release(job.key, job.lease)
+            return False
+        return not self._pending or self.deliver_pending()
+
+    def store(self, job: StoreJob) -> bool:
+        if not self._storable(job):
+            return False
+        # Only backends with leases take the argument (the contract's store has none).
+        store: Callable[..., bool] = self.backend.store
+        if job.lease is not None:
+            store = functools.partial(store, lease=job.lease)
+        try:
+            stored = self._call("store", store, job.key, self._wrap(job), job.deps, job.generation, job.ttl)
+        except (BackendError, _Skipped):
+            return False
+        self.count("stores" if stored else "stores_refused")
+        return stored
+
+    def submit_store(self, job: StoreJob) -> None:
+        """``store`` now, or in the background with ``background_stores``."""
+        if not self.background_stores:
+            self.store(job)
+            return
+        astore = getattr(self.backend, "astore", None)
+        if astore is not None and in_greenlet():
+            # Inside an AsyncSession: the event loop runs the store as a task.
+            task = asyncio.get_running_loop().create_task(self._astore(astore, job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if self._worker is None:
+            with self._lock:
+                if self._worker is None:
+                    self._worker = threading.Thread(
+                        target=self._store_worker, name="sqlacache-stores", daemon=True
+                    )
+                    self._worker.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.count("stores_dropped")  # a dropped store is only a later miss (its lease expires)
+
+    async def _astore(self, astore: Any, job: StoreJob) -> None:
+        if not await greenlet_spawn(self._storable, job):
+            return
+        if not self.breaker.allow():
+            self.count("breaker_skips")
+            return
+        extra = {"lease": job.lease} if job.lease is not None else {}
+        try:
+            stored = await astore(job.key, self._wrap(job), job.deps, job.generation, job.ttl, **extra)
+        except Exception as exc:
+            self._failed("store", exc if isinstance(exc, BackendError) else _unexpected("store", exc))
+            return
+        self.breaker.succeeded()
+        self.count("stores" if stored else "stores_refused")
+
+    def _store_worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self.store(item)
+            except Exception as exc:  # the worker must outlive any one store
+                self.count("errors")
+                self.count("errors.internal")
+                self.warn("store-worker", "sqlacache: a background store failed", exc_info=exc)
+            finally:
+                self._queue.task_done()
+
+    def wait_for_stores(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    async def await_stores(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await greenlet_spawn(self.wait_for_stores)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def bump(self, deps: Sequence[str], rows: Sequence[Row] = ()) -> None:
+        """Invalidate after the database committed: never raises; what fails is kept for retry."""
+        if self.deliver_pending():
+            try:
+                if rows:
+                    self._call("invalidate", self.backend.bump, deps, rows)
+                else:  # a Backend written before row images existed still works
+                    self._call("invalidate", self.backend.bump, deps)
+                return
+            except (BackendError, _Skipped):
+                pass
+        # Kept without the images: every condition read of their tables goes instead.
+        self._keep([*deps, *sorted({deps_mod.scheme_dep(image[0]) for image in rows})])
+
+    def invalidate_all(self) -> None:
+        try:
+            self._call("invalidate", self.backend.bump, [deps_mod.ALL])
+            self._call("invalidate", self.backend.clear)
+        except (BackendError, _Skipped):
+            self._keep([deps_mod.ALL])
+
+    def close(self) -> None:
+        self._closed = True  # pending evictions die with the cache: a closed backend can't take them
+        if self._worker is not None:
+            self.wait_for_stores()
+            self._queue.put(None)
+            self._worker.join(5)
+            self._worker = None

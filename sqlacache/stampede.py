@@ -1,0 +1,103 @@
+"""What a reader that missed does before it queries: let one reader per key fill it.
+
+In this process the first reader to miss a key leads (``flight``); the others wait for it and look
+the key up again. Across processes the leader takes a short lease in the backend; a leader that
+finds the lease taken polls for the other process' entry until ``fill_timeout``, then reads the
+database itself. Nobody waits longer than ``fill_timeout``, and a lease whose holder died expires
+after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlacache._greenlet import await_, in_greenlet
+from sqlacache.backends import Lookup
+from sqlacache.flight import Flight
+
+if TYPE_CHECKING:
+    from sqlacache.cache import Cache
+
+
+@dataclass(slots=True)
+class Fill:
+    """A leader's right to fill ``key``: land it with :func:`end` once the store is submitted."""
+
+    key: str
+    flight: Flight | None
+    lease: str | None = None
+
+
+def _sleep(seconds: float) -> None:
+    if in_greenlet():
+        await_(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
+
+
+def begin(cache: Cache, key: str, hint: Sequence[str], since: float) -> tuple[Lookup | None, Fill | None]:
+    """After a miss: wait for another reader's fill, or get the right to fill (``Fill``).
+
+    ``since``: when the lookup that missed began. Returns the newest lookup made meanwhile (a hit
+    to serve, or the miss to read at; None if none was made) and the ``Fill`` to ``end`` once
+    served or stored — None for a reader that waited in vain and queries without coordination."""
+    timeout = cache.fill_timeout
+    if timeout <= 0:
+        return None, None
+    deadline = time.monotonic() + timeout
+    latest: Lookup | None = None
+    while True:
+        flight, leading, landed = cache.flights.join(key, since)
+        if leading:
+            if landed:  # a fill landed after our lookup began: its entry may be there now
+                latest = cache.io.lookup(key, hint)
+                if latest is None or latest.entry is not None:
+                    return latest, Fill(key, flight)
+            break
+        cache.count("coalesced")
+        if not flight.wait(max(0.0, deadline - time.monotonic())):
+            return latest, None
+        since = time.monotonic()
+        latest = cache.io.lookup(key, hint)
+        if latest is None or latest.entry is not None or time.monotonic() >= deadline:
+            return latest, None
+        # The leader stored nothing (its store was refused, or failed): one of us leads next.
+    fill = Fill(key, flight)
+    if not cache.io.leases:
+        return latest, fill
+    # Across processes: take the lease, or wait for its holder's entry (then, if the holder
+    # stored nothing, for the lease to end).
+    held = cache.io.lease(key, timeout)
+    delay = 0.0 if held is True else 0.002
+    if held is False:
+        cache.count("lease_waits")
+    while held is True or held is False:
+        if held is False:
+            if time.monotonic() >= deadline:
+                cache.count("lease_timeouts")
+                return latest, fill
+            _sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+        latest = cache.io.lookup(key, hint)
+        if latest is None or latest.entry is not None:
+            # A hit; still leading: if this process can't rebuild it yet (a shape it has never
+            # run), the caller queries, and the readers waiting here wait for that.
+            return latest, fill
+        # An entry that was there but isn't valid does not stop us from taking the lease.
+        held = cache.io.lease(key, timeout, unless_filled=held is False)
+    fill.lease = held  # a token, or None: the backend can't say; go ahead
+    return latest, fill
+
+
+def end(cache: Cache, fill: Fill | None) -> None:
+    """Let the waiting readers look again; give the lease back unless a store took it over."""
+    if fill is None:
+        return
+    if fill.lease is not None:
+        cache.io.release(fill.key, fill.lease)
+    if fill.flight is not None:
+        cache.flights.land(fill.key, fill.flight)
