@@ -28,6 +28,7 @@ from sqlacache.backends import Backend, MemoryBackend, RedisBackend
 from sqlacache.breaker import Breaker
 from sqlacache.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
+from sqlacache.outbox import Outbox
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
 from sqlacache.resilient import Resilient
 from sqlacache.stats import Counters
@@ -44,15 +45,34 @@ def _number(name: str, value: Any, unit: str, positive: bool = False) -> float:
 
 
 def _warn_if_unbounded(backend: Backend) -> None:
-    """A Redis client without a socket timeout hangs every read while Redis is paused."""
+    """A Redis client that waits long on a hung server makes every read wait with it."""
+    import redis
+
     for side in ("_sync", "_async"):
         client = getattr(getattr(backend, side, None), "client", None)
         kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-        if isinstance(kwargs, dict) and "host" in kwargs and kwargs.get("socket_timeout") is None:
+        if not isinstance(kwargs, dict) or "host" not in kwargs:
+            continue  # not a TCP client (fakeredis, a unix socket…)
+        timeout = kwargs.get("socket_timeout")
+        if timeout is None or timeout > 0.5:
             log.warning(
-                "sqlacache: the Redis client has no socket_timeout: while Redis hangs, every read "
-                "would hang with it. Pass socket_timeout=0.05 and socket_connect_timeout=0.05 to "
-                "redis.Redis(...), or give Cache a URL (backend='redis://…') to get them"
+                "sqlacache: the Redis client's socket_timeout is %s: while Redis hangs, every read "
+                "would wait that long. Pass socket_timeout=0.05 and socket_connect_timeout=0.05 to "
+                "redis.Redis(...), or give Cache a URL (backend='redis://…') to get them",
+                "unset" if timeout is None else f"{timeout} s",
+            )
+            return
+        retry = kwargs.get("retry")
+        retries = getattr(retry, "_retries", 0)
+        supported = getattr(retry, "_supported_errors", ())
+        if isinstance(retries, int) and retries > 1 and redis.exceptions.TimeoutError in supported:
+            log.warning(
+                "sqlacache: the Redis client retries timeouts %d times: a hung Redis would cost each "
+                "read up to %d timeouts before the circuit breaker opens. Pass retry=Retry(NoBackoff(), "
+                "1, supported_errors=(redis.exceptions.ConnectionError,)) to redis.Redis(...), or give "
+                "Cache a URL (backend='redis://…')",
+                retries,
+                retries + 1,
             )
             return
 
@@ -229,6 +249,7 @@ class Cache:
         )
         self.flights = Flights()
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (refreshing.py)
+        self.outbox: Outbox | None = None
         _warn_if_unbounded(self.backend)
 
     # -- counters ---------------------------------------------------------------------------
@@ -345,12 +366,36 @@ class Cache:
             todo += deps_mod.unknown_rows_write_deps(t.lower())
         self.bump(todo)
 
-    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> None:
-        """Invalidate ``deps`` (and the conditions ``rows`` match): never raises, kept if it fails."""
+    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> bool:
+        """Invalidate ``deps`` (and the conditions ``rows`` match): never raises, kept if it fails.
+        True if delivered now."""
         todo = sorted(set(deps))
-        if todo or rows:
-            self.count("invalidations")
-            self.io.bump(todo, rows)
+        if not todo and not rows:
+            return True
+        self.count("invalidations")
+        return self.io.bump(todo, rows)
+
+    def use_outbox(self, engine: Engine, *, grace: float = 10.0, interval: float = 1.0) -> None:
+        """Record every commit's invalidation in the table ``sqlacache_outbox`` of ``engine``'s
+        database, in the commit's own transaction, so that it is delivered even if this process
+        dies before Redis can take it (see README, "Invalidations that cannot be delivered").
+
+        Creates the table if it is missing. ``engine`` is a sync engine of the database (for an
+        async application, one on a sync driver of the same database): a background thread uses
+        it to delete delivered rows and to deliver rows older than ``grace`` seconds, every
+        ``interval`` seconds. Sessions on any engine of that database, sync or async, write rows.
+        """
+        if not isinstance(engine, Engine):
+            raise ConfigurationError(
+                f"use_outbox: {engine!r} is not a sync Engine; for an async application pass an engine "
+                "on a sync driver of the same database, e.g. create_engine('postgresql+psycopg://…')"
+            )
+        grace = _number("grace", grace, "seconds a row waits for its own process", positive=True)
+        interval = _number("interval", interval, "seconds between relay rounds", positive=True)
+        if self.outbox is None:
+            self.outbox = Outbox(self, grace, interval)
+        self.outbox.attach(database_id(engine), engine)
+        self.watch(engine)
 
     def invalidate_all(self) -> None:
         """Evict every entry under this cache's prefix (never anything else: no FLUSHDB)."""
@@ -386,6 +431,8 @@ class Cache:
             watching.discard(self)
         if self.refresh_pool is not None:
             self.refresh_pool.shutdown(wait=True)
+        if self.outbox is not None:
+            self.outbox.close()
         self.io.close()
         if self._owns_backend:
             self.backend.close()

@@ -58,6 +58,8 @@ class SessionContext:
     # Per table: the DML statements (compiled, parameters, dialect) a flush ran, None if unknown.
     flush_dml: dict[str, list[Any] | None] = field(default_factory=dict)
     flush_row_tables: set[str] = field(default_factory=set)
+    # (database, row id) of the outbox rows this transaction wrote (see outbox.py).
+    outbox_rows: list[tuple[str, str]] = field(default_factory=list)
 
 
 def context_of(session: Session) -> SessionContext | None:

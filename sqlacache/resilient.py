@@ -383,19 +383,27 @@ class Resilient:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def bump(self, deps: Sequence[str], rows: Sequence[Row] = ()) -> None:
-        """Invalidate after the database committed: never raises; what fails is kept for retry."""
-        if self.deliver_pending():
-            try:
-                if rows:
-                    self._call("invalidate", self.backend.bump, deps, rows)
-                else:  # a Backend written before row images existed still works
-                    self._call("invalidate", self.backend.bump, deps)
-                return
-            except (BackendError, _Skipped):
-                pass
+    def deliver(self, deps: Sequence[str], rows: Sequence[Row] = ()) -> bool:
+        """Invalidate now, or return False (nothing kept: the caller keeps it)."""
+        if not self.deliver_pending():
+            return False
+        try:
+            if rows:
+                self._call("invalidate", self.backend.bump, deps, rows)
+            else:  # a Backend written before row images existed still works
+                self._call("invalidate", self.backend.bump, deps)
+        except (BackendError, _Skipped):
+            return False
+        return True
+
+    def bump(self, deps: Sequence[str], rows: Sequence[Row] = ()) -> bool:
+        """Invalidate after the database committed: never raises; what fails is kept for retry.
+        True if delivered now."""
+        if self.deliver(deps, rows):
+            return True
         # Kept without the images: every condition read of their tables goes instead.
         self._keep([*deps, *sorted({deps_mod.scheme_dep(image[0]) for image in rows})])
+        return False
 
     def invalidate_all(self) -> None:
         try:

@@ -23,7 +23,7 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.schema import Column
 
-from sqlacache import canon, dml, rowtokens
+from sqlacache import canon, dml, outbox, rowtokens
 from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
 from sqlacache.cache import database_id, watchers
@@ -173,6 +173,8 @@ def _after_cursor_execute(
     session = session_ref()
     if session is None:
         return
+    if context.execution_options.get(outbox.OPTION):
+        return  # the outbox's own row: part of the commit's bookkeeping, not a write to cache
     compiled = context.compiled
     tables: set[str] | None
     found: dml.Effects | None = None
@@ -305,6 +307,31 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     ctx.flush_row_tables = set()
 
 
+@event.listens_for(Session, "before_commit")
+def _before_commit(session: Session) -> None:
+    """With an outbox: write this transaction's invalidation into it, inside the transaction.
+
+    Not guarded like the other listeners: a commit whose invalidation can't be recorded must fail,
+    that is what the outbox is for."""
+    ctx = any_context(session)
+    transaction = session._transaction
+    if ctx is None or ctx.cache.outbox is None or transaction is None or transaction.nested:
+        return
+    session.flush()  # the commit's own flush would come after this listener
+    frame = ctx.tx.get(transaction)
+    if frame is None or not (frame.deps or frame.rows or frame.returning):
+        return
+    deps = set(frame.deps)
+    for _context, table, _positions, _dialect in frame.returning:  # their keys are known after commit
+        deps.add(deps_mod.allrows_dep(deps_mod.table_name(table)))
+    payload = outbox.encode(sorted(deps), frame.rows)
+    for connection in ctx.connections:
+        database = database_id(connection.engine)
+        row_id = ctx.cache.outbox.write(connection, database, payload)
+        if row_id is not None:
+            ctx.outbox_rows.append((database, row_id))
+
+
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
     ctx = any_context(session)
@@ -332,7 +359,11 @@ def _after_commit(session: Session) -> None:
     for engine in ctx.engines:
         caches.update(watchers(engine))
     for cache in caches:
-        cache.bump(frame.deps, frame.rows)
+        delivered = cache.bump(frame.deps, frame.rows)
+        if cache is ctx.cache and ctx.outbox_rows and cache.outbox is not None:
+            if delivered:  # else its row stays: the relay delivers it (this process may die first)
+                cache.outbox.delivered(ctx.outbox_rows)
+            ctx.outbox_rows = []
 
 
 def _returned_keys(context: Any, table: Table, positions: list[int], dialect: Any) -> list[str]:
@@ -372,4 +403,5 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         ctx.tx.clear()
         ctx.written.clear()
         ctx.written_everything = False
+        ctx.outbox_rows = []
         ctx.tx_generation = None

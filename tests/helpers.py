@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +56,13 @@ async def acached(world: Any, read: Callable[[Any], Any]) -> Any:
         hit = await read(s)
         assert world.statements() == before, f"expected a cache hit, got SQL: {world.sql[before:]}"
     return first, hit
+
+
+def until(condition: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it is true; False if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -30,6 +30,13 @@ from tests.models import Base, Order, User
         ({"default_ttl": 0}, "positive number"),
         ({"prefix": "a b"}, "prefix"),
         ({"default_ttl": 1, "default_timeout": 2}, "not both"),
+        ({"fill_timeout": -1}, "fill_timeout=-1: give a non-negative number"),
+        ({"refresh_ahead": 1.0}, "refresh_ahead=1.0: give the fraction of a TTL"),
+        ({"refresh_ahead": -0.1}, "refresh_ahead"),
+        ({"max_entry_size": 0}, "max_entry_size=0: give a positive number"),
+        ({"max_entry_size": "1MB"}, "max_entry_size"),
+        ({"breaker_cooldown": 0}, "breaker_cooldown=0: give a positive number"),
+        ({"breaker_max_cooldown": float("inf")}, "breaker_max_cooldown"),
     ],
 )
 def test_bad_configuration_is_refused_at_construction(kwargs, message):
@@ -137,3 +144,25 @@ def test_plain_sessions_are_untouched_when_nothing_is_bound(tmp_path):
             assert s.get(User, 1).name == "plain"
             assert s.scalars(select(User)).one().name == "plain"
     assert sum(q.startswith("SELECT users") for q in sql) == 6  # every read reached the database
+
+
+def test_a_redis_client_that_would_hang_on_a_hung_redis_is_warned_about(caplog):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    with caplog.at_level("WARNING", logger="sqlacache"):
+        Cache(backend=redis.Redis(host="127.0.0.1", port=1, socket_timeout=None))
+        Cache(backend=redis.Redis(host="127.0.0.1", port=1, socket_timeout=5))
+    assert "socket_timeout is unset" in caplog.text and "socket_timeout is 5 s" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sqlacache"):
+        retry = Retry(NoBackoff(), 3)  # retries timeouts too
+        Cache(backend=redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.05, retry=retry))
+    assert "retries timeouts 3 times" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sqlacache"):
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        Cache(backend=redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.05, retry=retry))
+        Cache(backend="redis://127.0.0.1:1/0")
+    assert caplog.text == ""

@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingSession
-from tests.helpers import cached, seed
+from tests.helpers import cached, seed, until
 from tests.models import Base, User
 
 
@@ -332,15 +332,6 @@ FAULTS = {
 }
 
 
-def _until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _warm(app):
     for _ in range(3):
         assert app.get(1) == "u1"
@@ -377,11 +368,11 @@ def _break_and_recover(app, other, fault, fresh_redis, proxy):
     assert broken["errors"] > 0
     assert broken["pending_invalidations"] > 0 or fault == "killed"
     # Once Redis answers again, the kept evictions go out before anything is served.
-    assert _until(app.retry_pending)
+    assert until(app.retry_pending)
     assert app.get(1) == "during" and app.names() == ["during", "u2", "u3"]
     assert other.get(1) == "during"  # delivered to every process
     hits = app.cache.stats()["hits"]
-    assert _until(lambda: (app.get(1), app.cache.stats()["hits"] > hits)[1], timeout=5)
+    assert until(lambda: (app.get(1), app.cache.stats()["hits"] > hits)[1], timeout=5)
     assert app.cache.stats()["breaker"] == "closed"
     print(
         f"{app.kind} {fault}: 40 reads in {sum(latencies):.3f}s, worst {max(latencies) * 1000:.0f} ms; "
@@ -416,7 +407,7 @@ def test_out_of_memory_redis_still_serves_hits_and_delivers_invalidations(
             assert app.cache.stats()["breaker"] == "closed"
         finally:
             fresh_redis.clear_oom()
-        assert _until(lambda: (app.names(), app.cache.stats()["hits"] > hits + 10)[1] and True)
+        assert until(lambda: (app.names(), app.cache.stats()["hits"] > hits + 10)[1] and True)
     finally:
         other.close()
 
