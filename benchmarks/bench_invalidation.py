@@ -297,7 +297,7 @@ def run_mode(
     if cache is not None:
         cache.invalidate_all()
         if args.backend == "redis":
-            client = redis.Redis.from_url(REDIS_URL)
+            client = redis.Redis.from_url(REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
             left = sum(1 for _ in client.scan_iter(match=f"{prefix}-{mode}:*", count=1000))
             client.close()
         cache.close()

@@ -780,7 +780,8 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
                     if hit is not None:
                         return hit
                     lookup = again
-        cache.count("misses")
+        if refresh is None:  # a refresh-ahead read is counted as "refreshes", not as a reader's miss
+            cache.count("misses")
         return _fill(ctx, state, info, key, lookup, fill, ticket, statement_deps, dialect, plan, ttl, guard)
     finally:
         stampede.end(cache, fill)

@@ -35,7 +35,7 @@ def claim(cache: Cache, key: str) -> stampede.Fill | None:
         return None
     fill = stampede.Fill(key, flight)
     if cache.io.leases:
-        held = cache.io.lease(key, max(cache.fill_timeout, 1.0))
+        held = cache.io.claim(key, max(cache.fill_timeout, 1.0))
         if held is False:
             stampede.end(cache, fill)
             return None

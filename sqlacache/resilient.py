@@ -275,14 +275,28 @@ class Resilient:
 
     # -- leases ---------------------------------------------------------------------------------
 
-    def lease(self, key: str, ttl: float, unless_filled: bool = True) -> str | bool | None:
-        """A token if this process may fill ``key``; False if another process holds the lease;
-        True if the entry is there now (look again); None if the backend can't say (fill anyway)."""
+    def lease(self, key: str, ttl: float) -> tuple[Lookup | None, str | bool | None]:
+        """Look ``key`` up and take its fill lease if it is missing, in one round trip: (a miss,
+        token); (a miss, False) if another process holds the lease; (a hit, None); (None, None)
+        if the backend can't say (then fill anyway)."""
+        began = time.monotonic()
         try:
-            held: str | bool = self._call("lease", self.backend.lease, key, ttl, unless_filled)  # type: ignore[attr-defined]
+            found, held = self._call("lease", self.backend.lease, key, ttl)  # type: ignore[attr-defined]
+        except (BackendError, _Skipped):
+            return None, None
+        checked = self._checked(key, found, began)
+        if checked is None or (checked.entry is None and found.entry is not None):
+            return checked, None  # lost data, or an entry we dropped: fill, without a lease
+        return checked, held
+
+    def claim(self, key: str, ttl: float) -> str | bool | None:
+        """The lease of ``key`` whatever its entry: a token, False if held elsewhere, None if the
+        backend can't say."""
+        try:
+            token: str | None = self._call("claim", self.backend.claim, key, ttl)  # type: ignore[attr-defined]
         except (BackendError, _Skipped):
             return None
-        return held
+        return token if token is not None else False
 
     def release(self, key: str, token: str) -> None:
         with contextlib.suppress(BackendError, _Skipped):

@@ -53,7 +53,8 @@ def begin(cache: Cache, key: str, hint: Sequence[str], since: float) -> tuple[Lo
     while True:
         flight, leading, landed = cache.flights.join(key, since)
         if leading:
-            if landed:  # a fill landed after our lookup began: its entry may be there now
+            if landed and not cache.io.leases:  # a fill landed since our lookup: look again
+                # (with leases, taking the lease below looks again in the same round trip)
                 latest = cache.io.lookup(key, hint)
                 if latest is None or latest.entry is not None:
                     return latest, Fill(key, flight)
@@ -69,27 +70,23 @@ def begin(cache: Cache, key: str, hint: Sequence[str], since: float) -> tuple[Lo
     fill = Fill(key, flight)
     if not cache.io.leases:
         return latest, fill
-    # Across processes: take the lease, or wait for its holder's entry (then, if the holder
-    # stored nothing, for the lease to end).
-    held = cache.io.lease(key, timeout)
-    delay = 0.0 if held is True else 0.002
+    # Across processes: take the lease (looking the key up again in the same step: a fill may
+    # have landed since), or wait for its holder's entry; if the holder stores nothing, take over.
+    latest, held = cache.io.lease(key, timeout)
     if held is False:
         cache.count("lease_waits")
-    while held is True or held is False:
-        if held is False:
-            if time.monotonic() >= deadline:
-                cache.count("lease_timeouts")
-                return latest, fill
-            _sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.05)
-        latest = cache.io.lookup(key, hint)
-        if latest is None or latest.entry is not None:
-            # A hit; still leading: if this process can't rebuild it yet (a shape it has never
-            # run), the caller queries, and the readers waiting here wait for that.
+    delay = 0.002
+    while held is False:
+        if time.monotonic() >= deadline:
+            cache.count("lease_timeouts")
             return latest, fill
-        # An entry that was there but isn't valid does not stop us from taking the lease.
-        held = cache.io.lease(key, timeout, unless_filled=held is False)
-    fill.lease = held  # a token, or None: the backend can't say; go ahead
+        _sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.05)
+        latest, held = cache.io.lease(key, timeout)
+    # A hit (still leading: if this process can't rebuild it yet — a shape it has never run — the
+    # caller queries, and the readers waiting here wait for that), or the lease (a token, or None
+    # when the backend can't say: go ahead).
+    fill.lease = held if isinstance(held, str) else None
     return latest, fill
 
 

@@ -162,22 +162,32 @@ end
 
 # KEYS[1] entry key; ARGV[1] prefix.
 # Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value} for a hit.
+# KEYS[1] entry key, KEYS[2] (optional) its lease; ARGV[1] prefix, ARGV[2] lease token, ARGV[3]
+# lease ms. Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value}
+# for a hit; with a lease key, a miss also tries to take the lease: {0|2, gen, 1 taken | 0 held}.
 _LOOKUP = (
     _PRELUDE
     + r"""
 local prefix = ARGV[1]
+local function miss(status)
+  local reply = {status, current_generation(prefix)}
+  if KEYS[2] then
+    reply[3] = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) and 1 or 0
+  end
+  return reply
+end
 local raw, wrong_type = get(KEYS[1])
 if wrong_type then
   redis.call('DEL', KEYS[1])
-  return {2, current_generation(prefix)}
+  return miss(2)
 end
 if not raw then
-  return {0, current_generation(prefix)}
+  return miss(0)
 end
 local nl = string.find(raw, '\n', 1, true)
 if not nl then
   redis.call('DEL', KEYS[1])
-  return {2, current_generation(prefix)}
+  return miss(2)
 end
 local header = string.sub(raw, 1, nl - 1)
 local fields = {}
@@ -194,13 +204,13 @@ end
 local generation = num(fields[1])
 if not generation then
   redis.call('DEL', KEYS[1])
-  return {2, current_generation(prefix)}
+  return miss(2)
 end
 for i = 2, #fields do
   local version = num((get(prefix .. ':v:' .. fields[i])))
   if not version or version > generation then
     redis.call('DEL', KEYS[1])
-    return {0, current_generation(prefix)}
+    return miss(0)
   end
 end
 return {1, current_generation(prefix), raw}
@@ -422,18 +432,6 @@ return g
 """
 )
 
-# KEYS[1] a lease, KEYS[2] its entry (or none); ARGV[1] token, ARGV[2] lease ms.
-# Returns 1 if taken, 0 if another holds it, 2 if the entry is there (filled since the caller looked).
-_LEASE = r"""
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
-  return 2
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 1
-end
-return 0
-"""
-
 # KEYS[1] a lease; ARGV[1] its holder's token.
 _RELEASE = r"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -464,7 +462,7 @@ def _decodes_responses(client: Any) -> bool:
 class _Side:
     """One client with its registered scripts, and how to get a result out of its calls."""
 
-    __slots__ = ("bump", "client", "generation", "lease", "lookup", "release", "resolve", "store")
+    __slots__ = ("bump", "client", "generation", "lookup", "release", "resolve", "store")
 
     def __init__(self, client: redis.Redis | redis.asyncio.Redis, resolve: Callable[[Any], Any]) -> None:
         self.client: Any = client
@@ -475,7 +473,6 @@ class _Side:
         self.store: Script | AsyncScript = client.register_script(_STORE)
         self.bump: Script | AsyncScript = client.register_script(_BUMP)
         self.release: Script | AsyncScript = client.register_script(_RELEASE)
-        self.lease: Script | AsyncScript = client.register_script(_LEASE)
 
 
 def _identity(value: _T) -> _T:
@@ -615,19 +612,23 @@ class RedisBackend:
     # -- the contract -------------------------------------------------------------------------------
 
     def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
+        found: Lookup = self._drive("lookup", self._lookup_steps(key, hint))[0]
+        return found
+
+    def _drive(self, what: str, steps: Generator[Callable[[_Side], Any], Any, _T]) -> _T:
+        """Run a sequence of commands on the side this thread (or greenlet) should use."""
         side = self._side()
-        steps = self._lookup_steps(key, hint)
         op = next(steps)
         while True:
             try:
                 reply = side.resolve(op(side))
             except _FAILURES as exc:
-                raise _failure("lookup", exc) from exc
+                raise _failure(what, exc) from exc
             try:
                 op = steps.send(reply)
             except StopIteration as done:
-                found: Lookup = done.value
-                return found
+                result: _T = done.value
+                return result
 
     async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
         """``lookup`` awaited on the event loop with the asyncio client (no greenlet needed)."""
@@ -644,7 +645,7 @@ class RedisBackend:
             try:
                 op = steps.send(reply)
             except StopIteration as done:
-                found: Lookup = done.value
+                found: Lookup = done.value[0]
                 return found
 
     def _async_side(self) -> _Side | None:
@@ -656,15 +657,23 @@ class RedisBackend:
                     self._async = _Side(self._async_factory(), _await)
         return self._async
 
-    def _lookup_steps(self, key: str, hint: Sequence[str]) -> Generator[Callable[[_Side], Any], Any, Lookup]:
-        """The lookup as a sequence of commands, so sync and async callers share one implementation."""
+    def _lookup_steps(
+        self, key: str, hint: Sequence[str], lease: tuple[str, int] | None = None
+    ) -> Generator[Callable[[_Side], Any], Any, tuple[Lookup, bool]]:
+        """The lookup as a sequence of commands, so sync and async callers share one implementation.
+
+        With ``lease`` (token, ms), a miss also tries to take the key's lease: (lookup, taken)."""
         entry_key = self._entry_key(key)
-        if hint:
+        if hint and lease is None:
             keys = [entry_key, f"{self.prefix}:gen", *(f"{self.prefix}:v:{d}" for d in hint)]
             answer = self._hinted_answer((yield lambda s: s.client.mget(keys)), hint, len(keys))
             if answer is not None:
-                return answer
-        reply = yield lambda s: s.lookup(keys=[entry_key], args=[self.prefix])
+                return answer, False
+        if lease is None:
+            reply = yield lambda s: s.lookup(keys=[entry_key], args=[self.prefix])
+        else:
+            keys = [entry_key, self._lease_key(key)]
+            reply = yield lambda s: s.lookup(keys=keys, args=[self.prefix, lease[0], lease[1]])
         if not isinstance(reply, list) or len(reply) < 2:
             raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}", "protocol")
         status = reply[0]
@@ -672,15 +681,17 @@ class RedisBackend:
         if status == 1 and len(reply) == 3 and isinstance(reply[2], bytes):
             entry = self._parse(reply[2])
             if entry is not None:
-                return Lookup(entry, generation)
+                return Lookup(entry, generation), False
             # The script accepted the header but its dependency names are not UTF-8: not ours.
             yield lambda s: s.client.delete(entry_key)
-            status = 2
+            self._count_corrupt()
+            return Lookup(None, generation), False
+        taken = len(reply) == 3 and reply[2] == 1
         if status == 2:
             self._count_corrupt()
-            return Lookup(None, generation)
+            return Lookup(None, generation), taken
         if status == 0:
-            return Lookup(None, generation)
+            return Lookup(None, generation), taken
         raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}", "protocol")
 
     @staticmethod
@@ -810,19 +821,25 @@ class RedisBackend:
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:l:{key}"
 
-    def lease(self, key: str, ttl: float, unless_filled: bool = True) -> str | bool:
-        """Take the lease to fill ``key`` for ``ttl`` seconds: its token; False if another process
-        holds it; True if (``unless_filled``) an entry is there now — look it up again.
+    def lease(self, key: str, ttl: float) -> tuple[Lookup, str | bool | None]:
+        """Look ``key`` up and, if it is missing, take the lease to fill it for ``ttl`` seconds, in
+        one step: (lookup, its token) — or (lookup, False) if another process holds the lease, or
+        (a hit, None).
 
         A holder that dies releases nothing; the lease expires after ``ttl`` on its own.
         """
         token = secrets.token_hex(8)
-        keys = [self._lease_key(key)]
-        if unless_filled:
-            keys.append(self._entry_key(key))
-        reply = self._run("lease", lambda s: s.lease(keys=keys, args=[token, _ttl_ms(ttl)]))
-        answer = self._int(reply, "lease reply")
-        return token if answer == 1 else answer == 2
+        found, taken = self._drive("lease", self._lookup_steps(key, (), (token, _ttl_ms(ttl))))
+        if found.entry is not None:
+            return found, None
+        return found, token if taken else False
+
+    def claim(self, key: str, ttl: float) -> str | None:
+        """Take the lease of ``key`` whatever its entry (refresh-ahead): a token, or None."""
+        token = secrets.token_hex(8)
+        lease_key = self._lease_key(key)
+        taken = self._run("claim", lambda s: s.client.set(lease_key, token, nx=True, px=_ttl_ms(ttl)))
+        return token if taken else None
 
     def release(self, key: str, token: str) -> None:
         """Give a lease back (only if it is still ours: it may have expired and been taken since)."""
