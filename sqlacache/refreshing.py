@@ -11,6 +11,7 @@ never serves anything a commit invalidated.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +65,8 @@ def start(cache: Cache, fill: stampede.Fill, bind: Any, run: Callable[[Session],
     if pool is None:
         pool = cache.refresh_pool = ThreadPoolExecutor(2, thread_name_prefix="sqlacache-refresh")
     try:
-        pool.submit(_run, cache, fill, bind, run)
+        # In the reader's context (contextvars: a tenant, a request id), as a task would be.
+        pool.submit(contextvars.copy_context().run, _run, cache, fill, bind, run)
     except RuntimeError:  # shutting down
         stampede.end(cache, fill)
 

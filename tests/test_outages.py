@@ -413,12 +413,13 @@ def test_out_of_memory_redis_still_serves_hits_and_delivers_invalidations(
         other.close()
 
 
+@pytest.mark.parametrize("kind", DRIVERS)
 def test_read_only_replica_reads_from_the_database_and_keeps_invalidations(
-    request, tmp_path, fresh_redis, key_prefix
+    kind, request, tmp_path, fresh_redis, key_prefix
 ):
     replica = fresh_redis.replica()
     try:
-        app = Driver("sqlite", request, tmp_path, replica.url, key_prefix)
+        app = Driver(kind, request, tmp_path, replica.url, key_prefix)
         app.create()
         try:
             for _ in range(3):
@@ -448,11 +449,12 @@ def test_flushed_scripts_are_loaded_again(app, fresh_redis, request, tmp_path):
     assert app.cache.stats()["errors"] == 0
 
 
+@pytest.mark.parametrize("kind", DRIVERS)
 def test_redis_back_with_older_data_is_detected_and_nothing_stale_is_served(
-    request, tmp_path, fresh_redis, key_prefix
+    kind, request, tmp_path, fresh_redis, key_prefix
 ):
     """A restart from an old snapshot brings back entries a later commit had invalidated."""
-    app = Driver("sqlite", request, tmp_path, fresh_redis.url, key_prefix)
+    app = Driver(kind, request, tmp_path, fresh_redis.url, key_prefix)
     app.create()
     try:
         _warm(app)

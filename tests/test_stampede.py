@@ -14,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingSession
 from tests.conftest import _pg_schema_url
-from tests.helpers import acached, aseed, cached, seed
+from tests.helpers import acached, aseed, cached, seed, until
 from tests.models import User
 
 READERS = 50
@@ -390,3 +390,34 @@ async def test_async_refresh_ahead(aworld):
     assert await read() == "u2"
     assert cache.stats()["misses"] == misses
     await cache.aclose()
+
+
+def test_a_refresh_runs_in_the_readers_context(world):
+    """Hooks that read contextvars (a tenant, a request id) see the same values in the refresh."""
+    import contextvars
+
+    tenant = contextvars.ContextVar("tenant", default=None)
+    seen = []
+    seed(world)
+    cache = world.make_cache(prefix=world.cache.prefix, refresh_ahead=0.9, default_ttl=2)
+    Session = sessionmaker(world.engine, class_=CachingSession, cache=cache)
+
+    @event.listens_for(world.engine, "before_cursor_execute")
+    def record(conn, cursor, statement, *args):
+        if "users" in statement:
+            seen.append(tenant.get())
+
+    try:
+        tenant.set("acme")
+        for _ in range(3):
+            with Session() as s:
+                s.get(User, 1)
+        time.sleep(0.3)  # due after 10% of the TTL
+        del seen[:]
+        with Session() as s:
+            s.get(User, 1)
+        assert until(lambda: seen, timeout=5)
+        assert seen == ["acme"]
+    finally:
+        event.remove(world.engine, "before_cursor_execute", record)
+        cache.close()
