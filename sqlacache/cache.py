@@ -279,7 +279,7 @@ class Cache:
     def retry_pending(self) -> bool:
         """Deliver now the invalidations kept while the backend was unreachable; True if none remain.
 
-        They are retried on their own (every ``0.05`` s in the background, and before any read);
+        They are retried on their own (every 20 ms in the background, and before any read);
         this is for shutdown hooks and tests that want to know they are out."""
         return self.io.deliver_pending(force=True)
 

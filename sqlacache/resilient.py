@@ -80,7 +80,7 @@ class Resilient:
         max_entry_size: int | None,
         breaker: Breaker,
         background_stores: bool,
-        retry_interval: float = 0.05,
+        retry_interval: float = 0.02,
     ) -> None:
         self.backend = backend
         self.count = count
@@ -279,6 +279,8 @@ class Resilient:
         """Look ``key`` up and take its fill lease if it is missing, in one round trip: (a miss,
         token); (a miss, False) if another process holds the lease; (a hit, None); (None, None)
         if the backend can't say (then fill anyway)."""
+        if self._pending and not self.deliver_pending():
+            return None, None  # nothing is served while an eviction waits
         began = time.monotonic()
         try:
             found, held = self._call("lease", self.backend.lease, key, ttl)  # type: ignore[attr-defined]
