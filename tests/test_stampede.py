@@ -359,7 +359,8 @@ def test_refresh_ahead_refreshes_once_while_readers_are_served(world, read):
     cache.close()
 
 
-async def test_async_refresh_ahead(aworld):
+@pytest.mark.parametrize("kind", ["get", "list"])
+async def test_async_refresh_ahead(aworld, kind):
     await aseed(aworld)
     cache = aworld.make_cache(prefix=aworld.cache.prefix, refresh_ahead=0.6, default_ttl=1.5)
     from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -367,17 +368,19 @@ async def test_async_refresh_ahead(aworld):
     from sqlacache import CachingAsyncSession
 
     Session = async_sessionmaker(aworld.engine, class_=CachingAsyncSession, cache=cache)
-    for _ in range(3):
-        async with Session() as s:
-            assert (await s.get(User, 2)).name == "u2"
-    await asyncio.sleep(0.7)
-    before = aworld.statements()
 
     async def read():
         async with Session() as s:
-            return (await s.get(User, 2)).name
+            if kind == "get":
+                return (await s.get(User, 2)).name
+            return [u.name for u in (await s.scalars(_by_name("u2"))).all()]
 
-    assert await asyncio.gather(*(read() for _ in range(10))) == ["u2"] * 10
+    expected = "u2" if kind == "get" else ["u2"]
+    for _ in range(3):
+        assert await read() == expected
+    await asyncio.sleep(0.7)
+    before = aworld.statements()
+    assert await asyncio.gather(*(read() for _ in range(10))) == [expected] * 10
     await cache.await_stores()
     for _ in range(100):
         if _user_selects(aworld, before):
@@ -385,9 +388,10 @@ async def test_async_refresh_ahead(aworld):
         await asyncio.sleep(0.02)
     await cache.await_stores()
     assert _user_selects(aworld, before) == 1
+    assert cache.stats()["refreshes"] == 1
     await asyncio.sleep(1.0)  # past the first entry's TTL: the refreshed one serves
     misses = cache.stats()["misses"]
-    assert await read() == "u2"
+    assert await read() == expected
     assert cache.stats()["misses"] == misses
     await cache.aclose()
 
