@@ -32,7 +32,13 @@ class Flight:
         if self._done.is_set():
             return True
         if not in_greenlet():
-            return self._done.wait(timeout)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return self._done.wait(timeout)
+            # Sync code on an event loop's thread: blocking here would stop the loop the leader
+            # may be running on. Don't wait.
+            return self._done.is_set()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:

@@ -425,3 +425,46 @@ def test_a_refresh_runs_in_the_readers_context(world):
     finally:
         event.remove(world.engine, "before_cursor_execute", record)
         cache.close()
+
+
+async def test_sync_code_on_the_event_loop_never_blocks_waiting_for_a_task(tmp_path):
+    """A sync session used on an event loop's thread must not wait for a leader that is a task of
+    that loop: the loop could not run the leader while it waits."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from sqlalchemy.util.concurrency import await_only
+
+    from sqlacache import CachingAsyncSession
+    from tests.models import Base
+
+    path = tmp_path / "loop.db"
+    sync_engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(sync_engine)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    cache = Cache(prefix="loop")
+    ASession = async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache)
+    SSession = sessionmaker(sync_engine, class_=CachingSession, cache=cache)
+    with SSession() as s:
+        s.add(User(id=1, name="u1"))
+        s.commit()
+    started = asyncio.Event()
+
+    @event.listens_for(engine.sync_engine, "after_cursor_execute")
+    def slow(conn, cursor, statement, *args):
+        if "users" in statement:
+            started.set()
+            await_only(asyncio.sleep(0.5))
+
+    async def leader():
+        async with ASession() as s:
+            return [u.name for u in (await s.scalars(_by_name("u1"))).all()]
+
+    task = asyncio.create_task(leader())
+    await started.wait()
+    t = time.monotonic()
+    with SSession() as s:  # sync, on the loop's thread, same key
+        assert [u.name for u in s.scalars(_by_name("u1"))] == ["u1"]
+    blocked = time.monotonic() - t
+    assert await task == ["u1"]
+    assert blocked < 0.4  # it went to the database instead of waiting for the task
+    await engine.dispose()
+    sync_engine.dispose()
