@@ -96,10 +96,12 @@ class Flights:
             landed = self._landed.get(key)
             return flight, True, landed is not None and landed >= since
 
-    def try_lead(self, key: str) -> Flight | None:
-        """Lead ``key`` if nobody does (refresh-ahead: the others are served meanwhile), else None."""
+    def try_lead(self, key: str, since: float) -> Flight | None:
+        """Lead ``key`` if nobody does and no flight landed after ``since`` (refresh-ahead: the
+        others are served meanwhile, and a refresh that just landed is not done again), else None."""
         with self._lock:
-            if key in self._flying:
+            landed = self._landed.get(key)
+            if key in self._flying or (landed is not None and landed >= since):
                 return None
             flight = self._flying[key] = Flight(_me())
             return flight

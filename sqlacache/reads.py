@@ -769,7 +769,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
             hit = _serve(ctx, session, info, key, lookup, plan if ticket is None else None)
             if hit is not None:
                 if lookup is not None and lookup.refresh_due and ticket is None:
-                    _refresh_statement(cache, state, key)
+                    _refresh_statement(cache, state, key, began)
                 return hit
             if lookup is not None and (lookup.entry is None or info.template is None):
                 # A miss (or a shape this process has never run, so it can't rebuild the result
@@ -787,8 +787,8 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         stampede.end(cache, fill)
 
 
-def _refresh_statement(cache: Cache, state: ORMExecuteState, key: str) -> None:
-    fill = refreshing.claim(cache, key)
+def _refresh_statement(cache: Cache, state: ORMExecuteState, key: str, began: float) -> None:
+    fill = refreshing.claim(cache, key, began)
     if fill is None:
         return
     statement, params = state.statement, state.parameters
@@ -995,7 +995,7 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
 
 
 def _refresh_get(session: Session, cache: Cache, plan: GetPlan) -> None:
-    fill = refreshing.claim(cache, plan.key)
+    fill = refreshing.claim(cache, plan.key, plan.began)
     if fill is None:
         return
     ticket = GetTicket(plan.key, plan.mapper, plan.plan, None, plan.ttl, plan.dialect)

@@ -29,18 +29,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlacache.refresh")
 
 
-def claim(cache: Cache, key: str) -> stampede.Fill | None:
-    """The right to refresh ``key``, unless a reader here or elsewhere is at it already."""
-    flight = cache.flights.try_lead(key)
+def claim(cache: Cache, key: str, since: float) -> stampede.Fill | None:
+    """The right to refresh ``key`` (whose lookup began at ``since``), unless a reader here or
+    elsewhere is at it, or has just done it."""
+    flight = cache.flights.try_lead(key, since)
     if flight is None:
         return None
     fill = stampede.Fill(key, flight)
-    if cache.io.leases:
-        held = cache.io.claim(key, max(cache.fill_timeout, 1.0))
-        if held is False:
-            stampede.end(cache, fill)
-            return None
-        fill.lease = held if isinstance(held, str) else None
+    # Across processes the lease is left to expire, not released: while it lives, readers that
+    # looked the old entry up before the refresh landed don't refresh it again.
+    if cache.io.leases and cache.io.claim(key, max(cache.fill_timeout, 1.0)) is False:
+        stampede.end(cache, fill)
+        return None
     return fill
 
 

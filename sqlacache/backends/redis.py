@@ -6,6 +6,7 @@ Key layout (``P`` is the prefix)::
     P:v:<dep>   a dependency version: the decimal generation of its last bump  (PX >= its entries')
     P:gen       the generation counter (no TTL)
     P:l:<key>   a lease: the token of the process filling a missing entry  (PX = the lease's time)
+    P:r:<key>   a refresh-ahead claim: one process refreshes a due entry  (PX = its time)
 
 Generations are microseconds on the Redis clock, pushed forward by one on every bump when bumps come
 faster than the clock. If ``P:gen`` is lost (eviction, ``clear``) the counter resumes from the clock,
@@ -835,10 +836,11 @@ class RedisBackend:
         return found, token if taken else False
 
     def claim(self, key: str, ttl: float) -> str | None:
-        """Take the lease of ``key`` whatever its entry (refresh-ahead): a token, or None."""
+        """Claim the refresh of ``key`` for ``ttl`` seconds (refresh-ahead; apart from the fill
+        lease, so that a miss after a refresh doesn't wait for it): a token, or None."""
         token = secrets.token_hex(8)
-        lease_key = self._lease_key(key)
-        taken = self._run("claim", lambda s: s.client.set(lease_key, token, nx=True, px=_ttl_ms(ttl)))
+        claim_key = f"{self.prefix}:r:{key}"
+        taken = self._run("claim", lambda s: s.client.set(claim_key, token, nx=True, px=_ttl_ms(ttl)))
         return token if taken else None
 
     def release(self, key: str, token: str) -> None:
@@ -887,7 +889,7 @@ class RedisBackend:
         if not key.startswith(ours):
             return False
         rest = key[len(ours) :]
-        return rest.startswith((b"e:", b"v:", b"l:")) or rest == b"gen"
+        return rest.startswith((b"e:", b"v:", b"l:", b"r:")) or rest == b"gen"
 
     def close(self) -> None:
         """Close the clients this backend built (see :meth:`from_url`); further calls fail.
