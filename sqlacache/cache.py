@@ -256,11 +256,7 @@ class Cache:
 
     def internal_error(self, exc: BaseException, where: str) -> None:
         """A bug of sqlacache's own, survived: counted, logged with its traceback (rate-limited)."""
-        self.count("errors")
-        self.count("errors.internal")
-        self.io.warn(
-            f"internal:{where}", "sqlacache: internal error %s; using the database", where, exc_info=exc
-        )
+        self.io.internal_error(where, exc)
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (see README, "Observability"), the breaker's state and what is pending."""

@@ -112,6 +112,3 @@ class Flights:
                 del self._flying[key]
                 self._landed.put(key, time.monotonic())
         flight.finish()
-
-    def __len__(self) -> int:
-        return len(self._flying)

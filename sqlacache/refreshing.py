@@ -57,9 +57,7 @@ def start(cache: Cache, fill: stampede.Fill, bind: Any, run: Callable[[Session],
         except RuntimeError:
             stampede.end(cache, fill)
             return
-        task = loop.create_task(_arun(cache, fill, bind, run))
-        cache.io._tasks.add(task)
-        task.add_done_callback(cache.io._tasks.discard)
+        cache.io.track(loop.create_task(_arun(cache, fill, bind, run)))
         return
     pool = cache.refresh_pool
     if pool is None:

@@ -24,7 +24,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy.util.concurrency import greenlet_spawn
@@ -132,6 +132,36 @@ class Resilient:
         self.breaker.succeeded()
         return result
 
+    async def _acall(self, op: str, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+        """``_call`` for the asyncio client, awaited on the event loop."""
+        if not self.breaker.allow():
+            self.count("breaker_skips")
+            raise _Skipped
+        try:
+            result = await fn(*args, **kwargs)
+        except BackendError as exc:
+            self._failed(op, exc)
+            raise
+        except Exception as exc:  # a client library's own bug must not reach a read either
+            error = _unexpected(op, exc)
+            self._failed(op, error)
+            raise error from exc
+        self.breaker.succeeded()
+        return result
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """A bug of sqlacache's own, survived: counted, logged with its traceback (rate-limited)."""
+        self.count("errors")
+        self.count("errors.internal")
+        self.warn(
+            f"internal:{where}", "sqlacache: internal error %s; using the database", where, exc_info=exc
+        )
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task alive until it is done (``await_stores`` waits for them)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- invalidations that could not be delivered ----------------------------------------------
 
     @property
@@ -159,8 +189,7 @@ class Resilient:
             try:
                 self.deliver_pending(force=True)
             except Exception as exc:  # the thread must outlive anything one attempt does
-                self.count("errors.internal")
-                self.warn("retry", "sqlacache: retrying invalidations failed", exc_info=exc)
+                self.internal_error("while retrying invalidations", exc)
 
     def deliver_pending(self, force: bool = False) -> bool:
         """Deliver the invalidations kept earlier; True when none remain."""
@@ -202,16 +231,11 @@ class Resilient:
         native = getattr(self.backend, "alookup", None)
         if native is None or self._pending:
             return await greenlet_spawn(self.lookup, key, hint)
-        if not self.breaker.allow():
-            self.count("breaker_skips")
-            return None
         began = time.monotonic()
         try:
-            found: Lookup = await native(key, hint)
-        except Exception as exc:
-            self._failed("lookup", exc if isinstance(exc, BackendError) else _unexpected("lookup", exc))
+            found: Lookup = await self._acall("lookup", native, key, hint)
+        except (BackendError, _Skipped):
             return None
-        self.breaker.succeeded()
         return self._checked(key, found, began)
 
     def _checked(self, key: str, found: Lookup, began: float) -> Lookup | None:
@@ -320,13 +344,15 @@ class Resilient:
             return False
         return not self._pending or self.deliver_pending()
 
+    @staticmethod
+    def _with_lease(store: Callable[..., _T], job: StoreJob) -> Callable[..., _T]:
+        # Only backends with leases take the argument (the contract's store has none).
+        return store if job.lease is None else functools.partial(store, lease=job.lease)
+
     def store(self, job: StoreJob) -> bool:
         if not self._storable(job):
             return False
-        # Only backends with leases take the argument (the contract's store has none).
-        store: Callable[..., bool] = self.backend.store
-        if job.lease is not None:
-            store = functools.partial(store, lease=job.lease)
+        store = self._with_lease(self.backend.store, job)
         try:
             stored = self._call("store", store, job.key, self._wrap(job), job.deps, job.generation, job.ttl)
         except (BackendError, _Skipped):
@@ -342,9 +368,7 @@ class Resilient:
         astore = getattr(self.backend, "astore", None)
         if astore is not None and in_greenlet():
             # Inside an AsyncSession: the event loop runs the store as a task.
-            task = asyncio.get_running_loop().create_task(self._astore(astore, job))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.track(asyncio.get_running_loop().create_task(self._astore(astore, job)))
             return
         if self._worker is None:
             with self._lock:
@@ -361,16 +385,13 @@ class Resilient:
     async def _astore(self, astore: Any, job: StoreJob) -> None:
         if not await greenlet_spawn(self._storable, job):
             return
-        if not self.breaker.allow():
-            self.count("breaker_skips")
-            return
-        extra = {"lease": job.lease} if job.lease is not None else {}
+        store = self._with_lease(astore, job)
         try:
-            stored = await astore(job.key, self._wrap(job), job.deps, job.generation, job.ttl, **extra)
-        except Exception as exc:
-            self._failed("store", exc if isinstance(exc, BackendError) else _unexpected("store", exc))
+            stored = await self._acall(
+                "store", store, job.key, self._wrap(job), job.deps, job.generation, job.ttl
+            )
+        except (BackendError, _Skipped):
             return
-        self.breaker.succeeded()
         self.count("stores" if stored else "stores_refused")
 
     def _store_worker(self) -> None:
@@ -381,9 +402,7 @@ class Resilient:
                     return
                 self.store(item)
             except Exception as exc:  # the worker must outlive any one store
-                self.count("errors")
-                self.count("errors.internal")
-                self.warn("store-worker", "sqlacache: a background store failed", exc_info=exc)
+                self.internal_error("in a background store", exc)
             finally:
                 self._queue.task_done()
 

@@ -76,6 +76,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine  # no
 from sqlalchemy.orm import sessionmaker  # noqa: E402
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession  # noqa: E402
+from tests.helpers import wal  # noqa: E402
 from tests.models import Base  # noqa: E402
 
 
@@ -146,17 +147,6 @@ def _backend(kind: str, request: pytest.FixtureRequest, prefix: str) -> Any:
     return redis.Redis.from_url(url)
 
 
-def _wal(sync_engine: Any) -> None:
-    """WAL lets a reader hold a result open while a writer commits, as on a server database."""
-
-    @event.listens_for(sync_engine, "connect")
-    def _(dbapi_connection: Any, record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.close()
-
-
 def _truncate_sync(engine: Any) -> None:
     with engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
@@ -172,7 +162,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Ite
     db, backend_kind = request.param.split("+")
     if db == "sqlite":
         engine = create_engine(f"sqlite:///{tmp_path / 'test.db'}")
-        _wal(engine)
+        wal(engine)
         Base.metadata.create_all(engine)
     else:
         schema = request.getfixturevalue("pg_schema")
@@ -193,7 +183,7 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
     db, _ = request.param.split("+")
     if db == "aiosqlite":
         engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
-        _wal(engine.sync_engine)
+        wal(engine.sync_engine)
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
         backend: Any = "memory://"

@@ -6,7 +6,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import event
+
 from tests.models import Order, Tag, User
+
+
+def wal(sync_engine: Any) -> None:
+    """WAL lets a reader hold a result open while a writer commits, as on a server database."""
+
+    @event.listens_for(sync_engine, "connect")
+    def _(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
 
 
 def _world_objects(n: int) -> list[Any]:

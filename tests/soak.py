@@ -54,12 +54,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Integer, String, create_engine, event, func, select, text
+from sqlalchemy import Integer, String, create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from tests.faults import RedisServer
+from tests.helpers import wal
 
 PG_URL = os.environ.get("SQLACACHE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -103,19 +104,10 @@ def _state(item: Item | None) -> RowState | None:
 # Databases
 
 
-def _wal(engine: Any) -> None:
-    @event.listens_for(engine, "connect")
-    def _(dbapi_connection: Any, record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.close()
-
-
 def make_engine(db: dict[str, Any], pool_size: int = 5) -> Any:
     if db["kind"] == "sqlite":
         engine = create_engine(db["url"], pool_size=pool_size, max_overflow=4)
-        _wal(engine)
+        wal(engine)
         return engine
     return create_engine(
         db["url"],
