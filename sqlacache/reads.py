@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Result
-from sqlalchemy.engine.result import FrozenResult
+from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, strategies
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.relationships import RelationshipProperty
@@ -42,6 +43,7 @@ from sqlacache.context import Frame, SessionContext, context_of
 from sqlacache.keys import Shape, Uncacheable, _path, translation_token
 from sqlacache.policy import never_cached_reason, op_of
 from sqlacache.resilient import StoreJob
+from sqlacache.results import ResultTemplate, mode_of, result_from_rows, tap, template_from
 from sqlacache.stampede import Fill
 
 if TYPE_CHECKING:
@@ -139,7 +141,8 @@ class ShapeInfo:
     op: str
     lead: type | None
     columns: list[ValueCodec | None] | None  # per result column; None entries are entities
-    template: FrozenResult[Any] | None = None  # empty result with this shape's metadata
+    # How its result looks, per mode (see results.mode_of); learnt from its first execution here.
+    templates: dict[tuple[bool, bool], ResultTemplate] = field(default_factory=dict)
     hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
     table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
     analysis: Analysis | None = None  # its conditions (built on first use)
@@ -225,12 +228,13 @@ def remember(state: Any, values: dict[str, Any], generation: int | None) -> None
     info[_KNOWN] = (values, generation)
 
 
-@event.listens_for(Mapper, "load")
-def _on_load(target: Any, context: Any) -> None:
-    ctx: SessionContext | None = getattr(context.session, "_sqlacache", None)
-    if ctx is None or not ctx.frames:
+@event.listens_for(Mapper, "load", raw=True)
+def _on_load(state: Any, context: Any = None) -> None:
+    # Installed on every mapper of the process, so it must stand whatever "load" is fired with:
+    # Session.merge() fires it with no query context, and nothing of ours is capturing then.
+    ctx = getattr(getattr(context, "session", None), "_sqlacache", None)
+    if not isinstance(ctx, SessionContext) or not ctx.frames:
         return
-    state = instance_state(target)
     layout = layout_of(state.mapper)
     dict_ = state.dict
     ctx.frames[-1].fresh[state] = {k: dict_[k] for k in layout.columns if k in dict_}
@@ -350,26 +354,27 @@ def _encode_entities(
 
 
 def encode_result(
-    frozen: FrozenResult[Any], columns: list[ValueCodec | None], frame: Frame, graph: _Graph
+    data: Sequence[Any], single: bool, columns: list[ValueCodec | None], frame: Frame, graph: _Graph
 ) -> tuple[bytes, int]:
-    """(payload bytes, the generation to store it at); what the graph read goes into ``graph``."""
+    """(payload bytes, the generation to store it at) for a result's rows (objects when ``single``,
+    else tuples); what the graph read goes into ``graph``."""
     if frame.unstorable:
         raise _Unstorable(frame.unstorable)
     if frame.generation is None:
         raise _Unstorable("no generation: the backend was unavailable when the read began")
     oldest = [frame.generation]
-    if frozen._source_supports_scalars:
-        table, index = _encode_entities(frozen.data, frame, graph, oldest)
-        rows: list[Any] = [None if o is None else index[id(o)] for o in frozen.data]
+    if single:
+        table, index = _encode_entities(data, frame, graph, oldest)
+        rows: list[Any] = [None if o is None else index[id(o)] for o in data]
     else:
-        roots = [v for row in frozen.data for v, c in zip(row, columns) if c is ENTITY and v is not None]
+        roots = [v for row in data for v, c in zip(row, columns) if c is ENTITY and v is not None]
         table, index = _encode_entities(roots, frame, graph, oldest)
         rows = [
             [
                 (None if v is None else index[id(v)]) if c is None else c.encode(v)
                 for v, c in zip(row, columns)
             ]
-            for row in frozen.data
+            for row in data
         ]
     return orjson.dumps([PAYLOAD_FORMAT, table, rows]), oldest[0]
 
@@ -387,7 +392,14 @@ class _HitContext:
         self.session = session
 
 
-def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None, generation: int) -> list[Any]:
+def _rebuild_entities(
+    session: Session,
+    table: Any,
+    near: Mapper[Any] | None,
+    generation: int,
+    roots: Sequence[Any] = (),
+    load_options: tuple[Any, ...] = (),
+) -> list[Any]:
     if not isinstance(table, list):
         raise CodecError("entity table is not a list")
     # Decode and validate everything before touching the session: a corrupt entry must leave no
@@ -465,6 +477,16 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None, ge
                 value = None if ref is None else objs[ref]
             attributes.set_committed_value(obj, key, value)
 
+    # What a load leaves on new states for their lazy loads: the query's propagating options, and
+    # where in the query each object was loaded (their paths line up with those options).
+    if new_states:
+        paths = _load_paths(decoded, roots)
+        states = {id(s): slot for slot, s in enumerate(instance_state(o) for o in objs)}
+        for state in new_states:
+            state.load_options = load_options
+            slot = states[id(state)]
+            state.load_path = paths.get(slot) or decoded[slot][0]._path_registry
+
     # New states hold only committed values (nothing to _commit_all); fire what a load fires.
     context = _HitContext(session)
     dispatch_persistent = session.dispatch.loaded_as_persistent
@@ -473,6 +495,31 @@ def _rebuild_entities(session: Session, table: Any, near: Mapper[Any] | None, ge
         if dispatch_persistent:
             dispatch_persistent(session, state)
     return objs
+
+
+def _load_paths(decoded: Sequence[Any], roots: Sequence[Any]) -> dict[int, Any]:
+    """Each object's path in the query: roots at their mapper, related objects under the
+    relationship they were reached through (the shallowest path wins, as in the ORM)."""
+    paths: dict[int, Any] = {}
+    todo = [(r, decoded[r][0]._path_registry) for r in roots if type(r) is int and 0 <= r < len(decoded)]
+    while todo:
+        nxt: list[tuple[Any, Any]] = []
+        for slot, path in todo:
+            if slot in paths:
+                continue
+            paths[slot] = path
+            layout, rels = decoded[slot][1], decoded[slot][4]
+            for key, ref in rels.items():
+                prop = layout.relationships[key]
+                child = path[prop][prop.entity]
+                nxt.extend((r, child) for r in (ref if isinstance(ref, list) else [ref]) if r is not None)
+        todo = nxt
+    return paths
+
+
+def _propagating(state: ORMExecuteState) -> tuple[Any, ...]:
+    """The statement's options that a database load would leave on its objects (state.load_options)."""
+    return tuple(o for o in state.statement._with_options if getattr(o, "propagate_to_loaders", False))
 
 
 def _load_payload(payload: bytes) -> tuple[Any, list[Any]]:
@@ -499,28 +546,34 @@ def _resolver(objs: list[Any]) -> Any:
     return resolve
 
 
-def decode_result(session: Session, payload: bytes, info: ShapeInfo, generation: int) -> list[Any]:
-    """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError."""
+def decode_result(
+    session: Session, payload: bytes, info: ShapeInfo, generation: int, load_options: tuple[Any, ...] = ()
+) -> list[Any]:
+    """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError.
+
+    A payload stored by a single-entity result holds one reference per row, one stored with
+    ``tuples()`` a list: either serves both."""
     table, rows = _load_payload(payload)
     near = info.shape.mappers[0] if info.shape.mappers else None
-    resolve = _resolver(_rebuild_entities(session, table, near, generation))
-    if info.template is not None and info.template._source_supports_scalars:
-        return [(resolve(ref),) for ref in rows]
     columns = info.columns or []
+    roots = [
+        v
+        for row in rows
+        for v, c in (zip(row, columns) if isinstance(row, list) else [(row, ENTITY)])
+        if c is ENTITY
+    ]
+    resolve = _resolver(_rebuild_entities(session, table, near, generation, roots, load_options))
     out: list[Any] = []
     for row in rows:
-        if not isinstance(row, list) or len(row) != len(columns):
+        if not isinstance(row, list):
+            if len(columns) != 1 or columns[0] is not ENTITY:
+                raise CodecError("row does not fit the result shape")
+            out.append((resolve(row),))
+            continue
+        if len(row) != len(columns):
             raise CodecError("row does not fit the result shape")
         out.append(tuple(resolve(v) if c is None else c.decode(v) for v, c in zip(row, columns)))
     return out
-
-
-def template_of(frozen: FrozenResult[Any]) -> FrozenResult[Any]:
-    return frozen.with_new_rows([])
-
-
-def result_from_rows(template: FrozenResult[Any], rows: list[Any]) -> Result[Any]:
-    return template.with_new_rows(rows)()
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +592,19 @@ class GetTicket:
     dialect: Any
     began: float = 0.0  # when its lookup began
     used: bool = False
+
+
+@dataclass(slots=True)
+class StatementGet:
+    """Marks the statement of a ``Session.get`` that other ``do_orm_execute`` hooks may reshape
+    (tenant criteria, soft delete): cached under the "get" op, keyed by the statement they leave."""
+
+    used: bool = False
+
+
+def reshaped_by_hooks(session: Session) -> bool:
+    """True when hooks besides ours see this session's statements: a get must reach them."""
+    return len(session.dispatch.do_orm_execute) > 1
 
 
 def _written(ctx: SessionContext, tables: Any) -> bool:
@@ -597,7 +663,21 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         result = None
     if result is None and ran_others:
         # The later hooks have run already; don't let the session run them a second time.
-        return state.invoke_statement()
+        return invoke(state)
+    return result
+
+
+def invoke(state: ORMExecuteState) -> Result[Any]:
+    """``state.invoke_statement()``, minus the private ``_sa_skip_events`` bind argument it adds:
+    a ``get_bind(self, mapper=None, clause=None)`` override, as SQLAlchemy's docs write one, takes
+    no such argument, and the database path (no hook re-executing) never passes it."""
+    result: Result[Any] = state.session._execute_internal(
+        state.statement,
+        state.parameters,
+        execution_options=state.local_execution_options,
+        bind_arguments=dict(state.bind_arguments),
+        _parent_execute_state=state,
+    )
     return result
 
 
@@ -607,6 +687,12 @@ class _Guard:
     __slots__ = ("passthrough",)
 
     def __init__(self) -> None:
+        self.passthrough = False
+
+    def begin(self, session: Session) -> None:
+        """Autobegin, as a database read would (an error if the session was made autobegin=False)."""
+        self.passthrough = True
+        session._autobegin_t()
         self.passthrough = False
 
     def autoflush(self, session: Session) -> None:
@@ -703,6 +789,10 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
             ticket = None  # a nested load (selectin…) inherited the options of the get
         else:
             ticket.used = True
+    op = None
+    shaped: StatementGet | None = opts.get("_sqlacache_statement_get")
+    if shaped is not None and not shaped.used:  # (nested loads inherit the get's options)
+        shaped.used, op = True, "get"
     statement: Any = state.statement
     ck = statement._generate_cache_key()
     if ck is None:
@@ -717,11 +807,14 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         ttl = ticket.ttl
     else:
         rule = cache.policy.rule_for(info.lead)
-        if not forced and (rule is None or info.op not in rule.ops):
+        if not forced and (rule is None or (op or info.op) not in rule.ops):
             return None
         ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
-    if state.load_options._autoflush:
-        # The database path flushes before it reads; so must we, or a hit would hide pending writes.
+    # The database path begins the session's transaction (or refuses to, autobegin=False) and
+    # flushes before it reads; so must we, or a hit would hide pending writes.
+    guard.begin(session)
+    # A hook may have turned it off with update_execution_options(autoflush=False).
+    if state._update_execution_options.get("autoflush", state.load_options._autoflush):
         guard.autoflush(session)
     statement_tables = info.table_names
     if _written(ctx, statement_tables):
@@ -762,29 +855,36 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         began = time.monotonic()
         lookup = None if refresh is not None else cache.io.lookup(key, hint)
     fill = refresh
+    filling = False  # from the moment _fill runs, it lands the fill (when its rows are stored)
+    mode = mode_of(state.load_options)
+    template = info.templates.get(mode)
     try:
         if refresh is not None:
             lookup = Lookup(None, cache.io.generation() or -1)
         else:
-            hit = _serve(ctx, session, info, key, lookup, plan if ticket is None else None)
+            hit = _serve(ctx, state, info, template, key, lookup, plan if ticket is None else None)
             if hit is not None:
                 if lookup is not None and lookup.refresh_due and ticket is None:
                     _refresh_statement(cache, state, key, began)
                 return hit
-            if lookup is not None and (lookup.entry is None or info.template is None):
+            if lookup is not None and (lookup.entry is None or template is None):
                 # A miss (or a shape this process has never run, so it can't rebuild the result
                 # yet): if another reader is filling this key, wait for it instead.
                 again, fill = stampede.begin(cache, key, hint, began)
                 if again is not None:
-                    hit = _serve(ctx, session, info, key, again, plan if ticket is None else None)
+                    template = info.templates.get(mode)  # the leader we waited for may have made it
+                    hit = _serve(ctx, state, info, template, key, again, plan if ticket is None else None)
                     if hit is not None:
                         return hit
                     lookup = again
         if refresh is None:  # a refresh-ahead read is counted as "refreshes", not as a reader's miss
             cache.count("misses")
-        return _fill(ctx, state, info, key, lookup, fill, ticket, statement_deps, dialect, plan, ttl, guard)
+        filling = True
+        capture = _Capture(ctx, info, key, fill, ticket, statement_deps, dialect, plan, ttl, lookup)
+        return _fill(state, capture, guard)
     finally:
-        stampede.end(cache, fill)
+        if not filling:
+            stampede.end(cache, fill)
 
 
 def _refresh_statement(cache: Cache, state: ORMExecuteState, key: str, began: float) -> None:
@@ -802,8 +902,9 @@ def _refresh_statement(cache: Cache, state: ORMExecuteState, key: str, began: fl
 
 def _serve(
     ctx: SessionContext,
-    session: Session,
+    state: ORMExecuteState,
     info: ShapeInfo,
+    template: ResultTemplate | None,
     key: str,
     lookup: Lookup | None,
     plan: _KeyPlan | None,
@@ -814,76 +915,174 @@ def _serve(
         return None
     if plan is not None:
         _learn(plan, entry.deps, info.hint)
-    if info.template is None or _entry_written(ctx, entry.deps):
+    if template is None or _entry_written(ctx, entry.deps):
         return None
     try:
-        rows = decode_result(session, entry.payload, info, lookup.generation)
+        rows = decode_result(state.session, entry.payload, info, lookup.generation, _propagating(state))
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
     ctx.cache.count("hits")
     if ctx.frames:
         ctx.frames[-1].deps.update(entry.deps)
-    return result_from_rows(info.template, rows)
+    return result_from_rows(template, rows)
 
 
-def _fill(
-    ctx: SessionContext,
-    state: ORMExecuteState,
-    info: ShapeInfo,
-    key: str,
-    lookup: Lookup | None,
-    fill: Fill | None,
-    ticket: GetTicket | None,
-    statement_deps: list[str],
-    dialect: Any,
-    plan: _KeyPlan,
-    ttl: float,
-    guard: _Guard,
-) -> Result[Any]:
-    """A miss: run the statement, hand its result to the backend, return it."""
-    cache = ctx.cache
-    statement_tables = info.table_names
-    generation = (
-        ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
-    )
-    frame = Frame(generation if generation is not None and generation >= 0 else None)
+def _fill(state: ORMExecuteState, capture: _Capture, guard: _Guard) -> Result[Any]:
+    """A miss: run the statement and return SQLAlchemy's own result; its rows are stored when the
+    caller consumes it (see ``_Capture``)."""
+    ctx, frame = capture.ctx, capture.frame
     ctx.frames.append(frame)
     guard.passthrough = True  # from here on the statement runs: its errors reach the caller
     try:
-        frozen = state.invoke_statement().freeze()
+        result = invoke(state)
+    except BaseException:
+        capture.end()
+        raise
     finally:
-        ctx.frames.pop()
-    if info.template is None:
-        info.template = template_of(frozen)
-    deps: list[str] = []
-    try:
-        graph = _Graph(dialect, statement_tables if ticket is None else layout_of(ticket.mapper).tables)
-        payload, generation = encode_result(frozen, info.columns or [], frame, graph)
-        deps = sorted(set(statement_deps) | graph.deps | frame.deps)
-        if not _written(ctx, graph.tables | statement_tables):
-            lease = fill.lease if fill is not None else None
-            cache.io.submit_store(StoreJob(key, payload, deps, generation, ttl, lease, cache.refresh_ahead))
-            if fill is not None:
-                fill.lease = None  # the store gives it back
-        _learn(plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
-    except _Unstorable as exc:
-        cache.count("unstorable")
-        log.debug("sqlacache: not storing %s: %s", key, exc)
-    except (CodecError, orjson.JSONEncodeError) as exc:  # orjson refuses e.g. lone surrogates
-        cache.count("unencodable")
-        log.debug("sqlacache: cannot encode %s: %s", key, exc)
-    except Exception as exc:  # a bug of ours: the caller still gets its rows, nothing is stored
-        cache.internal_error(exc, "while storing a result")
-    for loaded_state, values in frame.fresh.items():
-        remember(loaded_state, values, frame.generation)
-    if ctx.frames:
-        parent = ctx.frames[-1]
-        parent.fresh.update(frame.fresh)
-        parent.deps.update(deps or [deps_mod.ALL])
-        if frame.unstorable:
-            parent.unstorable = frame.unstorable
+        _pop(ctx, frame)
+    mode = mode_of(state.load_options)
+    if isinstance(result, ChunkedIteratorResult):
+        capture.watch(result, mode)
+    if isinstance(result, ChunkedIteratorResult) and not state.execution_options.get("prebuffer_rows"):
+        # The ORM makes objects (and runs eager loads) when the result is first consumed.
+        tap(result, capture.pull)
+        weakref.finalize(result, capture.end)  # never consumed: let waiting readers go
+        result.__dict__["_sqlacache_capture"] = capture  # for .cached(ttl=…) before first use
+        return result
+    if isinstance(result, ChunkedIteratorResult):
+        # Rows already made (AsyncSession buffers them inside the call): take them now.
+        capture.pull(result.chunks(None))
+        return result
+    # A Core result (column selects), or one of another hook's making: take its rows now.
+    frozen = result.freeze()
+    copy = frozen()
+    capture.watch(copy, mode)
+    capture.pull(iter([list(frozen.data)]))
     return frozen()
+
+
+def set_ttl(result: Any, ttl: float) -> None:
+    """The TTL a miss's rows are stored with, if they are not stored yet (``.cached(ttl=…)``)."""
+    capture = getattr(result, "__dict__", {}).get("_sqlacache_capture")
+    if capture is not None and not capture.done:
+        capture.ttl = ttl
+
+
+def _pop(ctx: SessionContext, frame: Frame) -> None:
+    if ctx.frames and ctx.frames[-1] is frame:
+        ctx.frames.pop()
+    elif frame in ctx.frames:
+        ctx.frames.remove(frame)
+
+
+class _Capture:
+    """A miss's rows on their way to the caller: encoded and handed to the backend once, when the
+    ORM makes them (the first consumption of the result), then the fill is landed."""
+
+    def __init__(
+        self,
+        ctx: SessionContext,
+        info: ShapeInfo,
+        key: str,
+        fill: Fill | None,
+        ticket: GetTicket | None,
+        statement_deps: list[str],
+        dialect: Any,
+        plan: _KeyPlan,
+        ttl: float,
+        lookup: Lookup | None,
+    ) -> None:
+        self.ctx, self.info, self.key, self.fill, self.ticket = ctx, info, key, fill, ticket
+        generation = (
+            ctx.tx_generation if ctx.tx_generation is not None else (lookup.generation if lookup else None)
+        )
+        frame = Frame(generation if generation is not None and generation >= 0 else None)
+        self.statement_deps, self.dialect, self.plan, self.ttl, self.frame = (
+            statement_deps,
+            dialect,
+            plan,
+            ttl,
+            frame,
+        )
+        self.mode: tuple[bool, bool] = (False, False)
+        self.single = False
+        self.result: weakref.ref[Any] | None = None  # for the shape's template, until first consumed
+        self.requires_unique = False
+        self.done = False
+
+    def watch(self, result: Any, mode: tuple[bool, bool]) -> None:
+        self.mode, self.single = mode, bool(result._source_supports_scalars)
+        if mode not in self.info.templates:
+            self.result = weakref.ref(result)
+            # Read now: the caller's .unique() replaces it.
+            self.requires_unique = result._unique_filter_state is not None
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            stampede.end(self.ctx.cache, self.fill)
+
+    def pull(self, source: Any) -> Any:
+        """Take the first chunk from ``source`` with this read's frame current; store it."""
+        if self.done:
+            return next(source, None)
+        frame = self.frame
+        self.ctx.frames.append(frame)
+        try:
+            rows = next(source, None)
+        except BaseException:
+            self.end()
+            raise
+        finally:
+            _pop(self.ctx, frame)
+        try:
+            self._finish(rows or [])
+        finally:
+            self.end()
+        return rows
+
+    def _finish(self, rows: list[Any]) -> None:
+        ctx, info, cache, frame, ticket = self.ctx, self.info, self.ctx.cache, self.frame, self.ticket
+        result = self.result() if self.result is not None else None
+        if result is not None:
+            made = template_from(result, self.requires_unique)
+            if made is not None:
+                info.templates.setdefault(self.mode, made)
+            self.result = None
+        deps: list[str] = []
+        try:
+            statement_tables = info.table_names
+            graph = _Graph(
+                self.dialect, statement_tables if ticket is None else layout_of(ticket.mapper).tables
+            )
+            payload, generation = encode_result(rows, self.single, info.columns or [], frame, graph)
+            deps = sorted(set(self.statement_deps) | graph.deps | frame.deps)
+            if not _written(ctx, graph.tables | statement_tables):
+                fill = self.fill
+                lease = fill.lease if fill is not None else None
+                cache.io.submit_store(
+                    StoreJob(self.key, payload, deps, generation, self.ttl, lease, cache.refresh_ahead)
+                )
+                if fill is not None:
+                    fill.lease = None  # the store gives it back
+            _learn(self.plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
+        except _Unstorable as exc:
+            cache.count("unstorable")
+            log.debug("sqlacache: not storing %s: %s", self.key, exc)
+        except (CodecError, orjson.JSONEncodeError) as exc:  # orjson refuses e.g. lone surrogates
+            cache.count("unencodable")
+            log.debug("sqlacache: cannot encode %s: %s", self.key, exc)
+        except Exception as exc:  # a bug of ours: the caller still gets its rows, nothing is stored
+            cache.internal_error(exc, "while storing a result")
+        for loaded_state, values in frame.fresh.items():
+            remember(loaded_state, values, frame.generation)
+        if ctx.frames:
+            parent = ctx.frames[-1]
+            parent.fresh.update(frame.fresh)
+            parent.deps.update(deps or [deps_mod.ALL])
+            if frame.unstorable:
+                parent.unstorable = frame.unstorable
 
 
 def _normalize_ident(mapper: Mapper[Any], layout: MapperLayout, ident: Any) -> tuple[Any, ...] | None:
@@ -933,6 +1132,8 @@ def plan_get(
         mapper = inspect(entity, raiseerr=False)
     if not isinstance(mapper, Mapper) or not cache.enabled:
         return None
+    if execution_options.get("populate_existing") or reshaped_by_hooks(session):
+        return None
     flag = execution_options.get("cache")
     if flag is False or "schema_translate_map" in execution_options:
         return None  # the statement path keys on the translation
@@ -954,6 +1155,10 @@ def plan_get(
             return None
     if _written(ctx, layout.tables):
         return None
+    if session._transaction is None:
+        if not session.autobegin:
+            return None  # the ORM path raises what a database read raises
+        session._autobegin_t()  # as the database read would
     bind = session.get_bind(mapper)
     try:
         key = cache.keys.get_key(cache.namespace(bind), mapper, pk)
@@ -1029,5 +1234,5 @@ def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any], generatio
     table, rows = _load_payload(payload)
     if len(rows) > 1:
         raise CodecError("a primary-key read with several rows")
-    resolve = _resolver(_rebuild_entities(session, table, mapper, generation))
+    resolve = _resolver(_rebuild_entities(session, table, mapper, generation, rows))
     return [resolve(ref) for ref in rows]

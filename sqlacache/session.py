@@ -9,19 +9,31 @@ on the result of ``execute`` for statements the configuration does not cache.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Generator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine import Engine, Result, ScalarResult
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.interfaces import ORMOption
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import EMPTY_DICT
 
 from sqlacache import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
 from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
-from sqlacache.policy import ConfigurationError
-from sqlacache.reads import _NOT_HANDLED, GetTicket, fast_get, finish_get, plan_get, shape_info
+from sqlacache.policy import ConfigurationError, ttl_value
+from sqlacache.reads import (
+    _NOT_HANDLED,
+    GetTicket,
+    StatementGet,
+    fast_get,
+    finish_get,
+    plan_get,
+    reshaped_by_hooks,
+    set_ttl,
+    shape_info,
+)
 
 
 def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | None) -> dict[str, Any]:
@@ -30,6 +42,53 @@ def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | No
     if ttl is not None:
         options["cache_ttl"] = ttl
     return options
+
+
+_O = TypeVar("_O", bound=object)
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+
+    class _CachedResult(Result[Any]):
+        """What ``CachingSession.execute`` returns, to a type checker: a Result with ``.cached()``."""
+
+        def cached(self, ttl: float | None = None) -> Result[Any]: ...
+
+else:
+    _CachedResult = Result
+
+
+class _Cached:
+    """Gives every result a ``CachingSession`` returns the ``.cached(ttl=…)`` of the design card.
+
+    Mixed into the class of SQLAlchemy's own result object (so ``isinstance`` checks, ``.context``
+    and everything else stay as they are). The statement already ran through the cache if the
+    configuration caches it; a ``ttl`` still applies when its rows are stored on first use."""
+
+    __slots__ = ()
+
+    def cached(self, ttl: float | None = None) -> Any:
+        """Serve this statement through the cache, with TTL ``ttl`` if given."""
+        if ttl is not None:
+            ttl_value(ttl, "cached(ttl=…)")
+            set_ttl(self, ttl)
+        return self
+
+
+_with_cached: dict[type, type] = {}
+
+
+def _cacheable(result: Any) -> Any:
+    """``result``, of a subclass of its own class that has ``.cached()``."""
+    cls = type(result)
+    if isinstance(result, _Cached):
+        return result
+    sub = _with_cached.get(cls)
+    if sub is None:
+        names = {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        sub = _with_cached[cls] = type(cls.__name__, (cls, _Cached), names)
+    result.__class__ = sub
+    return result
 
 
 class DeferredResult:
@@ -49,6 +108,8 @@ class DeferredResult:
 
     def cached(self, ttl: float | None = None) -> Result[Any]:
         """Serve this statement through the cache (TTL ``ttl``, else the model's or the default)."""
+        if ttl is not None:
+            ttl_value(ttl, "cached(ttl=…)")
         if self._result is None:
             self._kw["execution_options"] = _cached_options(self._kw.get("execution_options"), ttl)
         return self._resolve()
@@ -108,17 +169,18 @@ class CachingSession(Session):
 
     def get(  # type: ignore[override]
         self,
-        entity: Any,
+        entity: type[_O] | Mapper[_O],
         ident: Any,
         *,
-        options: Any = None,
-        populate_existing: bool = False,
+        options: Sequence[ORMOption] | None = None,
+        populate_existing: bool | None = None,
         with_for_update: Any = None,
         identity_token: Any = None,
         execution_options: Mapping[str, Any] = EMPTY_DICT,
-        bind_arguments: Any = None,
-    ) -> Any:
+        bind_arguments: dict[str, Any] | None = None,
+    ) -> _O | None:
         self._run_deferred()
+        kw: dict[str, Any] = {}
         if not (
             options
             or populate_existing
@@ -129,23 +191,28 @@ class CachingSession(Session):
         ):
             ctx = context_of(self)
             if ctx is not None:
-                found = fast_get(self, ctx, entity, ident, execution_options)
-                if isinstance(found, GetTicket):
-                    execution_options = {**execution_options, "_sqlacache_get": found}
-                elif found is not _NOT_HANDLED:
-                    return found
-        return super().get(
+                if reshaped_by_hooks(self):
+                    execution_options = {**execution_options, "_sqlacache_statement_get": StatementGet()}
+                else:
+                    found = fast_get(self, ctx, entity, ident, execution_options)
+                    if isinstance(found, GetTicket):
+                        execution_options = {**execution_options, "_sqlacache_get": found}
+                    elif found is not _NOT_HANDLED:
+                        return cast("_O | None", found)
+        if populate_existing is not None:  # else SQLAlchemy 2.1 takes it from execution_options
+            kw["populate_existing"] = populate_existing
+        return super().get(  # type: ignore[arg-type]
             entity,
             ident,
             options=options,
-            populate_existing=populate_existing,
             with_for_update=with_for_update,
             identity_token=identity_token,
             execution_options=execution_options,
             bind_arguments=bind_arguments,
+            **kw,
         )
 
-    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+    def execute(self, statement: Any, params: Any = None, **kw: Any) -> _CachedResult:  # type: ignore[override]
         self._run_deferred()
         options = kw.get("execution_options") or {}
         if (
@@ -159,8 +226,9 @@ class CachingSession(Session):
                 self._autoflush()
             deferred = DeferredResult(self, statement, params, dict(kw))
             self._sqlacache_deferred.append(weakref.ref(deferred))
-            return deferred
-        return super().execute(statement, params, **kw)
+            return deferred  # type: ignore[return-value]
+        result = super().execute(statement, params, **kw)
+        return result if self._sqlacache_async else _cacheable(result)  # type: ignore[return-value]
 
     def _configured_to_cache(self, statement: Any) -> bool:
         cache = self.cache
@@ -179,6 +247,21 @@ class CachingSession(Session):
         self._run_deferred()
         super().flush(objects)
 
+    def connection(self, *args: Any, **kw: Any) -> Any:
+        # What runs on the connection next (a write, say) must come after the deferred reads.
+        self._run_deferred()
+        return super().connection(*args, **kw)
+
+    if not TYPE_CHECKING:  # typed exactly as Session's
+
+        def scalars(self, *args: Any, **kw: Any) -> Any:
+            self._run_deferred()
+            return super().scalars(*args, **kw)
+
+        def scalar(self, *args: Any, **kw: Any) -> Any:
+            self._run_deferred()
+            return super().scalar(*args, **kw)
+
     def commit(self) -> None:
         self._run_deferred()
         super().commit()
@@ -192,7 +275,7 @@ class CachingSession(Session):
         super().close()
 
 
-class _Pending(Awaitable[Any]):
+class _Pending(Awaitable[_T]):
     """What ``CachingAsyncSession.execute``/``scalars``/``scalar`` return: nothing runs until awaited,
     and ``.cached(ttl=…)`` gives another awaitable that reads through the cache."""
 
@@ -205,16 +288,19 @@ class _Pending(Awaitable[Any]):
         self._params = params
         self._kw = kw
 
-    def cached(self, ttl: float | None = None) -> _Pending:
+    def cached(self, ttl: float | None = None) -> _Pending[_T]:
+        if ttl is not None:
+            ttl_value(ttl, "cached(ttl=…)")
         kw = dict(self._kw)
         kw["execution_options"] = _cached_options(kw.get("execution_options"), ttl)
         return _Pending(self._session, self._method, self._statement, self._params, kw)
 
-    async def _run(self) -> Any:
+    async def _run(self) -> _T:
         method = getattr(AsyncSession, self._method)
-        return await method(self._session, self._statement, self._params, **self._kw)
+        found: _T = await method(self._session, self._statement, self._params, **self._kw)
+        return found
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, _T]:
         return self._run().__await__()
 
 
@@ -235,16 +321,16 @@ class CachingAsyncSession(AsyncSession):
 
     async def get(  # type: ignore[override]
         self,
-        entity: Any,
+        entity: type[_O] | Mapper[_O],
         ident: Any,
         *,
-        options: Any = None,
-        populate_existing: bool = False,
+        options: Sequence[ORMOption] | None = None,
+        populate_existing: bool | None = None,
         with_for_update: Any = None,
         identity_token: Any = None,
         execution_options: Mapping[str, Any] = EMPTY_DICT,
         **kw: Any,
-    ) -> Any:
+    ) -> _O | None:
         # The lookup is awaited here, on the event loop: no greenlet for a hit. Anything that might
         # need I/O beyond it (a flush, the miss) goes through AsyncSession.get as usual.
         sync = self.sync_session
@@ -260,24 +346,29 @@ class CachingAsyncSession(AsyncSession):
                 plan = None
             if plan is not None:
                 if not isinstance(found, GetTicket):
-                    return found
+                    return cast("_O | None", found)
                 execution_options = {**execution_options, "_sqlacache_get": found}
-        return await super().get(
+        if populate_existing is not None:  # else SQLAlchemy 2.1 takes it from execution_options
+            kw["populate_existing"] = populate_existing
+        return await super().get(  # type: ignore[arg-type]
             entity,
             ident,
             options=options,
-            populate_existing=populate_existing,
             with_for_update=with_for_update,
             identity_token=identity_token,
             execution_options=execution_options,
             **kw,
         )
 
-    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+    def execute(  # type: ignore[override]
+        self, statement: Executable, params: Any = None, **kw: Any
+    ) -> _Pending[Result[Any]]:
         return _Pending(self, "execute", statement, params, kw)
 
-    def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+    def scalars(  # type: ignore[override]
+        self, statement: Executable, params: Any = None, **kw: Any
+    ) -> _Pending[ScalarResult[Any]]:
         return _Pending(self, "scalars", statement, params, kw)
 
-    def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+    def scalar(self, statement: Executable, params: Any = None, **kw: Any) -> _Pending[Any]:  # type: ignore[override]
         return _Pending(self, "scalar", statement, params, kw)
