@@ -24,8 +24,9 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sqlacache import dependencies as deps_mod
 from sqlacache import rowtokens
-from sqlacache.backends import Backend, MemoryBackend, RedisBackend
+from sqlacache.backends import Backend, MemoryBackend
 from sqlacache.breaker import Breaker
+from sqlacache.connect import backend_from, warn_if_unbounded
 from sqlacache.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
 from sqlacache.outbox import Outbox
@@ -36,73 +37,17 @@ from sqlacache.stats import Counters
 log = logging.getLogger("sqlacache")
 
 
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name}={value!r}: give True or False")
+
+
 def _number(name: str, value: Any, unit: str, positive: bool = False) -> float:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         bound = "a positive" if positive else "a non-negative"
         raise ConfigurationError(f"{name}={value!r}: give {bound} number ({unit})")
     return float(value)
-
-
-def _warn_if_unbounded(backend: Backend) -> None:
-    """A Redis client that waits long on a hung server makes every read wait with it."""
-    import redis
-
-    for side in ("_sync", "_async"):
-        client = getattr(getattr(backend, side, None), "client", None)
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-        if not isinstance(kwargs, dict) or "host" not in kwargs:
-            continue  # not a TCP client (fakeredis, a unix socket…)
-        timeout = kwargs.get("socket_timeout")
-        if timeout is None or timeout > 0.5:
-            log.warning(
-                "sqlacache: the Redis client's socket_timeout is %s: while Redis hangs, every read "
-                "would wait that long. Pass socket_timeout=0.05 and socket_connect_timeout=0.05 to "
-                "redis.Redis(...), or give Cache a URL (backend='redis://…') to get them",
-                "unset" if timeout is None else f"{timeout} s",
-            )
-            return
-        retry = kwargs.get("retry")
-        retries = getattr(retry, "_retries", 0)
-        supported = getattr(retry, "_supported_errors", ())
-        if isinstance(retries, int) and retries > 1 and redis.exceptions.TimeoutError in supported:
-            log.warning(
-                "sqlacache: the Redis client retries timeouts %d times: a hung Redis would cost each "
-                "read up to %d timeouts before the circuit breaker opens. Pass retry=Retry(NoBackoff(), "
-                "1, supported_errors=(redis.exceptions.ConnectionError,)) to redis.Redis(...), or give "
-                "Cache a URL (backend='redis://…')",
-                retries,
-                retries + 1,
-            )
-            return
-
-
-def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int) -> Backend:
-    if isinstance(spec, str):
-        scheme = spec.partition("://")[0].lower()
-        if scheme in ("memory", "mem"):
-            return MemoryBackend(max_entries=max_entries)
-        if scheme in ("redis", "rediss", "unix"):
-            return RedisBackend.from_url(
-                spec, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
-            )
-        raise ConfigurationError(
-            f"backend {spec!r}: unknown scheme {scheme!r}; use 'memory://', 'redis://host:port/db', "
-            "a redis-py client, or a Backend instance"
-        )
-    if isinstance(spec, Backend):
-        return spec
-    import redis
-    import redis.asyncio
-
-    if isinstance(spec, redis.asyncio.Redis):  # fakeredis' async client subclasses it too
-        return RedisBackend(async_client=spec, prefix=prefix)
-    if isinstance(spec, redis.Redis) or (hasattr(spec, "evalsha") and hasattr(spec, "register_script")):
-        return RedisBackend(spec, prefix=prefix)
-    raise ConfigurationError(
-        f"backend {spec!r} is not a URL, a redis-py client or a sqlacache Backend; "
-        "pass e.g. backend='redis://localhost:6379/0' or backend='memory://'"
-    )
 
 
 _database_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
@@ -216,7 +161,7 @@ class Cache:
         self.fill_timeout = _number(
             "fill_timeout", fill_timeout, "seconds readers wait for another's fill; 0 = off"
         )
-        if not 0 <= refresh_ahead < 1:
+        if not 0 <= _number("refresh_ahead", refresh_ahead, "a fraction of the TTL") < 1:
             raise ConfigurationError(
                 f"refresh_ahead={refresh_ahead!r}: give the fraction of a TTL (0 <= f < 1, e.g. 0.1) "
                 "before expiry at which one reader refreshes a hot entry; 0 turns it off"
@@ -224,19 +169,30 @@ class Cache:
         self.refresh_ahead = float(refresh_ahead)
         if max_entry_size is not None:
             _number("max_entry_size", max_entry_size, "bytes; None = no limit", positive=True)
-        self.enabled = bool(enabled)
+        _flag("enabled", enabled)
+        _flag("background_stores", background_stores)
+        socket_timeout = _number("socket_timeout", socket_timeout, "seconds a Redis call may take", True)
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ConfigurationError(
+                f"max_entries={max_entries!r}: give how many entries the memory backend keeps (an int >= 1)"
+            )
+        cooldown = _number("breaker_cooldown", breaker_cooldown, "seconds", positive=True)
+        max_cooldown = _number("breaker_max_cooldown", breaker_max_cooldown, "seconds", positive=True)
+        if max_cooldown < cooldown:
+            raise ConfigurationError(
+                f"breaker_max_cooldown={breaker_max_cooldown!r} is below breaker_cooldown="
+                f"{breaker_cooldown!r}: the cooldown doubles up to the maximum; give a maximum >= it"
+            )
+        self.enabled = enabled
         self.prefix = prefix
         self.keys = KeyBuilder()
-        self.backend: Backend = _backend_from(backend, prefix, socket_timeout, max_entries)
+        self.backend: Backend = backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
         self.count = Counters()
         self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._database_deps: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-        breaker = Breaker(
-            _number("breaker_cooldown", breaker_cooldown, "seconds", positive=True),
-            _number("breaker_max_cooldown", breaker_max_cooldown, "seconds", positive=True),
-        )
+        breaker = Breaker(cooldown, max_cooldown)
         # A miss doesn't need the store's answer: with background_stores the reader returns as
         # soon as it has its rows. Safety doesn't depend on timing — the store is still the atomic
         # check against the generation the read began at, however late it arrives.
@@ -245,12 +201,12 @@ class Cache:
             self.count,
             max_entry_size=max_entry_size,
             breaker=breaker,
-            background_stores=bool(background_stores) and not isinstance(self.backend, MemoryBackend),
+            background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
         )
         self.flights = Flights()
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (refreshing.py)
         self.outbox: Outbox | None = None
-        _warn_if_unbounded(self.backend)
+        warn_if_unbounded(self.backend)
 
     # -- counters ---------------------------------------------------------------------------
 

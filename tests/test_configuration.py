@@ -37,6 +37,40 @@ from tests.models import Base, Order, User
         ({"max_entry_size": "1MB"}, "max_entry_size"),
         ({"breaker_cooldown": 0}, "breaker_cooldown=0: give a positive number"),
         ({"breaker_max_cooldown": float("inf")}, "breaker_max_cooldown"),
+        # One wrong input per option: a wrong type, NaN/inf, negative, zero where it makes no sense.
+        ({"models": {User: {"ttl": float("nan")}}}, r"models\[.*positive number of seconds, finite"),
+        ({"default_ttl": float("inf")}, "default_ttl: a TTL must be a positive number of seconds, finite"),
+        ({"default_timeout": float("nan")}, "default_ttl"),
+        ({"socket_timeout": -1}, "socket_timeout=-1: give a positive number"),
+        ({"socket_timeout": 0}, "socket_timeout=0: give a positive number"),
+        ({"socket_timeout": "50ms"}, "socket_timeout='50ms'"),
+        ({"socket_timeout": float("nan")}, "socket_timeout=nan"),
+        ({"refresh_ahead": "0.1"}, "refresh_ahead='0.1': give a non-negative number"),
+        ({"refresh_ahead": float("nan")}, "refresh_ahead=nan"),
+        ({"max_entries": 0}, r"max_entries=0: give how many entries .* \(an int >= 1\)"),
+        ({"max_entries": 1.5}, "max_entries=1.5"),
+        ({"enabled": "false"}, "enabled='false': give True or False"),
+        ({"background_stores": 1}, "background_stores=1: give True or False"),
+        ({"fill_timeout": float("nan")}, "fill_timeout=nan"),
+        ({"condition_in_limit": 2.5}, "condition_in_limit=2.5"),
+        ({"invalidation": "rows"}, "invalidation='rows'"),
+        ({"prefix": ""}, "prefix"),
+        ({"models": [User]}, "models must be a dict"),
+        (
+            {"breaker_cooldown": 2, "breaker_max_cooldown": 1},
+            "breaker_max_cooldown=1 is below breaker_cooldown=2",
+        ),
+        # URL parts redis-py would ignore (database 0) or fail on at the first command.
+        ({"backend": "redis://127.0.0.1:1/abc"}, "the path '/abc' is not a database number"),
+        ({"backend": "redis://127.0.0.1:1/0/extra"}, "is not a database number"),
+        ({"backend": "redis://127.0.0.1:port/0"}, "Port could not be cast"),
+        ({"backend": "redis://127.0.0.1:1/0?db=x"}, "Invalid value for 'db'"),
+        (
+            {"backend": "redis://127.0.0.1:1/0?sokcet_timeout=1"},
+            r"unknown query parameter\(s\) \['sokcet_timeout'\]",
+        ),
+        ({"backend": "unix://"}, "no socket path"),
+        ({"backend": "redis://:s3cret@127.0.0.1:1/x"}, r"redis://:\*\*\*@127"),  # the password isn't shown
     ],
 )
 def test_bad_configuration_is_refused_at_construction(kwargs, message):
@@ -166,3 +200,52 @@ def test_a_redis_client_that_would_hang_on_a_hung_redis_is_warned_about(caplog):
         Cache(backend=redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.05, retry=retry))
         Cache(backend="redis://127.0.0.1:1/0")
     assert caplog.text == ""
+
+
+def test_valid_urls_are_accepted_and_a_down_redis_is_not_an_error_at_start_up():
+    from tests.faults import free_port
+
+    port = free_port()  # nothing listens there
+    for url in (
+        f"redis://127.0.0.1:{port}",
+        f"redis://127.0.0.1:{port}/",
+        f"redis://127.0.0.1:{port}/3",
+        f"redis://127.0.0.1:{port}/3?socket_keepalive=true&health_check_interval=10",
+        f"redis://127.0.0.1:{port}?db=2",
+        "unix:///nonexistent/redis.sock?db=1",
+    ):
+        cache = Cache(backend=url)
+        assert cache.stats()["errors"] == 0
+        cache.close()
+
+
+def test_a_database_index_redis_rejects_fails_at_construction_with_its_own_message(redis_url):
+    from urllib.parse import urlsplit
+
+    where = urlsplit(redis_url)
+    with pytest.raises(ConfigurationError) as raised:
+        Cache(backend=f"redis://{where.hostname}:{where.port or 6379}/999")
+    message = str(raised.value)
+    assert "DB index is out of range" in message  # Redis's own words
+    assert "database 999 does not exist on that server" in message and "'redis://host:6379/0'" in message
+
+
+def test_redis_errors_at_first_use_show_the_servers_message(redis_url, caplog):
+    """A client passed in is not probed at construction; its first failure names Redis's reason."""
+    from urllib.parse import urlsplit
+
+    import redis
+    from sqlalchemy import create_engine
+
+    from tests.models import Base
+
+    where = urlsplit(redis_url)
+    client = redis.Redis(
+        host=where.hostname or "127.0.0.1", port=where.port or 6379, db=999, socket_timeout=0.5
+    )
+    cache = Cache(backend=client)
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with caplog.at_level("WARNING", logger="sqlacache"), CachingSession(engine, cache=cache) as s:
+        assert s.get(User, 1) is None
+    assert "ResponseError: DB index is out of range" in caplog.text

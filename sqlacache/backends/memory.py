@@ -45,8 +45,9 @@ class MemoryBackend:
     """
 
     def __init__(self, max_entries: int = 10_000, max_versions: int = 100_000) -> None:
-        if max_entries < 1 or max_versions < 1:
-            raise ValueError("max_entries and max_versions must be at least 1")
+        for name, value in (("max_entries", max_entries), ("max_versions", max_versions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: give an int >= 1")
         self._max_entries = max_entries
         self._max_versions = max_versions
         self._entries: OrderedDict[str, _Stored] = OrderedDict()
