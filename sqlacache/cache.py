@@ -282,16 +282,21 @@ class Cache:
     # -- manual control ---------------------------------------------------------------------
 
     def invalidate(
-        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
+        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] | None = None
     ) -> None:
         """Evict cached reads of ``model`` (rows ``pks`` only, if given) and of raw ``tables``.
 
         With no arguments at all, evicts everything under this cache's prefix (see
-        :meth:`invalidate_all`). Use it after writes made outside the application.
+        :meth:`invalidate_all`); an empty ``pks`` or ``tables`` evicts nothing. Use it after writes
+        made outside the application.
         """
-        if model is None and pks is None and not tables:
+        if model is None and pks is None and tables is None:
             self.invalidate_all()
             return
+        if isinstance(tables, str):
+            raise ConfigurationError(
+                f"invalidate: tables={tables!r} is one string; pass a list: [{tables!r}]"
+            )
         todo: list[str] = []
         if model is not None:
             mapper = inspect(model, raiseerr=False)
@@ -301,7 +306,7 @@ class Cache:
             if pks is None:
                 for name in names:
                     todo += deps_mod.unknown_rows_write_deps(name)
-            else:
+            elif pks := list(pks):  # no rows named (an empty query result, say): nothing changed
                 # Rows changed in ways we don't know: their keyed reads, and every condition read.
                 dialects = {e.dialect.name: e.dialect for e in list(self._namespaces.keys())}
                 for pk in pks:
@@ -314,7 +319,7 @@ class Cache:
                     todo.append(deps_mod.scheme_dep(name))
         elif pks is not None:
             raise ConfigurationError("invalidate: pks= needs a model")
-        for t in tables:
+        for t in tables or ():
             todo += deps_mod.unknown_rows_write_deps(t.lower())
         self.bump(todo)
 
@@ -355,7 +360,7 @@ class Cache:
         self.io.invalidate_all()
 
     async def ainvalidate(
-        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
+        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] | None = None
     ) -> None:
         """Async twin of :meth:`invalidate` (works with asyncio Redis clients)."""
         await greenlet_spawn(self.invalidate, model, pks, tables=tables)
