@@ -19,11 +19,11 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Mapper
 from sqlalchemy.util.concurrency import greenlet_spawn
 
+from sqlacache import binding, rowtokens
 from sqlacache import dependencies as deps_mod
-from sqlacache import rowtokens
 from sqlacache.backends import Backend, MemoryBackend
 from sqlacache.breaker import Breaker
 from sqlacache.connect import backend_from, warn_if_unbounded
@@ -74,20 +74,6 @@ def database_id(engine: Engine) -> str:
 def watchers(engine: Engine) -> list[Cache]:
     found = _watchers.get(database_id(engine))
     return list(found) if found else []
-
-
-_bound: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
-
-
-def bound_cache(session: Session) -> Cache | None:
-    """The cache a plain ``Session`` uses because its engine was passed to ``Cache.bind``."""
-    cache: Cache | None = None
-    if _bound:
-        bind = session.bind
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        cache = _bound.get(engine) if isinstance(engine, Engine) else None
-    session.__dict__["_sqlacache_cache"] = cache or False
-    return cache
 
 
 class _Bound:
@@ -206,6 +192,7 @@ class Cache:
         self.flights = Flights()
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (refreshing.py)
         self.outbox: Outbox | None = None
+        self.closed = False
         warn_if_unbounded(self.backend)
 
     # -- counters ---------------------------------------------------------------------------
@@ -375,15 +362,19 @@ class Cache:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         if not isinstance(sync_engine, Engine):
             raise ConfigurationError(f"bind: {engine!r} is not an Engine or AsyncEngine")
-        _bound[sync_engine] = self
+        binding.bind(sync_engine, self)
         self.watch(sync_engine)
         return _Bound(self)
 
     def unbind(self, engine: Engine | AsyncEngine) -> None:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        _bound.pop(sync_engine, None)
+        binding.unbind(sync_engine)
 
     def close(self) -> None:
+        """Stop: sessions made from this cache raise ``CacheClosedError`` from now on, and plain
+        sessions on engines it was bound to are no longer cached."""
+        self.closed = True
+        binding.unbind(None, self)
         for watching in _watchers.values():
             watching.discard(self)
         if self.refresh_pool is not None:

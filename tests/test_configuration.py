@@ -249,3 +249,68 @@ def test_redis_errors_at_first_use_show_the_servers_message(redis_url, caplog):
     with caplog.at_level("WARNING", logger="sqlacache"), CachingSession(engine, cache=cache) as s:
         assert s.get(User, 1) is None
     assert "ResponseError: DB index is out of range" in caplog.text
+
+
+def test_a_session_used_after_cache_close_raises_instead_of_queueing_evictions(tmp_path):
+    from sqlacache import CacheClosedError
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'closed.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    S = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with S() as s:
+        s.add(User(id=1, name="u1"))
+        s.commit()
+    held = S()
+    assert held.get(User, 1).name == "u1"
+    cache.close()
+    with pytest.raises(
+        CacheClosedError, match=r"Cache is closed \(cache.close\(\) was called\).*Make sessions"
+    ):
+        S()
+    with pytest.raises(CacheClosedError):
+        held.scalars(select(User)).all()
+    held.add(User(id=2, name="u2"))
+    with pytest.raises(CacheClosedError, match="from a Cache that is open"):
+        held.commit()
+    held.rollback()
+    held.close()  # closing (and a with block's exit) still works
+    assert cache.stats()["pending_invalidations"] == 0
+
+
+def test_plain_sessions_bound_to_a_closed_cache_go_back_to_the_database(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'unbound.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    cache.bind(engine)
+    with Session(engine) as s:
+        s.add(User(id=1, name="u1"))
+        s.commit()
+    cache.close()
+    with Session(engine) as s:
+        assert s.get(User, 1).name == "u1"
+        s.get(User, 1).name = "u2"
+        s.commit()
+    assert cache.stats()["pending_invalidations"] == 0 and cache.stats()["errors"] == 0
+
+
+async def test_an_async_session_used_after_cache_close_raises(tmp_path):
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from sqlacache import CacheClosedError, CachingAsyncSession
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'aclosed.db'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    cache = Cache()
+    S = async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False)
+    async with S() as s:
+        s.add(User(id=1, name="u1"))
+        await s.commit()
+        await cache.aclose()
+        with pytest.raises(CacheClosedError):
+            await s.get(User, 2)
+        s.add(User(id=2, name="u2"))
+        with pytest.raises(CacheClosedError):
+            await s.commit()
+    await engine.dispose()
