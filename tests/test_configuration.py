@@ -314,3 +314,45 @@ async def test_an_async_session_used_after_cache_close_raises(tmp_path):
         with pytest.raises(CacheClosedError):
             await s.commit()
     await engine.dispose()
+
+
+def test_the_memory_backend_warns_once_in_a_process_forked_after_the_cache_was_created(tmp_path, caplog):
+    """memory:// is per process: forked workers would each keep their own entries, and a commit in
+    one would not evict the others' (stale reads). A real fork, as a pre-forking server does."""
+    import logging
+    import multiprocessing
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'fork.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    S = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with S() as s:
+        s.add(User(id=1, name="u1"))
+        s.commit()
+
+    def worker(conn):
+        seen = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())
+        logging.getLogger("sqlacache").addHandler(handler)
+        for _ in range(3):
+            with S() as s:
+                s.get(User, 1)
+        conn.send([m for m in seen if "forked" in m])
+        conn.close()
+
+    with caplog.at_level("WARNING", logger="sqlacache"):
+        for _ in range(3):
+            with S() as s:
+                s.get(User, 1)
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=worker, args=(child,))
+        process.start()
+        warnings = parent.recv()
+        process.join(10)
+        with S() as s:
+            s.get(User, 1)
+    assert len(warnings) == 1, warnings
+    assert "memory:// cache is used in a process forked" in warnings[0] and "backend='redis://" in warnings[0]
+    assert "forked" not in caplog.text  # the process that created it is not warned
