@@ -251,16 +251,22 @@ def test_redis_errors_at_first_use_show_the_servers_message(redis_url, caplog):
     assert "ResponseError: DB index is out of range" in caplog.text
 
 
-def test_a_session_used_after_cache_close_raises_instead_of_queueing_evictions(tmp_path):
-    from sqlacache import CacheClosedError
-
-    engine = create_engine(f"sqlite:///{tmp_path / 'closed.db'}")
+def _one_user(tmp_path):
+    """A memory cache and a CachingSession factory on a SQLite file holding User 1 ("u1")."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'one.db'}")
     Base.metadata.create_all(engine)
     cache = Cache()
     S = sessionmaker(engine, class_=CachingSession, cache=cache)
     with S() as s:
         s.add(User(id=1, name="u1"))
         s.commit()
+    return cache, S
+
+
+def test_a_session_used_after_cache_close_raises_instead_of_queueing_evictions(tmp_path):
+    from sqlacache import CacheClosedError
+
+    cache, S = _one_user(tmp_path)
     held = S()
     assert held.get(User, 1).name == "u1"
     cache.close()
@@ -322,13 +328,7 @@ def test_the_memory_backend_warns_once_in_a_process_forked_after_the_cache_was_c
     import logging
     import multiprocessing
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'fork.db'}")
-    Base.metadata.create_all(engine)
-    cache = Cache()
-    S = sessionmaker(engine, class_=CachingSession, cache=cache)
-    with S() as s:
-        s.add(User(id=1, name="u1"))
-        s.commit()
+    cache, S = _one_user(tmp_path)
 
     def worker(conn):
         seen = []
