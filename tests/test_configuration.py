@@ -328,7 +328,7 @@ def test_the_memory_backend_warns_once_in_a_process_forked_after_the_cache_was_c
     import logging
     import multiprocessing
 
-    cache, S = _one_user(tmp_path)
+    _cache, S = _one_user(tmp_path)
 
     def worker(conn):
         seen = []
