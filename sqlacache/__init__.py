@@ -1,6 +1,7 @@
 """sqlacache: a read-through query cache for SQLAlchemy 2.x sessions, invalidated at commit."""
 
 from sqlacache.backends import Backend, BackendError, MemoryBackend, RedisBackend
+from sqlacache.binding import CacheClosedError
 from sqlacache.cache import Cache, configure, default_cache
 from sqlacache.policy import ConfigurationError
 from sqlacache.session import CachingAsyncSession, CachingSession, DeferredResult
@@ -9,6 +10,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "Cache",
+    "CacheClosedError",
     "CachingAsyncSession",
     "CachingSession",
     "ConfigurationError",

@@ -19,13 +19,14 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Mapper
 from sqlalchemy.util.concurrency import greenlet_spawn
 
+from sqlacache import binding, rowtokens
 from sqlacache import dependencies as deps_mod
-from sqlacache import rowtokens
-from sqlacache.backends import Backend, MemoryBackend, RedisBackend
+from sqlacache.backends import Backend, MemoryBackend
 from sqlacache.breaker import Breaker
+from sqlacache.connect import backend_from, warn_if_unbounded
 from sqlacache.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
 from sqlacache.outbox import Outbox
@@ -36,73 +37,17 @@ from sqlacache.stats import Counters
 log = logging.getLogger("sqlacache")
 
 
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name}={value!r}: give True or False")
+
+
 def _number(name: str, value: Any, unit: str, positive: bool = False) -> float:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         bound = "a positive" if positive else "a non-negative"
         raise ConfigurationError(f"{name}={value!r}: give {bound} number ({unit})")
     return float(value)
-
-
-def _warn_if_unbounded(backend: Backend) -> None:
-    """A Redis client that waits long on a hung server makes every read wait with it."""
-    import redis
-
-    for side in ("_sync", "_async"):
-        client = getattr(getattr(backend, side, None), "client", None)
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-        if not isinstance(kwargs, dict) or "host" not in kwargs:
-            continue  # not a TCP client (fakeredis, a unix socket…)
-        timeout = kwargs.get("socket_timeout")
-        if timeout is None or timeout > 0.5:
-            log.warning(
-                "sqlacache: the Redis client's socket_timeout is %s: while Redis hangs, every read "
-                "would wait that long. Pass socket_timeout=0.05 and socket_connect_timeout=0.05 to "
-                "redis.Redis(...), or give Cache a URL (backend='redis://…') to get them",
-                "unset" if timeout is None else f"{timeout} s",
-            )
-            return
-        retry = kwargs.get("retry")
-        retries = getattr(retry, "_retries", 0)
-        supported = getattr(retry, "_supported_errors", ())
-        if isinstance(retries, int) and retries > 1 and redis.exceptions.TimeoutError in supported:
-            log.warning(
-                "sqlacache: the Redis client retries timeouts %d times: a hung Redis would cost each "
-                "read up to %d timeouts before the circuit breaker opens. Pass retry=Retry(NoBackoff(), "
-                "1, supported_errors=(redis.exceptions.ConnectionError,)) to redis.Redis(...), or give "
-                "Cache a URL (backend='redis://…')",
-                retries,
-                retries + 1,
-            )
-            return
-
-
-def _backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int) -> Backend:
-    if isinstance(spec, str):
-        scheme = spec.partition("://")[0].lower()
-        if scheme in ("memory", "mem"):
-            return MemoryBackend(max_entries=max_entries)
-        if scheme in ("redis", "rediss", "unix"):
-            return RedisBackend.from_url(
-                spec, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
-            )
-        raise ConfigurationError(
-            f"backend {spec!r}: unknown scheme {scheme!r}; use 'memory://', 'redis://host:port/db', "
-            "a redis-py client, or a Backend instance"
-        )
-    if isinstance(spec, Backend):
-        return spec
-    import redis
-    import redis.asyncio
-
-    if isinstance(spec, redis.asyncio.Redis):  # fakeredis' async client subclasses it too
-        return RedisBackend(async_client=spec, prefix=prefix)
-    if isinstance(spec, redis.Redis) or (hasattr(spec, "evalsha") and hasattr(spec, "register_script")):
-        return RedisBackend(spec, prefix=prefix)
-    raise ConfigurationError(
-        f"backend {spec!r} is not a URL, a redis-py client or a sqlacache Backend; "
-        "pass e.g. backend='redis://localhost:6379/0' or backend='memory://'"
-    )
 
 
 _database_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
@@ -129,20 +74,6 @@ def database_id(engine: Engine) -> str:
 def watchers(engine: Engine) -> list[Cache]:
     found = _watchers.get(database_id(engine))
     return list(found) if found else []
-
-
-_bound: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
-
-
-def bound_cache(session: Session) -> Cache | None:
-    """The cache a plain ``Session`` uses because its engine was passed to ``Cache.bind``."""
-    cache: Cache | None = None
-    if _bound:
-        bind = session.bind
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        cache = _bound.get(engine) if isinstance(engine, Engine) else None
-    session.__dict__["_sqlacache_cache"] = cache or False
-    return cache
 
 
 class _Bound:
@@ -216,7 +147,7 @@ class Cache:
         self.fill_timeout = _number(
             "fill_timeout", fill_timeout, "seconds readers wait for another's fill; 0 = off"
         )
-        if not 0 <= refresh_ahead < 1:
+        if not 0 <= _number("refresh_ahead", refresh_ahead, "a fraction of the TTL") < 1:
             raise ConfigurationError(
                 f"refresh_ahead={refresh_ahead!r}: give the fraction of a TTL (0 <= f < 1, e.g. 0.1) "
                 "before expiry at which one reader refreshes a hot entry; 0 turns it off"
@@ -224,19 +155,30 @@ class Cache:
         self.refresh_ahead = float(refresh_ahead)
         if max_entry_size is not None:
             _number("max_entry_size", max_entry_size, "bytes; None = no limit", positive=True)
-        self.enabled = bool(enabled)
+        _flag("enabled", enabled)
+        _flag("background_stores", background_stores)
+        socket_timeout = _number("socket_timeout", socket_timeout, "seconds a Redis call may take", True)
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ConfigurationError(
+                f"max_entries={max_entries!r}: give how many entries the memory backend keeps (an int >= 1)"
+            )
+        cooldown = _number("breaker_cooldown", breaker_cooldown, "seconds", positive=True)
+        max_cooldown = _number("breaker_max_cooldown", breaker_max_cooldown, "seconds", positive=True)
+        if max_cooldown < cooldown:
+            raise ConfigurationError(
+                f"breaker_max_cooldown={breaker_max_cooldown!r} is below breaker_cooldown="
+                f"{breaker_cooldown!r}: the cooldown doubles up to the maximum; give a maximum >= it"
+            )
+        self.enabled = enabled
         self.prefix = prefix
         self.keys = KeyBuilder()
-        self.backend: Backend = _backend_from(backend, prefix, socket_timeout, max_entries)
+        self.backend: Backend = backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
         self.count = Counters()
         self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._database_deps: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-        breaker = Breaker(
-            _number("breaker_cooldown", breaker_cooldown, "seconds", positive=True),
-            _number("breaker_max_cooldown", breaker_max_cooldown, "seconds", positive=True),
-        )
+        breaker = Breaker(cooldown, max_cooldown)
         # A miss doesn't need the store's answer: with background_stores the reader returns as
         # soon as it has its rows. Safety doesn't depend on timing — the store is still the atomic
         # check against the generation the read began at, however late it arrives.
@@ -245,12 +187,13 @@ class Cache:
             self.count,
             max_entry_size=max_entry_size,
             breaker=breaker,
-            background_stores=bool(background_stores) and not isinstance(self.backend, MemoryBackend),
+            background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
         )
         self.flights = Flights()
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (refreshing.py)
         self.outbox: Outbox | None = None
-        _warn_if_unbounded(self.backend)
+        self.closed = False
+        warn_if_unbounded(self.backend)
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -326,16 +269,21 @@ class Cache:
     # -- manual control ---------------------------------------------------------------------
 
     def invalidate(
-        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
+        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] | None = None
     ) -> None:
         """Evict cached reads of ``model`` (rows ``pks`` only, if given) and of raw ``tables``.
 
         With no arguments at all, evicts everything under this cache's prefix (see
-        :meth:`invalidate_all`). Use it after writes made outside the application.
+        :meth:`invalidate_all`); an empty ``pks`` or ``tables`` evicts nothing. Use it after writes
+        made outside the application.
         """
-        if model is None and pks is None and not tables:
+        if model is None and pks is None and tables is None:
             self.invalidate_all()
             return
+        if isinstance(tables, str):
+            raise ConfigurationError(
+                f"invalidate: tables={tables!r} is one string; pass a list: [{tables!r}]"
+            )
         todo: list[str] = []
         if model is not None:
             mapper = inspect(model, raiseerr=False)
@@ -345,7 +293,7 @@ class Cache:
             if pks is None:
                 for name in names:
                     todo += deps_mod.unknown_rows_write_deps(name)
-            else:
+            elif pks := list(pks):  # no rows named (an empty query result, say): nothing changed
                 # Rows changed in ways we don't know: their keyed reads, and every condition read.
                 dialects = {e.dialect.name: e.dialect for e in list(self._namespaces.keys())}
                 for pk in pks:
@@ -358,7 +306,7 @@ class Cache:
                     todo.append(deps_mod.scheme_dep(name))
         elif pks is not None:
             raise ConfigurationError("invalidate: pks= needs a model")
-        for t in tables:
+        for t in tables or ():
             todo += deps_mod.unknown_rows_write_deps(t.lower())
         self.bump(todo)
 
@@ -399,7 +347,7 @@ class Cache:
         self.io.invalidate_all()
 
     async def ainvalidate(
-        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] = ()
+        self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] | None = None
     ) -> None:
         """Async twin of :meth:`invalidate` (works with asyncio Redis clients)."""
         await greenlet_spawn(self.invalidate, model, pks, tables=tables)
@@ -414,15 +362,19 @@ class Cache:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         if not isinstance(sync_engine, Engine):
             raise ConfigurationError(f"bind: {engine!r} is not an Engine or AsyncEngine")
-        _bound[sync_engine] = self
+        binding.bind(sync_engine, self)
         self.watch(sync_engine)
         return _Bound(self)
 
     def unbind(self, engine: Engine | AsyncEngine) -> None:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        _bound.pop(sync_engine, None)
+        binding.unbind(sync_engine)
 
     def close(self) -> None:
+        """Stop: sessions made from this cache raise ``CacheClosedError`` from now on, and plain
+        sessions on engines it was bound to are no longer cached."""
+        self.closed = True
+        binding.unbind(None, self)
         for watching in _watchers.values():
             watching.discard(self)
         if self.refresh_pool is not None:

@@ -41,6 +41,9 @@ class SessionContext:
     cache: Cache
     # False for a plain session on a database some cache reads: its writes are tracked, its reads not.
     reads: bool = True
+    # A plain session that routes statements itself (binds=, get_bind()): each read is checked
+    # against Cache.bind's engines (see binding.py).
+    routed: bool = False
     frames: list[Frame] = field(default_factory=list)
     # Keyed by SessionTransaction (root or savepoint): what each has written and not yet committed.
     tx: dict[Any, TxFrame] = field(default_factory=dict)
@@ -69,13 +72,15 @@ def context_of(session: Session) -> SessionContext | None:
     cache = session.__dict__.get("_sqlacache_cache")
     if cache is False:  # a plain session on an engine that isn't bound: looked up once, not cached
         return None
+    routed = False
     if cache is None:
-        from sqlacache.cache import bound_cache
+        from sqlacache.binding import bound_cache, routes_itself
 
         cache = bound_cache(session)
         if cache is None:
             return None
-    ctx = SessionContext(cache)
+        routed = routes_itself(session)
+    ctx = SessionContext(cache, routed=routed)
     session.__dict__["_sqlacache"] = ctx
     return ctx
 

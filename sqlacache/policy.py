@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ def _ops(value: Any, where: str) -> frozenset[str]:
 
 
 def ttl_value(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigurationError(f"{where}: a TTL must be a positive number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigurationError(
+            f"{where}: a TTL must be a positive number of seconds, finite (e.g. 3600), got {value!r}"
+        )
     return float(value)
 
 

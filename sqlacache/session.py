@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Awaitable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy.engine import Engine, Result, ScalarResult
+from sqlalchemy.engine import Result, ScalarResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.interfaces import ORMOption
@@ -20,6 +20,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import EMPTY_DICT
 
 from sqlacache import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
+from sqlacache.binding import CacheClosedError, engine_of
 from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
 from sqlacache.policy import ConfigurationError, ttl_value
@@ -138,18 +139,23 @@ class DeferredResult:
 class CachingSession(Session):
     """A ``Session`` whose reads are cached. ``cache=`` defaults to the one from ``configure()``."""
 
-    def __init__(self, bind: Any = None, *, cache: Cache | None = None, **kw: Any) -> None:
-        super().__init__(bind, **kw)
+    def __init__(self, *args: Any, cache: Cache | None = None, **kw: Any) -> None:
+        # Cooperative: positional arguments go on up the MRO untouched, so this class mixes with
+        # Session subclasses whose first argument isn't the bind (Flask-SQLAlchemy's takes db).
+        super().__init__(*args, **kw)
         cache = cache if cache is not None else default_cache()
         if cache is None:
             raise ConfigurationError(
                 "CachingSession has no cache: pass cache=Cache(...) to the session or sessionmaker, "
                 "or call sqlacache.configure(...) first"
             )
+        if cache.closed:
+            raise CacheClosedError()
         self.__dict__["_sqlacache_cache"] = cache
-        engine = getattr(bind, "engine", bind)
-        if isinstance(engine, Engine):
-            cache.watch(engine)
+        for bind in (self.bind, *(kw.get("binds") or {}).values()):
+            engine = engine_of(bind)
+            if engine is not None:
+                cache.watch(engine)
         self._sqlacache_deferred: list[weakref.ref[DeferredResult]] = []
         # Under CachingAsyncSession the awaitable offers .cached(); results must be real here.
         self._sqlacache_async = False
@@ -309,8 +315,8 @@ class CachingAsyncSession(AsyncSession):
 
     sync_session_class = CachingSession
 
-    def __init__(self, bind: Any = None, **kw: Any) -> None:
-        super().__init__(bind, **kw)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         if isinstance(self.sync_session, CachingSession):
             self.sync_session._sqlacache_async = True
 

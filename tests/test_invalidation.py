@@ -266,3 +266,33 @@ def test_plain_sessions_and_other_caches_on_the_same_database_invalidate_too(wor
         plain.commit()
     with world.Session() as s:
         assert s.scalar(select(func.count()).select_from(User).where(User.active)) == 0
+
+
+def test_invalidate_with_empty_lists_evicts_nothing_and_with_no_arguments_everything(world):
+    """``invalidate(tables=[])`` is "these tables changed: none" (e.g. a list computed from a
+    query that found nothing); only a call with no arguments at all means invalidate_all."""
+    seed(world)
+    cached(world, lambda s: s.get(User, 1).name)
+    cached(world, names)
+    world.cache.reset_stats()
+    world.cache.invalidate(tables=[])
+    world.cache.invalidate(User, pks=[])
+    world.cache.invalidate(User, pks=iter(()), tables=())
+    before = world.statements()
+    with world.Session() as s:
+        assert s.get(User, 1).name == "u1" and names(s)[0] == "u1"
+    assert world.statements() == before  # both still served from the cache
+    assert world.cache.stats()["invalidations"] == 0
+    world.cache.invalidate()
+    with world.Session() as s:
+        assert s.get(User, 1).name == "u1"
+    assert world.statements() == before + 1
+
+
+def test_invalidate_refuses_a_string_for_tables(world):
+    import pytest
+
+    from sqlacache import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"tables='users' is one string; pass a list: \['users'\]"):
+        world.cache.invalidate(tables="users")

@@ -7,9 +7,12 @@ serialized under it.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -17,6 +20,20 @@ from typing import NamedTuple
 from sqlacache.backends.base import BackendError, Entry, Lookup
 
 __all__ = ["MemoryBackend"]
+
+log = logging.getLogger("sqlacache")
+_instances: weakref.WeakSet[MemoryBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_instances):
+        backend._forked = True
+        # A thread of the parent may have held the lock at the fork: it would never be released here.
+        backend._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which doesn't fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Stored(NamedTuple):
@@ -45,8 +62,9 @@ class MemoryBackend:
     """
 
     def __init__(self, max_entries: int = 10_000, max_versions: int = 100_000) -> None:
-        if max_entries < 1 or max_versions < 1:
-            raise ValueError("max_entries and max_versions must be at least 1")
+        for name, value in (("max_entries", max_entries), ("max_versions", max_versions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: give an int >= 1")
         self._max_entries = max_entries
         self._max_versions = max_versions
         self._entries: OrderedDict[str, _Stored] = OrderedDict()
@@ -58,10 +76,21 @@ class MemoryBackend:
         self._generation = 1
         self._closed = False
         self._lock = threading.Lock()
+        self._forked = False
+        _instances.add(self)
 
     def _check_open(self) -> None:
         if self._closed:
             raise BackendError("MemoryBackend is closed")
+        if self._forked:
+            self._forked = False  # once per process
+            log.warning(
+                "sqlacache: the memory:// cache is used in a process forked after it was created "
+                "(pid %d). It is per process: a commit here does not evict the other processes' "
+                "entries, so they serve stale reads. With several worker processes (gunicorn, uWSGI, "
+                "multiprocessing) use backend='redis://…', or create the Cache in each worker.",
+                os.getpid(),
+            )
 
     def _next_generation(self) -> int:
         # Caller holds the lock.

@@ -86,7 +86,8 @@ def _failure(what: str, exc: BaseException) -> BackendError:
     elif kind == "server" and "READONLY" in str(exc):
         kind = "readonly"
     error = BackendUnavailable if isinstance(exc, _UNREACHABLE) else BackendError
-    return error(f"Redis {what} failed: {exc!r}", kind)
+    # str(), not repr(): redis-py's repr hides the server's own message ("server:ResponseError").
+    return error(f"Redis {what} failed: {type(exc).__name__}: {exc}", kind)
 
 
 _DEFAULT_VERSION_TTL = 7 * 86400.0
@@ -562,6 +563,11 @@ class RedisBackend:
         backend._async_factory = lambda: redis.asyncio.Redis.from_url(url, **async_kwargs)
         backend._owns_clients = True
         return backend
+
+    @property
+    def client(self) -> redis.Redis | None:
+        """The sync client, if there is one."""
+        return self._sync.client if self._sync is not None else None
 
     @property
     def sync_capable(self) -> bool:
