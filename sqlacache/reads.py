@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -392,19 +392,15 @@ class _HitContext:
         self.session = session
 
 
-def _rebuild_entities(
-    session: Session,
-    table: Any,
-    near: Mapper[Any] | None,
-    generation: int,
-    roots: Sequence[Any] = (),
-    load_options: tuple[Any, ...] = (),
-) -> list[Any]:
+_Decoded = list[tuple[Mapper[Any], MapperLayout, dict[str, Any], Any, dict[str, Any]]]
+
+
+def _decode_entities(table: Any, near: Mapper[Any] | None) -> _Decoded:
+    """An entry's entity table, decoded and validated without touching any session: a corrupt
+    entry must leave no half-built object behind in an identity map. Raises CodecError."""
     if not isinstance(table, list):
         raise CodecError("entity table is not a list")
-    # Decode and validate everything before touching the session: a corrupt entry must leave no
-    # half-built object behind in the identity map.
-    decoded: list[tuple[Mapper[Any], MapperLayout, dict[str, Any], Any, dict[str, Any]]] = []
+    decoded: _Decoded = []
     for entry in table:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
             raise CodecError("bad entity entry")
@@ -428,8 +424,20 @@ def _rebuild_entities(
             if prop.uselist != isinstance(ref, list):
                 raise CodecError(f"bad value for relationship {key!r}")
         decoded.append((mapper, layout, values, mapper.identity_key_from_primary_key(pk), rels))
+    return decoded
 
-    identity_map = session.identity_map
+
+def _attach(
+    session: Session,
+    identity_map: Any,
+    decoded: _Decoded,
+    generation: int,
+    roots: Sequence[Any] = (),
+    load_options: tuple[Any, ...] = (),
+) -> list[Any]:
+    """Decoded entities → objects in ``identity_map``, as a database load leaves them. (The map of
+    the moment the statement ran: one that close()/expunge_all() replaced since refuses them with
+    the ORM's own error, as a database result consumed then does.)"""
     objs: list[Any] = []
     new_states: list[Any] = []
     for mapper, layout, values, ikey, _ in decoded:
@@ -548,32 +556,51 @@ def _resolver(objs: list[Any]) -> Any:
 
 def decode_result(
     session: Session, payload: bytes, info: ShapeInfo, generation: int, load_options: tuple[Any, ...] = ()
-) -> list[Any]:
-    """Rows (tuples) of objects and values in the shape of ``info``; raises CodecError.
+) -> Callable[[], list[Any]]:
+    """Rows (tuples) of objects and values in the shape of ``info``, made when called: the payload
+    is decoded and validated now (raises CodecError), the objects are attached to the session when
+    the result is consumed, as a database result makes them.
 
     A payload stored by a single-entity result holds one reference per row, one stored with
     ``tuples()`` a list: either serves both."""
     table, rows = _load_payload(payload)
-    near = info.shape.mappers[0] if info.shape.mappers else None
+    decoded = _decode_entities(table, info.shape.mappers[0] if info.shape.mappers else None)
     columns = info.columns or []
-    roots = [
-        v
-        for row in rows
-        for v, c in (zip(row, columns) if isinstance(row, list) else [(row, ENTITY)])
-        if c is ENTITY
-    ]
-    resolve = _resolver(_rebuild_entities(session, table, near, generation, roots, load_options))
-    out: list[Any] = []
+    refs = range(len(decoded))
+    plans: list[tuple[Any, ...]] = []  # per row: entity slots (or None) and decoded values
+    roots: list[int] = []
     for row in rows:
-        if not isinstance(row, list):
-            if len(columns) != 1 or columns[0] is not ENTITY:
-                raise CodecError("row does not fit the result shape")
-            out.append((resolve(row),))
-            continue
-        if len(row) != len(columns):
+        cells = [(row, ENTITY)] if not isinstance(row, list) else list(zip(row, columns))
+        if (not isinstance(row, list) and (len(columns) != 1 or columns[0] is not ENTITY)) or (
+            isinstance(row, list) and len(row) != len(columns)
+        ):
             raise CodecError("row does not fit the result shape")
-        out.append(tuple(resolve(v) if c is None else c.decode(v) for v, c in zip(row, columns)))
-    return out
+        plan: list[Any] = []
+        for v, c in cells:
+            if c is ENTITY:
+                if v is not None and (type(v) is not int or v not in refs):
+                    raise CodecError("bad entity reference")
+                plan.append(v)
+                if v is not None:
+                    roots.append(v)
+            else:
+                plan.append(c.decode(v))
+        plans.append(tuple(plan))
+    identity_map = session.identity_map
+    entity_at = [i for i, c in enumerate(columns if columns else [ENTITY]) if c is ENTITY]
+
+    def make() -> list[Any]:
+        objs = _attach(session, identity_map, decoded, generation, roots, load_options)
+        out = []
+        for plan in plans:
+            cells = list(plan)
+            for i in entity_at:
+                if i < len(cells) and cells[i] is not None:
+                    cells[i] = objs[cells[i]]
+            out.append(tuple(cells))
+        return out
+
+    return make
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,14 +945,18 @@ def _serve(
     if template is None or _entry_written(ctx, entry.deps):
         return None
     try:
-        rows = decode_result(state.session, entry.payload, info, lookup.generation, _propagating(state))
+        make = decode_result(state.session, entry.payload, info, lookup.generation, _propagating(state))
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
     ctx.cache.count("hits")
     if ctx.frames:
         ctx.frames[-1].deps.update(entry.deps)
-    return result_from_rows(template, rows)
+    if state.execution_options.get("prebuffer_rows"):
+        # AsyncSession has the ORM make its objects inside the call (in the greenlet); so do we.
+        rows = make()
+        make = lambda: rows  # noqa: E731
+    return result_from_rows(template, make)
 
 
 def _fill(state: ORMExecuteState, capture: _Capture, guard: _Guard) -> Result[Any]:
@@ -1234,5 +1265,5 @@ def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any], generatio
     table, rows = _load_payload(payload)
     if len(rows) > 1:
         raise CodecError("a primary-key read with several rows")
-    resolve = _resolver(_rebuild_entities(session, table, mapper, generation, rows))
-    return [resolve(ref) for ref in rows]
+    objs = _attach(session, session.identity_map, _decode_entities(table, mapper), generation, rows)
+    return [_resolver(objs)(ref) for ref in rows]

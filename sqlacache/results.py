@@ -71,11 +71,21 @@ def template_from(result: Result[Any], requires_unique: bool) -> ResultTemplate 
     )
 
 
-def result_from_rows(template: ResultTemplate, rows: Sequence[Any]) -> Result[Any]:
-    """A result of ``rows`` (tuples) that behaves as the ORM's result for this shape does."""
-    data = [r[0] for r in rows] if template.single_entity else list(rows)
+def result_from_rows(template: ResultTemplate, make: Callable[[], Sequence[Any]]) -> Result[Any]:
+    """A result that behaves as the ORM's result for this shape does, of the rows (tuples) that
+    ``make`` produces when the result is first consumed (as the ORM makes its objects then)."""
+    single = template.single_entity
+    made: list[Any] = []
+
+    def chunks(size: int | None) -> Iterator[Any]:
+        # A generator: nothing is made until the result is first consumed.
+        if not made:
+            rows = make()
+            made.append([r[0] for r in rows] if single else list(rows))
+        yield from made
+
     result: ChunkedIteratorResult[Any] = ChunkedIteratorResult(
-        template.metadata, lambda size: iter([data]), source_supports_scalars=template.single_entity
+        template.metadata, chunks, source_supports_scalars=single
     )
     result._attributes = template.attributes
     if template.requires_unique:
