@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import ORMExecuteState, Session
-
-from sqlacache.context import context_of
+from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache
@@ -95,23 +93,6 @@ def bound_cache(session: Session) -> Cache | None:
             cache = next(iter(_bound.values()))
     session.__dict__["_sqlacache_cache"] = cache or False
     return cache
-
-
-@event.listens_for(Session, "do_orm_execute", insert=True)  # before the read path (reads.py)
-def _before_execute(state: ORMExecuteState) -> None:
-    session = state.session
-    ctx = session.__dict__.get("_sqlacache")
-    if ctx is None:
-        if session.__dict__.get("_sqlacache_cache") is False:
-            return
-        ctx = context_of(session)
-        if ctx is None:
-            return
-    if ctx.cache.closed:
-        raise CacheClosedError()
-    if ctx.routed and state.is_select and bound_to(session.get_bind(**state.bind_arguments)) is not ctx.cache:
-        # An engine nobody bound (or bound to another cache): the read path sees "cache": False.
-        state.execution_options = state.execution_options.union({"cache": False})
 
 
 @event.listens_for(Session, "before_commit")

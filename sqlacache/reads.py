@@ -37,6 +37,7 @@ from sqlacache import conditions, refreshing, rowtokens, stampede
 from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
 from sqlacache.backends import Lookup
+from sqlacache.binding import CacheClosedError, bound_to
 from sqlacache.codec import CodecError, ValueCodec, codec_for
 from sqlacache.conditions import Analysis
 from sqlacache.context import Frame, SessionContext, context_of
@@ -630,7 +631,8 @@ class StatementGet:
 
 
 def reshaped_by_hooks(session: Session) -> bool:
-    """True when hooks besides ours see this session's statements: a get must reach them."""
+    """True when hooks besides ours (``_on_execute``) see this session's statements: a get must
+    reach them."""
     return len(session.dispatch.do_orm_execute) > 1
 
 
@@ -668,11 +670,15 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         ctx = context_of(session)
         if ctx is None:
             return None
+    if ctx.cache.closed:
+        raise CacheClosedError()
     if not state.is_select or not ctx.reads or not ctx.cache.enabled:
         return None
     flag = state.execution_options.get("cache")
     if flag is False:
         return None
+    if ctx.routed and bound_to(session.get_bind(**state.bind_arguments)) is not ctx.cache:
+        return None  # a session that routes statements itself, to an engine not bound to this cache
     ran_others = bool(state._remaining_events())
     if ran_others:
         early = _run_remaining(state)

@@ -385,3 +385,19 @@ def test_a_deferred_select_runs_before_a_later_write_on_the_session_connection(s
     with CachingSession(sqlite_world.engine, cache=cache) as s:
         assert read_then_write(s) == plain
     cache.close()
+
+
+def test_without_hooks_of_the_application_get_takes_the_fast_path(sqlite_world):
+    """sqlacache's own listeners must not count as the application's do_orm_execute hooks (they
+    would send every get() through statement building)."""
+    from sqlacache.reads import reshaped_by_hooks
+
+    with sqlite_world.Session() as s:
+        assert not reshaped_by_hooks(s)
+
+    @event.listens_for(sqlite_world.Session, "do_orm_execute")
+    def hook(state):
+        pass
+
+    with sqlite_world.Session() as s:
+        assert reshaped_by_hooks(s)
