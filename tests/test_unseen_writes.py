@@ -12,15 +12,20 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, select, text
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import ForeignKey, String, create_engine, delete, event, insert, select, text, update
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from sqlacache import Cache, CachingSession
+from sqlacache import Cache, CachingAsyncSession, CachingSession
 from tests import deploy_app
+from tests.conftest import _pg_schema_url
+from tests.helpers import wal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,6 +49,344 @@ class Probe:
             if len(self.sql) == before:
                 return value
         raise AssertionError("the read was never served from the cache")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "unseen_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(30))
+
+
+class Child(Base):
+    __tablename__ = "unseen_children"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("unseen_items.id"))
+
+
+items, children = Item.__table__, Child.__table__
+
+
+def name_of(s: Any, pk: int = 1) -> str | None:
+    found = s.get(Item, pk)
+    return None if found is None else str(found.name)
+
+
+def names(s: Any) -> list[str]:
+    return list(s.scalars(select(Item.name).order_by(Item.id)).all())
+
+
+def child_ids(s: Any) -> list[int]:
+    return list(s.scalars(select(Child.id).order_by(Child.id)).all())
+
+
+def _fill(engine: Any) -> None:
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(items), [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+        conn.execute(insert(children), [{"id": 10, "item_id": 1}])
+
+
+class World:
+    """The application's cached sessions, and another engine of the same database for the writes
+    they don't see (a migration tool, a test fixture, a Core job)."""
+
+    def __init__(self, dialect: str, probe: Probe, writer: Any) -> None:
+        self.dialect = dialect
+        self.probe = probe
+        self.writer = writer
+
+    def read(self, read: Callable[[Any], Any]) -> Any:
+        with self.probe.Session() as s:
+            return read(s)
+
+
+@pytest.fixture(params=["sqlite+memory", "postgres+redis"])
+def world(request: pytest.FixtureRequest, tmp_path: pathlib.Path, key_prefix: str) -> Iterator[World]:
+    if request.param == "sqlite+memory":
+        url, args, backend = f"sqlite:///{tmp_path / 'test.db'}", {}, "memory://"
+        cleanup: Callable[[], None] = lambda: None
+    else:
+        base = request.getfixturevalue("pg_sync_url")
+        schema = f"unseen_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(base)
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        url, args = _pg_schema_url(base, schema)
+        backend = request.getfixturevalue("redis_url")
+
+        def cleanup() -> None:
+            with admin.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            admin.dispose()
+
+    engine = create_engine(url, connect_args=args)
+    writer = create_engine(url, connect_args=args)
+    if request.param.startswith("sqlite"):
+        wal(engine)
+    _fill(writer)
+    cache = Cache(backend, prefix=key_prefix)
+    yield World(engine.dialect.name, Probe(engine, cache), writer)
+    cache.invalidate_all()
+    cache.close()
+    engine.dispose()
+    writer.dispose()
+    cleanup()
+
+
+# -- DML on a Connection outside any session ----------------------------------------------------
+
+
+def _core_begin(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(items).where(items.c.id == 1).values(name="new"))
+
+
+def _connect_commit(engine: Any) -> None:
+    with engine.connect() as conn:
+        conn.execute(update(items).where(items.c.id == 1).values(name="new"))
+        conn.commit()
+
+
+def _driver_sql(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE unseen_items SET name = 'new' WHERE id = 1")
+
+
+def _text(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE unseen_items SET name = :name WHERE id = 1"), {"name": "new"})
+
+
+def _orm_update_on_connection(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Item).where(Item.id == 1).values(name="new"))
+
+
+@pytest.mark.parametrize(
+    "write", [_core_begin, _connect_commit, _driver_sql, _text, _orm_update_on_connection]
+)
+def test_dml_on_a_connection_is_evicted_when_it_commits(world: World, write: Any) -> None:
+    assert world.probe.cached(name_of) == "a"
+    assert world.probe.cached(names) == ["a", "b"]
+    write(world.writer)
+    assert world.read(name_of) == "new"
+    assert world.read(names) == ["new", "b"]
+
+
+def test_dml_on_a_pooled_connection_that_sessions_used_before(world: World) -> None:
+    """The application's own engine: the connection comes back from the pool after serving sessions."""
+    assert world.probe.cached(name_of) == "a"
+    _core_begin(world.probe.engine)
+    assert world.read(name_of) == "new"
+
+
+def test_insert_and_delete_on_a_connection(world: World) -> None:
+    assert world.probe.cached(names) == ["a", "b"]
+    assert world.probe.cached(lambda s: name_of(s, 3)) is None  # a cached "not found"
+    with world.writer.begin() as conn:
+        conn.execute(insert(items).values(id=3, name="c"))
+    assert world.read(lambda s: name_of(s, 3)) == "c"
+    assert world.read(names) == ["a", "b", "c"]
+    with world.writer.begin() as conn:
+        conn.execute(delete(children))
+        conn.execute(delete(items).where(items.c.id == 3))
+    assert world.read(lambda s: name_of(s, 3)) is None
+    assert world.read(names) == ["a", "b"]
+
+
+def test_a_connection_write_evicts_only_what_it_could_change(world: World) -> None:
+    assert world.probe.cached(lambda s: name_of(s, 2)) == "b"
+    _core_begin(world.writer)
+    before = len(world.probe.sql)
+    assert world.read(lambda s: name_of(s, 2)) == "b"
+    assert len(world.probe.sql) == before, "row 2's entry should have survived a write to row 1"
+
+
+def test_autocommit_writes_are_evicted_before_the_connection_commits_anything(world: World) -> None:
+    assert world.probe.cached(name_of) == "a"
+    with world.writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(update(items).where(items.c.id == 1).values(name="new"))
+        assert world.read(name_of) == "new"
+
+
+def test_a_rolled_back_connection_write_leaves_the_entries(world: World) -> None:
+    assert world.probe.cached(name_of) == "a"
+    with world.writer.connect() as conn:
+        conn.execute(update(items).where(items.c.id == 1).values(name="new"))
+        conn.rollback()
+        conn.execute(update(items).where(items.c.id == 2).values(name="other"))  # never committed
+    before = len(world.probe.sql)
+    assert world.read(name_of) == "a"
+    assert len(world.probe.sql) == before
+
+
+def test_no_reader_serves_the_old_row_once_a_connection_commit_returns(world: World) -> None:
+    """Readers keep reading (and storing) while a Core writer commits: every read that starts after
+    a commit returned sees that commit. (Evicting before the database commits would let a reader
+    store the old row again.)"""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                world.read(name_of)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(30):
+            with world.writer.begin() as conn:
+                conn.execute(update(items).where(items.c.id == 1).values(name=f"v{i}"))
+            assert world.read(name_of) == f"v{i}"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+async def test_async_connection_writes_are_evicted(tmp_path: pathlib.Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(_fill_sync)
+    cache = Cache("memory://")
+    Session = async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False)
+
+    async def read() -> str | None:
+        async with Session() as s:
+            found = await s.get(Item, 1)
+            return None if found is None else found.name
+
+    for _ in range(3):
+        assert await read() == "a"
+    hits = cache.stats()["hits"]
+    assert hits > 0
+    async with engine.begin() as conn:
+        await conn.execute(update(items).where(items.c.id == 1).values(name="new"))
+    assert await read() == "new"
+    cache.close()
+    await engine.dispose()
+
+
+def _fill_sync(conn: Any) -> None:
+    Base.metadata.create_all(conn)
+    conn.execute(insert(items), [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+
+
+# -- DDL: tables dropped, re-created, emptied, altered ------------------------------------------
+
+
+def test_drop_all_and_create_all_on_an_engine(world: World) -> None:
+    assert world.probe.cached(name_of) == "a"
+    assert world.probe.cached(child_ids) == [10]
+    Base.metadata.drop_all(world.writer)
+    Base.metadata.create_all(world.writer)
+    with world.writer.begin() as conn:
+        conn.execute(insert(items).values(id=1, name="z"))
+    assert world.read(name_of) == "z"
+    assert world.read(names) == ["z"]
+    assert world.read(child_ids) == []
+
+
+def _script(engine: Any, *transactions: list[str]) -> None:
+    """Raw SQL through ``exec_driver_sql``, one ``engine.begin()`` block per list."""
+    for statements in transactions:
+        with engine.begin() as conn:
+            for sql in statements:
+                conn.exec_driver_sql(sql)
+
+
+def test_raw_drop_table_and_create_table(world: World) -> None:
+    assert world.probe.cached(name_of) == "a"
+    _script(
+        world.writer,
+        ["DROP TABLE unseen_children", "DROP TABLE unseen_items"],
+        [
+            "CREATE TABLE unseen_items (id INTEGER PRIMARY KEY, name VARCHAR(30))",
+            "INSERT INTO unseen_items VALUES (1, 'z')",
+        ],
+    )
+    assert world.read(name_of) == "z"
+
+
+def test_a_table_dropped_unseen_then_created_again(world: World) -> None:
+    """The drop goes straight through the driver (another tool: nothing in this process sees it);
+    the CREATE TABLE that follows is seen, and is enough."""
+    assert world.probe.cached(name_of) == "a"
+    raw = world.writer.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("DROP TABLE unseen_children")
+        cursor.execute("DROP TABLE unseen_items")
+        raw.commit()
+    finally:
+        raw.close()
+    with world.writer.begin() as conn:
+        conn.execute(text("CREATE TABLE unseen_items (id INTEGER PRIMARY KEY, name VARCHAR(30))"))
+        conn.execute(text("INSERT INTO unseen_items VALUES (1, 'z')"))
+    assert world.read(name_of) == "z"
+
+
+@pytest.mark.parametrize("how", ["connection", "session"])
+def test_truncate_cascade_empties_the_referencing_tables_too(world: World, how: str) -> None:
+    if world.dialect != "postgresql":
+        pytest.skip("TRUNCATE is PostgreSQL's (SQLite: DELETE without WHERE, tested below)")
+    assert world.probe.cached(name_of) == "a"
+    assert world.probe.cached(child_ids) == [10]
+    if how == "connection":
+        with world.writer.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE unseen_items CASCADE")
+    else:
+        with world.probe.Session() as s:
+            s.execute(text("TRUNCATE unseen_items CASCADE"))
+            s.commit()
+    assert world.read(child_ids) == []
+    assert world.read(name_of) is None
+
+
+def test_alter_table_that_rewrites_values(world: World) -> None:
+    if world.dialect != "postgresql":
+        pytest.skip("ALTER COLUMN … TYPE … USING is PostgreSQL's")
+    assert world.probe.cached(name_of) == "a"
+    with world.writer.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE unseen_items ALTER COLUMN name TYPE VARCHAR(30) USING upper(name)")
+    assert world.read(name_of) == "A"
+
+
+def test_alter_table_rename_swaps_a_table_in(world: World) -> None:
+    assert world.probe.cached(name_of) == "a"
+    _script(
+        world.writer,
+        [
+            "CREATE TABLE unseen_next (id INTEGER PRIMARY KEY, name VARCHAR(30))",
+            "INSERT INTO unseen_next VALUES (1, 'swapped')",
+        ],
+        [
+            "ALTER TABLE unseen_items RENAME TO unseen_previous",
+            "ALTER TABLE unseen_next RENAME TO unseen_items",
+        ],
+    )
+    assert world.read(name_of) == "swapped"
+
+
+@pytest.mark.parametrize("how", ["driver_sql", "core"])
+def test_delete_without_where(world: World, how: str) -> None:
+    assert world.probe.cached(child_ids) == [10]
+    with world.writer.begin() as conn:
+        if how == "driver_sql":
+            conn.exec_driver_sql("DELETE FROM unseen_children")
+        else:
+            conn.execute(delete(children))
+    assert world.read(child_ids) == []
 
 
 # -- another mapping of the same class -----------------------------------------------------------
