@@ -218,6 +218,7 @@ def cascade_targets(table: Table, op: str, changed: Iterable[str] | None = None)
 
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_DOLLAR_QUOTED = re.compile(r"\$(\w*)\$.*?\$\1\$", re.DOTALL)  # PostgreSQL function bodies
 _IDENT = r'(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[A-Za-z_][\w$]*)'
 _NAME = rf"({_IDENT}(?:\s*\.\s*{_IDENT})*)"
 _WRITES = [
@@ -243,6 +244,8 @@ _READ_ONLY = re.compile(
     r"^\s*(?:SELECT|SHOW|EXPLAIN|VALUES|PRAGMA|DESCRIBE|DESC|SET|RESET|BEGIN|START|COMMIT|ROLLBACK|"
     r"SAVEPOINT|RELEASE|LOCK|ANALYZE|CREATE\s+(?:TEMP|TEMPORARY)\s|CREATE\s+INDEX|"
     r"CREATE\s+UNIQUE\s+INDEX|DROP\s+INDEX|CREATE\s+TRIGGER|DROP\s+TRIGGER|"
+    # A trigger function changes no data by being defined, and no query can call it.
+    r"CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+[^(]+\(\s*\)\s+RETURNS\s+TRIGGER|"
     r"LISTEN|UNLISTEN|NOTIFY|DISCARD|DEALLOCATE|PREPARE|USE)\b",
     re.I,
 )
@@ -259,7 +262,7 @@ def _names(raw: str) -> set[str]:
 def written_tables(sql: str) -> set[str] | None:
     """Tables a raw SQL string writes: an empty set for reads, None when it cannot be told."""
     out: set[str] = set()
-    for statement in _COMMENTS.sub(" ", sql).split(";"):
+    for statement in _DOLLAR_QUOTED.sub("''", _COMMENTS.sub(" ", sql)).split(";"):
         if not statement.strip():
             continue
         for pattern in _WRITES:

@@ -5,7 +5,8 @@ everything else executed on the session's connections — ORM bulk and Core DML,
 association-table rows of a flush — is recorded per table. Records live in the frame of the
 transaction or savepoint that wrote them: releasing a savepoint hands its records to the enclosing
 one, rolling it back drops them, and only the outermost commit turns them into invalidations,
-which have been delivered (or queued for retry) by the time ``commit()`` returns.
+which have been delivered (or queued for retry) by the time ``commit()`` returns. Statements on
+connections that belong to no session go to ``connection_writes``.
 """
 
 from __future__ import annotations

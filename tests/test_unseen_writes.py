@@ -23,6 +23,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession
+from sqlacache.dependencies import written_tables
+from sqlacache.pg_notify import install_triggers
 from tests import deploy_app
 from tests.conftest import _pg_schema_url
 from tests.helpers import wal
@@ -196,6 +198,26 @@ def test_insert_and_delete_on_a_connection(world: World) -> None:
         conn.execute(delete(items).where(items.c.id == 3))
     assert world.read(lambda s: name_of(s, 3)) is None
     assert world.read(names) == ["a", "b"]
+
+
+def test_insert_without_a_key_evicts_the_new_rows_reads(world: World) -> None:
+    """The database picks the key (RETURNING or lastrowid): a cached "not found" of it goes."""
+    if world.dialect == "postgresql":
+        _script(world.writer, ["SELECT setval(pg_get_serial_sequence('unseen_items', 'id'), 2)"])
+    assert world.probe.cached(lambda s: name_of(s, 3)) is None
+    with world.writer.begin() as conn:
+        conn.execute(insert(items).values(name="c"))
+    assert world.read(lambda s: name_of(s, 3)) == "c"
+
+
+def test_commit_sent_as_sql(world: World) -> None:
+    """A COMMIT the driver runs as a statement commits too; the rollback at close finds nothing."""
+    assert world.probe.cached(name_of) == "a"
+    with world.writer.connect() as conn:
+        conn.execute(update(items).where(items.c.id == 1).values(name="new"))
+        conn.exec_driver_sql("COMMIT")
+        assert world.read(name_of) == "new"
+    assert world.read(name_of) == "new"
 
 
 def test_a_connection_write_evicts_only_what_it_could_change(world: World) -> None:
@@ -387,6 +409,34 @@ def test_delete_without_where(world: World, how: str) -> None:
         else:
             conn.execute(delete(children))
     assert world.read(child_ids) == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        ("CREATE TABLE IF NOT EXISTS t (id int)", {"t"}),
+        ("DROP TABLE IF EXISTS a, s.b CASCADE", {"a", "s.b", "b"}),
+        ("TRUNCATE a, b RESTART IDENTITY CASCADE", {"a", "b"}),
+        ("ALTER TABLE a RENAME TO b", {"a", "b"}),
+        ("CREATE OR REPLACE VIEW v AS SELECT 1", {"v"}),
+        ("CREATE INDEX i ON t (a)", set()),
+        ("DROP TRIGGER x ON t", set()),
+        ("CREATE OR REPLACE FUNCTION f() RETURNS trigger AS $f$ BEGIN DELETE FROM t; END $f$", set()),
+        ("CREATE FUNCTION f(a int) RETURNS int AS $$ SELECT 1; $$", None),  # queries may call it
+    ],
+)
+def test_tables_ddl_names(sql: str, tables: set[str] | None) -> None:
+    assert written_tables(sql) == tables
+
+
+def test_installing_notify_triggers_evicts_nothing(world: World) -> None:
+    if world.dialect != "postgresql":
+        pytest.skip("pg_notify is PostgreSQL's")
+    assert world.probe.cached(name_of) == "a"
+    install_triggers(world.writer, Base.metadata)
+    before = len(world.probe.sql)
+    assert world.read(name_of) == "a"
+    assert len(world.probe.sql) == before
 
 
 # -- another mapping of the same class -----------------------------------------------------------
