@@ -27,7 +27,7 @@ from sqlalchemy import Engine, event
 from sqlacache import dependencies as deps_mod
 from sqlacache import executed as executed_mod
 from sqlacache import outbox
-from sqlacache.cache import database_id, watchers
+from sqlacache.cache import database_id, watched, watchers
 
 log = logging.getLogger("sqlacache.tracker")
 
@@ -67,11 +67,13 @@ def _record(conn: Any, statement: str, context: Any) -> None:
         del conn.info[_KEY]  # a COMMIT sent as SQL
         _deliver(pending)
         return
-    caches = watchers(conn.engine)
-    if not caches or context.execution_options.get(outbox.OPTION):
+    if not watched(conn.engine) or context.execution_options.get(outbox.OPTION):
         return
     found = executed_mod.written(statement, context)
     if found is None:
+        return
+    caches = watchers(conn.engine)
+    if not caches:
         return
     if found.tables is None:
         executed_mod.warn_unknown(statement)
