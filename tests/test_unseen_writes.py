@@ -27,7 +27,7 @@ from sqlacache.dependencies import written_tables
 from sqlacache.pg_notify import install_triggers
 from tests import deploy_app
 from tests.conftest import _pg_schema_url
-from tests.helpers import wal
+from tests.helpers import until, wal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -409,6 +409,26 @@ def test_delete_without_where(world: World, how: str) -> None:
         else:
             conn.execute(delete(children))
     assert world.read(child_ids) == []
+
+
+def test_the_outbox_relays_own_deletes_invalidate_nothing(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url)
+    _fill(engine)
+    cache = Cache("memory://")
+    cache.use_outbox(engine, grace=60, interval=0.02)
+    with sessionmaker(engine, class_=CachingSession, cache=cache)() as s:
+        s.get(Item, 1).name = "new"
+        s.commit()
+    assert cache.stats()["invalidations"] == 1
+
+    def outbox_rows() -> int:
+        with engine.connect() as conn:
+            return len(conn.exec_driver_sql("SELECT id FROM sqlacache_outbox").all())
+
+    assert until(lambda: outbox_rows() == 0)  # the relay deleted the delivered row
+    assert cache.stats()["invalidations"] == 1
+    cache.close()
+    engine.dispose()
 
 
 @pytest.mark.parametrize(
