@@ -358,10 +358,12 @@ def test_a_table_dropped_unseen_then_created_again(world: World) -> None:
     assert world.read(name_of) == "z"
 
 
+POSTGRES_ONLY = pytest.mark.parametrize("world", ["postgres+redis"], indirect=True)
+
+
+@POSTGRES_ONLY  # SQLite has no TRUNCATE: DELETE without WHERE, tested below
 @pytest.mark.parametrize("how", ["connection", "session"])
 def test_truncate_cascade_empties_the_referencing_tables_too(world: World, how: str) -> None:
-    if world.dialect != "postgresql":
-        pytest.skip("TRUNCATE is PostgreSQL's (SQLite: DELETE without WHERE, tested below)")
     assert world.probe.cached(name_of) == "a"
     assert world.probe.cached(child_ids) == [10]
     if how == "connection":
@@ -375,9 +377,8 @@ def test_truncate_cascade_empties_the_referencing_tables_too(world: World, how: 
     assert world.read(name_of) is None
 
 
+@POSTGRES_ONLY  # ALTER COLUMN … TYPE … USING
 def test_alter_table_that_rewrites_values(world: World) -> None:
-    if world.dialect != "postgresql":
-        pytest.skip("ALTER COLUMN … TYPE … USING is PostgreSQL's")
     assert world.probe.cached(name_of) == "a"
     with world.writer.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE unseen_items ALTER COLUMN name TYPE VARCHAR(30) USING upper(name)")
@@ -449,9 +450,8 @@ def test_tables_ddl_names(sql: str, tables: set[str] | None) -> None:
     assert written_tables(sql) == tables
 
 
+@POSTGRES_ONLY
 def test_installing_notify_triggers_evicts_nothing(world: World) -> None:
-    if world.dialect != "postgresql":
-        pytest.skip("pg_notify is PostgreSQL's")
     assert world.probe.cached(name_of) == "a"
     install_triggers(world.writer, Base.metadata)
     before = len(world.probe.sql)
