@@ -358,6 +358,33 @@ def test_a_table_dropped_unseen_then_created_again(world: World) -> None:
     assert world.read(name_of) == "z"
 
 
+@pytest.mark.parametrize("how", ["connection", "session"])
+def test_ddl_in_a_transaction_that_rolls_back(world: World, how: str) -> None:
+    """PostgreSQL rolls the DROP back; SQLite's driver has already committed it (no BEGIN before
+    DDL), and so would MySQL. Either way the next read is the database's truth."""
+    assert world.probe.cached(child_ids) == [10]
+    if how == "connection":
+        with world.writer.connect() as conn:
+            conn.exec_driver_sql("DROP TABLE unseen_children")
+            conn.rollback()
+    else:
+        with world.probe.Session() as s:
+            s.execute(text("DROP TABLE unseen_children"))
+            s.execute(text("CREATE TABLE unseen_children (id INTEGER PRIMARY KEY, item_id INTEGER)"))
+            s.execute(text("INSERT INTO unseen_children VALUES (11, 1)"))
+            s.rollback()
+    with world.writer.connect() as conn:
+        try:
+            truth = [row[0] for row in conn.exec_driver_sql("SELECT id FROM unseen_children ORDER BY id")]
+        except Exception:
+            truth = None  # dropped
+    if truth is None:
+        with pytest.raises(Exception, match="unseen_children"):
+            world.read(child_ids)
+    else:
+        assert world.read(child_ids) == truth
+
+
 POSTGRES_ONLY = pytest.mark.parametrize("world", ["postgres+redis"], indirect=True)
 
 
