@@ -231,8 +231,19 @@ def mapping_fingerprint(mapper: Mapper[Any]) -> str:
                 seen.add(current)
                 todo.extend(current.base_mapper.self_and_descendants)
                 todo.extend(r.mapper for r in current.relationships)
-        found = digest(sorted((_describe(m) for m in seen), key=orjson.dumps))[:16]
+        found = digest(sorted(_described(m) for m in seen))[:16]
         _mapping_fingerprints[mapper] = found
+    return found
+
+
+_descriptions: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
+
+
+def _described(mapper: Mapper[Any]) -> str:
+    """``_describe`` hashed, once per mapper: a fingerprint covers a whole group of related mappers."""
+    found = _descriptions.get(mapper)
+    if found is None:
+        found = _descriptions[mapper] = digest(_describe(mapper))
     return found
 
 
