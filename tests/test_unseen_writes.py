@@ -106,25 +106,29 @@ class World:
             return read(s)
 
 
+def _pg_schema(request: pytest.FixtureRequest) -> str:
+    """A PostgreSQL schema of the test's own, dropped after it."""
+    admin = create_engine(request.getfixturevalue("pg_sync_url"))
+    schema = f"unseen_{uuid.uuid4().hex[:10]}"
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+
+    def drop() -> None:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+    request.addfinalizer(drop)
+    return schema
+
+
 @pytest.fixture(params=["sqlite+memory", "postgres+redis"])
 def world(request: pytest.FixtureRequest, tmp_path: pathlib.Path, key_prefix: str) -> Iterator[World]:
     if request.param == "sqlite+memory":
         url, args, backend = f"sqlite:///{tmp_path / 'test.db'}", {}, "memory://"
-        cleanup: Callable[[], None] = lambda: None
     else:
-        base = request.getfixturevalue("pg_sync_url")
-        schema = f"unseen_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(base)
-        with admin.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-        url, args = _pg_schema_url(base, schema)
+        url, args = _pg_schema_url(request.getfixturevalue("pg_sync_url"), _pg_schema(request))
         backend = request.getfixturevalue("redis_url")
-
-        def cleanup() -> None:
-            with admin.begin() as conn:
-                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-
     engine = create_engine(url, connect_args=args)
     writer = create_engine(url, connect_args=args)
     if request.param.startswith("sqlite"):
@@ -136,7 +140,6 @@ def world(request: pytest.FixtureRequest, tmp_path: pathlib.Path, key_prefix: st
     cache.close()
     engine.dispose()
     writer.dispose()
-    cleanup()
 
 
 # -- DML on a Connection outside any session ----------------------------------------------------
@@ -276,11 +279,20 @@ def test_no_reader_serves_the_old_row_once_a_connection_commit_returns(world: Wo
     assert not errors
 
 
-async def test_async_connection_writes_are_evicted(tmp_path: pathlib.Path) -> None:
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+@pytest.mark.parametrize("db", ["aiosqlite+memory", "asyncpg+redis"])
+async def test_async_connection_writes_are_evicted(
+    db: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest, key_prefix: str
+) -> None:
+    if db == "aiosqlite+memory":
+        url, args, backend = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}", {}, "memory://"
+    else:
+        schema = _pg_schema(request)
+        url, args = _pg_schema_url(request.getfixturevalue("pg_async_url"), schema)
+        backend = request.getfixturevalue("redis_url")
+    engine = create_async_engine(url, connect_args=args)
     async with engine.begin() as conn:
         await conn.run_sync(_fill_sync)
-    cache = Cache("memory://")
+    cache = Cache(backend, prefix=key_prefix)
     Session = async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False)
 
     async def read() -> str | None:
@@ -290,12 +302,15 @@ async def test_async_connection_writes_are_evicted(tmp_path: pathlib.Path) -> No
 
     for _ in range(3):
         assert await read() == "a"
-    hits = cache.stats()["hits"]
-    assert hits > 0
+    assert cache.stats()["hits"] > 0
     async with engine.begin() as conn:
         await conn.execute(update(items).where(items.c.id == 1).values(name="new"))
     assert await read() == "new"
-    cache.close()
+    async with engine.begin() as conn:
+        await conn.execute(text("DELETE FROM unseen_items WHERE id = 1"))
+    assert await read() is None
+    await cache.ainvalidate_all()
+    await cache.aclose()
     await engine.dispose()
 
 
