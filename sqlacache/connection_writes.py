@@ -53,12 +53,12 @@ def executed(conn: Any, statement: str, context: Any) -> None:
         _record(conn, statement, context)
     except Exception:  # never break the statement; evict the whole database instead of nothing
         log.exception("sqlacache: failed to record a write; evicting every cached read of the database")
-        everything = [deps_mod.database_dep(database_id(conn.engine))]
-        for cache in watchers(conn.engine):
-            cache.bump(everything)
         pending = conn.info.get(_KEY)
-        if pending is not None:
-            pending.deps.update(everything)
+        if pending is None:
+            pending = conn.info[_KEY] = _Pending(conn.engine)
+            _hook(conn.engine.dialect)
+        pending.deps.add(deps_mod.database_dep(database_id(conn.engine)))
+        _deliver(pending)  # now (it may be committed already) and at commit
 
 
 def _record(conn: Any, statement: str, context: Any) -> None:

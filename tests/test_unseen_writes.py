@@ -223,6 +223,24 @@ def test_commit_sent_as_sql(world: World) -> None:
     assert world.read(name_of) == "new"
 
 
+def test_a_write_that_cannot_be_analysed_evicts_the_whole_database(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert world.probe.cached(lambda s: name_of(s, 2)) == "b"
+
+    def broken(statement: str, context: Any) -> Any:
+        raise RuntimeError("a bug in the analysis")
+
+    monkeypatch.setattr("sqlacache.executed.written", broken)
+    _core_begin(world.writer)
+    monkeypatch.undo()
+    assert world.read(name_of) == "new"
+    before = len(world.probe.sql)
+    assert world.read(lambda s: name_of(s, 2)) == "b"
+    assert len(world.probe.sql) > before, "every read of the database should have been evicted"
+    assert "failed to record a write" in caplog.text
+
+
 def test_a_connection_write_evicts_only_what_it_could_change(world: World) -> None:
     assert world.probe.cached(lambda s: name_of(s, 2)) == "b"
     _core_begin(world.writer)
