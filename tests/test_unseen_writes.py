@@ -133,6 +133,7 @@ def world(request: pytest.FixtureRequest, tmp_path: pathlib.Path, key_prefix: st
     writer = create_engine(url, connect_args=args)
     if request.param.startswith("sqlite"):
         wal(engine)
+        wal(writer)
     _fill(writer)
     cache = Cache(backend, prefix=key_prefix)
     yield World(engine.dialect.name, Probe(engine, cache), writer)
