@@ -71,6 +71,11 @@ def database_id(engine: Engine) -> str:
     return found
 
 
+def watched(engine: Engine) -> bool:
+    """Whether some cache reads this engine's database (cheaper than ``watchers``)."""
+    return bool(_watchers.get(database_id(engine)))
+
+
 def watchers(engine: Engine) -> list[Cache]:
     found = _watchers.get(database_id(engine))
     return list(found) if found else []

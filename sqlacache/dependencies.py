@@ -172,6 +172,30 @@ def _cascade_closure(
     return frozenset(out)
 
 
+def referencing_closure(table: Table) -> frozenset[str]:
+    """Every table whose foreign keys refer to ``table``, transitively (what TRUNCATE … CASCADE empties)."""
+    return _referencing_closure(table, len(table.metadata.tables))
+
+
+@functools.lru_cache(maxsize=1024)
+def _referencing_closure(table: Table, _schema_size: int) -> frozenset[str]:
+    out: set[str] = set()
+    todo = [table]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for other in current.metadata.tables.values():
+            if any(
+                isinstance(c, ForeignKeyConstraint) and c.referred_table is current for c in other.constraints
+            ):
+                out.add(table_name(other))
+                todo.append(other)
+    return frozenset(out)
+
+
 def cascade_targets(table: Table, op: str, changed: Iterable[str] | None = None) -> list[tuple[str, Table]]:
     """Tables the database itself changes when rows of ``table`` are deleted (ON DELETE actions) or
     their referenced columns updated (ON UPDATE actions)."""
@@ -194,6 +218,7 @@ def cascade_targets(table: Table, op: str, changed: Iterable[str] | None = None)
 
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_DOLLAR_QUOTED = re.compile(r"\$(\w*)\$.*?\$\1\$", re.DOTALL)  # PostgreSQL function bodies
 _IDENT = r'(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[A-Za-z_][\w$]*)'
 _NAME = rf"({_IDENT}(?:\s*\.\s*{_IDENT})*)"
 _WRITES = [
@@ -204,13 +229,24 @@ _WRITES = [
     re.compile(rf"^\s*UPDATE\s+(?:OR\s+\w+\s+|ONLY\s+|LOW_PRIORITY\s+|IGNORE\s+)*{_NAME}", re.I),
     re.compile(rf"^\s*DELETE\s+(?:LOW_PRIORITY\s+|QUICK\s+|IGNORE\s+)*FROM\s+(?:ONLY\s+)?{_NAME}", re.I),
     re.compile(rf"^\s*MERGE\s+INTO\s+{_NAME}", re.I),
-    re.compile(rf"^\s*(?:ALTER|DROP)\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?{_NAME}", re.I),
+    re.compile(rf"^\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?{_NAME}", re.I),
+    # A table created (again, after a drop that was not seen) has none of the rows cached for its name.
+    re.compile(rf"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_NAME}", re.I),
+    re.compile(rf"^\s*CREATE\s+(?:OR\s+REPLACE\s+)?VIEW\s+(?:IF\s+NOT\s+EXISTS\s+)?{_NAME}", re.I),
 ]
-_TRUNCATE = re.compile(rf"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?({_NAME}(?:\s*,\s*{_NAME})*)", re.I)
+_LISTS = [  # statements naming several tables, comma-separated
+    re.compile(rf"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?({_NAME}(?:\s*,\s*{_NAME})*)", re.I),
+    re.compile(rf"^\s*DROP\s+(?:TABLE|VIEW)\s+(?:IF\s+EXISTS\s+)?({_NAME}(?:\s*,\s*{_NAME})*)", re.I),
+]
+# ALTER TABLE t RENAME TO u: reads of u (a table dropped earlier, say) go too.
+_RENAME_TO = re.compile(rf"\bRENAME\s+TO\s+{_NAME}", re.I)
 _READ_ONLY = re.compile(
     r"^\s*(?:SELECT|SHOW|EXPLAIN|VALUES|PRAGMA|DESCRIBE|DESC|SET|RESET|BEGIN|START|COMMIT|ROLLBACK|"
-    r"SAVEPOINT|RELEASE|LOCK|ANALYZE|CREATE\s+(?:TEMP|TEMPORARY)\s|CREATE\s+TABLE|CREATE\s+INDEX|"
-    r"CREATE\s+UNIQUE\s+INDEX|LISTEN|UNLISTEN|NOTIFY|DISCARD|DEALLOCATE|PREPARE|USE)\b",
+    r"SAVEPOINT|RELEASE|LOCK|ANALYZE|CREATE\s+(?:TEMP|TEMPORARY)\s|CREATE\s+INDEX|"
+    r"CREATE\s+UNIQUE\s+INDEX|DROP\s+INDEX|CREATE\s+TRIGGER|DROP\s+TRIGGER|"
+    # A trigger function changes no data by being defined, and no query can call it.
+    r"CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+[^(]+\(\s*\)\s+RETURNS\s+TRIGGER|"
+    r"LISTEN|UNLISTEN|NOTIFY|DISCARD|DEALLOCATE|PREPARE|USE)\b",
     re.I,
 )
 _WRITE_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE|TRUNCATE|REPLACE|ALTER|DROP)\b", re.I)
@@ -226,16 +262,19 @@ def _names(raw: str) -> set[str]:
 def written_tables(sql: str) -> set[str] | None:
     """Tables a raw SQL string writes: an empty set for reads, None when it cannot be told."""
     out: set[str] = set()
-    for statement in _COMMENTS.sub(" ", sql).split(";"):
+    for statement in _DOLLAR_QUOTED.sub("''", _COMMENTS.sub(" ", sql)).split(";"):
         if not statement.strip():
             continue
         for pattern in _WRITES:
             match = pattern.match(statement)
             if match:
                 out |= _names(match.group(1))
+                renamed = _RENAME_TO.search(statement)
+                if renamed:
+                    out |= _names(renamed.group(1))
                 break
         else:
-            match = _TRUNCATE.match(statement)
+            match = next((m for m in (p.match(statement) for p in _LISTS) if m), None)
             if match:
                 for raw in re.split(r"\s*,\s*", match.group(1)):
                     out |= _names(raw)

@@ -1,7 +1,8 @@
 """Statement → cache key: cheap, deterministic across processes, and collision-free.
 
 A key is the hash of an unambiguous serialization of
-  (key format, namespace of the bind, SQLAlchemy's statement cache key structure, bound values).
+  (key format, namespace of the bind, SQLAlchemy's statement cache key structure, the fingerprints
+  of the schema and of the mappings it names, bound values).
 
 SQLAlchemy already computes the statement cache key on every execution for its compiled cache; we
 serialize its *structure* once per distinct statement shape (memoized on the hashable key tuple) and
@@ -19,18 +20,21 @@ import hashlib
 import marshal
 import types
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Table
-from sqlalchemy.orm import Mapper, MapperProperty
-from sqlalchemy.sql.schema import MetaData
+from sqlalchemy import Table, inspect
+from sqlalchemy.orm import ColumnProperty, Mapper, MapperProperty
+from sqlalchemy.sql.schema import Column, MetaData
+from sqlalchemy.sql.type_api import TypeEngine
 
 from sqlacache._lru import LRU
 
-FORMAT = "1"
+# 2: keys include the fingerprint of the mappings an entry was built with (mapping_fingerprint).
+FORMAT = "2"
 
 
 class Uncacheable(Exception):
@@ -74,13 +78,23 @@ def _leaf(x: Any) -> Any:
     raise Uncacheable(f"cannot key a statement containing {type(x).__module__}.{type(x).__qualname__}")
 
 
-def _walk(x: Any, tables: set[Table], mappers: list[Mapper[Any]]) -> Any:
+def _walk(x: Any, tables: set[Table], mappers: list[Mapper[Any]], mapped: set[Mapper[Any]]) -> Any:
+    """The key structure as JSON; collects its tables, its mappers (in order) and every mapper it
+    names in any way (an entity, an attribute's parent, a mapped class), whose mappings it depends on."""
     if isinstance(x, tuple):
-        return [_walk(y, tables, mappers) for y in x]
+        return [_walk(y, tables, mappers, mapped) for y in x]
     if isinstance(x, Table):
         tables.add(x)
-    elif isinstance(x, Mapper) and x not in mappers:
-        mappers.append(x)
+    elif isinstance(x, Mapper):
+        if x not in mappers:
+            mappers.append(x)
+        mapped.add(x)
+    elif isinstance(x, MapperProperty):
+        mapped.add(x.parent)
+    elif isinstance(x, type):
+        found: Any = inspect(x, raiseerr=False)
+        if isinstance(found, Mapper):
+            mapped.add(found)
     return _leaf(x)
 
 
@@ -144,6 +158,95 @@ def digest(parts: Any) -> str:
     return hashlib.blake2b(orjson.dumps(parts), digest_size=20).hexdigest()
 
 
+def _type(t: TypeEngine[Any]) -> list[str]:
+    # The class too: repr() doesn't name TypeDecorators' or enums' Python classes, which the codec uses.
+    enum_class = getattr(t, "enum_class", None)
+    return [_path(type(t)), repr(t), _path(enum_class) if enum_class is not None else ""]
+
+
+def _expression(expr: Any) -> list[Any]:
+    if isinstance(expr, Column) and isinstance(expr.table, Table):
+        return [expr.table.schema or "", expr.table.name, expr.name, _type(expr.type)]
+    try:
+        text = str(expr)  # column_property(select …), an SQL expression
+    except Exception:  # not compilable without its dialect: this process's own, never shared
+        text = f"@{id(expr):x}"
+    return ["x", text, _type(expr.type)]
+
+
+def _describe(mapper: Mapper[Any]) -> list[Any]:
+    """One mapper's configuration: whatever decides which values an entry holds and how they come back."""
+    attrs = []
+    for prop in mapper.attrs:
+        if isinstance(prop, ColumnProperty):
+            attrs.append(["col", prop.key, [_expression(c) for c in prop.columns], bool(prop.deferred)])
+        elif hasattr(prop, "mapper") and hasattr(prop, "uselist"):  # a relationship
+            collection = getattr(prop, "collection_class", None)
+            attrs.append(
+                [
+                    "rel",
+                    prop.key,
+                    _path(prop.mapper.class_),
+                    bool(prop.uselist),
+                    _path(collection) if collection is not None else "",
+                    sorted(
+                        [_expression(a), _expression(b)]
+                        for a, b in getattr(prop, "local_remote_pairs", None) or ()
+                    ),
+                ]
+            )
+        else:  # composites, synonyms…: their kind and key
+            attrs.append([_path(type(prop)), prop.key])
+    try:
+        identity = value_token(mapper.polymorphic_identity)
+    except Uncacheable:
+        identity = repr(mapper.polymorphic_identity)
+    return [
+        _path(mapper.class_),
+        [[t.schema or "", t.name] for t in mapper.tables if isinstance(t, Table)],
+        [_expression(c) for c in mapper.primary_key],
+        _path(mapper.inherits.class_) if mapper.inherits is not None else "",
+        identity,
+        _expression(mapper.polymorphic_on) if mapper.polymorphic_on is not None else "",
+        sorted(attrs, key=lambda a: str(a[1])),
+    ]
+
+
+_mapping_fingerprints: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
+
+
+def mapping_fingerprint(mapper: Mapper[Any]) -> str:
+    """A short hash of how ``mapper`` — and every mapper its entries may hold objects of (its
+    inheritance hierarchy, what its relationships reach) — maps classes to columns, the same in
+    every process that runs the same model code. Keys include it, so code that maps a class
+    differently (a rolling deploy adding, renaming or retyping a column) never reads entries built
+    by the other code. Computed once per mapper."""
+    found = _mapping_fingerprints.get(mapper)
+    if found is None:
+        seen: set[Mapper[Any]] = set()
+        todo = [mapper]
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo.extend(current.base_mapper.self_and_descendants)
+                todo.extend(r.mapper for r in current.relationships)
+        found = digest(sorted(_described(m) for m in seen))[:16]
+        _mapping_fingerprints[mapper] = found
+    return found
+
+
+_descriptions: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
+
+
+def _described(mapper: Mapper[Any]) -> str:
+    """``_describe`` hashed, once per mapper: a fingerprint covers a whole group of related mappers."""
+    found = _descriptions.get(mapper)
+    if found is None:
+        found = _descriptions[mapper] = digest(_describe(mapper))
+    return found
+
+
 def schema_fingerprint(metadata: MetaData) -> str:
     """A hash of every table's name, columns, types and primary key in ``metadata``."""
     desc = []
@@ -176,8 +279,10 @@ class KeyBuilder:
         if found is None:
             tables: set[Table] = set()
             mappers: list[Mapper[Any]] = []
-            structure = _walk(key_tuple, tables, mappers)
+            mapped: set[Mapper[Any]] = set()
+            structure = _walk(key_tuple, tables, mappers, mapped)
             fps = sorted({self.fingerprint(t.metadata) for t in tables})
+            fps += sorted({mapping_fingerprint(m) for m in mapped})
             found = Shape(digest([FORMAT, fps, structure]), frozenset(tables), tuple(mappers))
             self._shapes.put(key_tuple, found)
         return found
@@ -196,7 +301,7 @@ class KeyBuilder:
         prefix = self._get_prefixes.get(memo)
         if prefix is None:
             fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables if isinstance(t, Table)})
-            prefix = orjson.dumps([FORMAT, namespace, fps, _path(mapper.class_)])
+            prefix = orjson.dumps([FORMAT, namespace, fps, mapping_fingerprint(mapper), _path(mapper.class_)])
             self._get_prefixes.put(memo, prefix)
         h = hashlib.blake2b(prefix, digest_size=20)
         h.update(pk_bytes(pk))

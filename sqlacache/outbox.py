@@ -111,7 +111,9 @@ class Outbox:
             try:
                 if ids:
                     with engine.begin() as conn:
-                        conn.execute(delete(table).where(table.c.id.in_(ids)))
+                        conn.execute(
+                            delete(table).where(table.c.id.in_(ids)), execution_options={OPTION: True}
+                        )
                 relayed += self._relay_old(engine)
             except Exception as exc:  # the database is down too: next time
                 with self._lock:
@@ -138,7 +140,7 @@ class Outbox:
             relayed.append(row_id)
         if relayed:
             with engine.begin() as conn:
-                conn.execute(delete(table).where(table.c.id.in_(relayed)))
+                conn.execute(delete(table).where(table.c.id.in_(relayed)), execution_options={OPTION: True})
             self.cache.count("outbox_relayed", len(relayed))
         return len(relayed)
 

@@ -5,7 +5,8 @@ everything else executed on the session's connections — ORM bulk and Core DML,
 association-table rows of a flush — is recorded per table. Records live in the frame of the
 transaction or savepoint that wrote them: releasing a savepoint hands its records to the enclosing
 one, rolling it back drops them, and only the outermost commit turns them into invalidations,
-which have been delivered (or queued for retry) by the time ``commit()`` returns.
+which have been delivered (or queued for retry) by the time ``commit()`` returns. Statements on
+connections that belong to no session go to ``connection_writes``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Any
 from sqlalchemy import Engine, Table, event
 from sqlalchemy.orm import Mapper, Session, SessionTransaction
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.pool import Pool
 from sqlalchemy.sql.schema import Column
 
-from sqlacache import canon, dml, outbox, rowtokens
+from sqlacache import connection_writes, dml, executed, outbox, rowtokens
 from sqlacache import dependencies as deps_mod
-from sqlacache._lru import LRU
 from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
 from sqlacache.reads import _KNOWN, layout_of
@@ -167,89 +167,44 @@ def _after_cursor_execute(
     conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
     tag = conn.info.get(_TAG)
-    if tag is None:
-        return
-    ctx, session_ref = tag
-    session = session_ref()
+    session = tag[1]() if tag is not None else None
     if session is None:
+        connection_writes.executed(conn, statement, context)  # outside any session
         return
+    ctx = tag[0]
     if context.execution_options.get(outbox.OPTION):
         return  # the outbox's own row: part of the commit's bookkeeping, not a write to cache
-    compiled = context.compiled
-    tables: set[str] | None
-    found: dml.Effects | None = None
-    if compiled is not None and (context.isinsert or context.isupdate or context.isdelete):
-        table = compiled.statement.table._deannotate()  # ORM statements carry annotated copies
-        tables = {deps_mod.table_name(table)}
-        if not context.isinsert and isinstance(table, Table):
-            tables |= deps_mod.cascade_closure(table, "delete" if context.isdelete else "update")
-        if session._flushing:
-            # Rows of mapped tables are recorded by the mapper events; the others (association
-            # tables of many-to-many) are settled after the flush, from the statements kept here.
-            for name in tables:
-                kept = ctx.flush_dml.setdefault(name, [])
-                if kept is not None:
-                    if name == deps_mod.table_name(table):
-                        kept.append((compiled, context.compiled_parameters, conn.dialect))
-                    else:
-                        ctx.flush_dml[name] = None  # cascaded: rows unknown
-            return
-        if ctx.cache.precise:
-            found = dml.effects(
-                compiled, context.compiled_parameters, conn.dialect, ctx.cache.condition_in_limit
-            )
-    elif compiled is not None and not context.isddl and not isinstance(compiled.statement, TextClause):
-        return  # a compiled SELECT
-    else:
-        tables = deps_mod.written_tables(statement)
-        if tables is not None and not tables:
-            return
-        if tables is not None:
-            verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
-            # ON DELETE actions follow deletes (and REPLACE, which deletes); ON UPDATE ones updates.
-            ops = {"UPDATE": ("update",), "INSERT": ()}.get(verb, ("delete", "update"))
-            for name in list(tables):
-                for table in deps_mod.tables_named(name):
-                    for op in ops:
-                        tables |= deps_mod.cascade_closure(table, op)
+    found = executed.written(statement, context)
+    if found is None:
+        return
+    tables = found.tables
     if session._flushing and tables is not None:
+        # Rows of mapped tables are recorded by the mapper events; the others (association
+        # tables of many-to-many) are settled after the flush, from the statements kept here.
+        own = deps_mod.table_name(found.table) if found.compiled is not None else None
         for name in tables:
-            ctx.flush_dml[name] = None
+            kept = ctx.flush_dml.setdefault(name, [])
+            if kept is None:
+                continue
+            if name == own:
+                kept.append((found.compiled, context.compiled_parameters, conn.dialect))
+            else:
+                ctx.flush_dml[name] = None  # cascaded, or raw SQL: rows unknown
         return
     if tables is None:
-        _warn_once(
-            statement,
-            "sqlacache: cannot tell which tables %r writes; its commit evicts every cached read of "
-            "this database. Use cache.invalidate(tables=...) after it instead, or cache=False reads.",
-        )
+        executed.warn_unknown(statement)
         everything = [deps_mod.database_dep(database_id(conn.engine))]
         record(ctx, session, everything, set())
         ctx.written_everything = True
         return
-    depset: list[str] = []
-    images: list[deps_mod.RowImage] = []
-    if found is not None:
-        depset, images, keyless = found
-        if keyless:
-            positions = dml.returned_key_positions(compiled, table)
-            if positions is not None:
-                _frame(ctx, session).returning.append((context, table, positions, conn.dialect))
-            else:
-                depset.append(deps_mod.allrows_dep(deps_mod.table_name(table)))
-    for name in tables:
-        if found is None or name != deps_mod.table_name(compiled.statement.table):
-            depset += deps_mod.unknown_rows_write_deps(name)  # rows we cannot name (or cascaded)
-    record(ctx, session, depset, tables, images)
-
-
-_warned: LRU[str, bool] = LRU(1024)
-
-
-def _warn_once(statement: str, message: str) -> None:
-    """Once per statement shape (its text, which carries placeholders rather than values)."""
-    if _warned.get(statement) is None:
-        _warned.put(statement, True)
-        log.warning(message, statement[:200])
+    effects = executed.effects(found, context, conn.dialect, ctx.cache.precise, ctx.cache.condition_in_limit)
+    if effects.returning:
+        _frame(ctx, session).returning.extend(effects.returning)
+    record(ctx, session, effects.deps, tables, effects.rows)
+    if found.ddl:
+        # Some databases commit DDL at once (MySQL, SQLite outside a transaction): evict now as well.
+        for cache in {ctx.cache, *watchers(conn.engine)}:
+            cache.bump(effects.deps)
 
 
 # -- session transaction lifecycle -------------------------------------------------------------
@@ -354,7 +309,7 @@ def _after_commit(session: Session) -> None:
             target.returning.extend(frame.returning)
         return
     for context, table, positions, dialect in frame.returning:
-        frame.deps.update(_returned_keys(context, table, positions, dialect))
+        frame.deps.update(executed.returned_keys(context, table, positions, dialect))
     caches = {ctx.cache}
     for engine in ctx.engines:
         caches.update(watchers(engine))
@@ -366,25 +321,12 @@ def _after_commit(session: Session) -> None:
             ctx.outbox_rows = []
 
 
-def _returned_keys(context: Any, table: Table, positions: list[int], dialect: Any) -> list[str]:
-    """The keyed reads of the rows a statement's RETURNING named (all of the table's if it kept
-    none: an explicit ``.returning()`` hands its rows to the caller, not to us)."""
-    name = deps_mod.table_name(table)
-    rows = getattr(context, "returned_default_rows", None)
-    if not rows:
-        return [deps_mod.allrows_dep(name)] if rows is None else []
-    columns = list(table.primary_key.columns)
-    out = []
-    for row in rows:
-        tokens = []
-        for column, position in zip(columns, positions):
-            value = row[position] if position < len(row) else None
-            found = None if value is None else canon.token(column.type, value, dialect)
-            if found is None:
-                return [deps_mod.allrows_dep(name)]
-            tokens.append(found)
-        out.append(deps_mod.row_dep(name, tokens))
-    return out
+@event.listens_for(Pool, "checkin")
+def _checkin(dbapi_connection: Any, record: Any) -> None:
+    """A connection back in the pool belongs to no session: what runs on it next is not the
+    session's (its ``info`` outlives the ``Connection`` the session closed)."""
+    if record is not None:
+        record.info.pop(_TAG, None)
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -396,7 +338,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     ctx.tx.pop(transaction, None)
     if transaction.parent is None:
         for connection in ctx.connections:
-            with contextlib.suppress(Exception):  # a closed connection has nothing left to untag
+            with contextlib.suppress(Exception):  # closed: untagged when it went back to the pool
                 connection.info.pop(_TAG, None)
         ctx.connections.clear()
         ctx.engines.clear()

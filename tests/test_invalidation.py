@@ -170,10 +170,14 @@ def test_database_cascade_evicts_children(world):
 def test_manual_invalidation(world):
     seed(world)
 
-    # A write the session can't see: another service, psql…
+    # A write nothing in this process sees: another service, psql… (straight through the driver)
     def external(sql):
-        with world.engine.begin() as conn:
-            conn.exec_driver_sql(sql)
+        raw = world.engine.raw_connection()
+        try:
+            raw.cursor().execute(sql)
+            raw.commit()
+        finally:
+            raw.close()
 
     cached(world, lambda s: s.get(User, 1).name)
     cached(world, lambda s: s.get(User, 2).name)
