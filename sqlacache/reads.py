@@ -83,7 +83,9 @@ class MapperLayout:
 
 
 _layouts: dict[Mapper[Any], MapperLayout] = {}
-_by_path: dict[str, Mapper[Any]] = {}
+# Class path → mapper, per registry: two mappings of one class path (an old and a new model in
+# one process) each decode their own entries.
+_by_path: dict[tuple[Any, str], Mapper[Any]] = {}
 
 
 def layout_of(mapper: Mapper[Any]) -> MapperLayout:
@@ -117,16 +119,21 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
         {r.key: r for r in mapper.relationships},
     )
     _layouts[mapper] = found
-    _by_path[_path(mapper.class_)] = mapper
+    _by_path[(mapper.registry, _path(mapper.class_))] = mapper
+    _by_path.setdefault((None, _path(mapper.class_)), mapper)
     return found
 
 
 def _mapper_for_path(path: str, near: Mapper[Any] | None) -> Mapper[Any]:
-    mapper = _by_path.get(path)
+    """The mapper of ``path`` in the registry of ``near`` (the statement's), else any."""
+    registry = near.registry if near is not None else None
+    mapper = _by_path.get((registry, path))
     if mapper is None and near is not None:
         for m in near.registry.mappers:
             layout_of(m)
-        mapper = _by_path.get(path)
+        mapper = _by_path.get((registry, path))
+    if mapper is None:
+        mapper = _by_path.get((None, path))
     if mapper is None:
         raise CodecError(f"unknown mapped class {path!r}")
     return mapper

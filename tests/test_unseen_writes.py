@@ -547,6 +547,11 @@ def test_another_mapping_of_the_same_class_never_reads_the_entry(sqlite_url: str
     with probe.Session() as s:
         assert (s.get(New, 1).name, s.get(New, 1).nick) == ("B", "A")
         assert s.scalars(select(New).where(New.id == 1)).one().name == "B"
+    # Both cached in one process: each entry decodes into its own mapping's class.
+    assert probe.cached(lambda s: (type(s.get(New, 1)), s.get(New, 1).name)) == (New, "B")
+    assert probe.cached(lambda s: s.scalars(select(New).where(New.id == 1)).one().name) == "B"
+    assert probe.cached(lambda s: (type(s.get(Old, 1)), s.get(Old, 1).name)) == (Old, "A")
+    assert probe.cached(lambda s: s.scalars(select(Old).where(Old.id == 1)).one().name) == "A"
     assert probe.cache.stats().get("corrupt", 0) == 0
     engine.dispose()
 
