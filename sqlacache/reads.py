@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, util
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, strategies
@@ -707,14 +707,26 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
     return result
 
 
+# The execution options the ORM reads into its load options (QueryContext.default_load_options
+# .from_execution_options in orm_pre_session_exec).
+_LOAD_OPTION_KEYS = ("populate_existing", "autoflush", "yield_per", "identity_token")
+
+
 def invoke(state: ORMExecuteState) -> Result[Any]:
     """``state.invoke_statement()``, minus the private ``_sa_skip_events`` bind argument it adds:
     a ``get_bind(self, mapper=None, clause=None)`` override, as SQLAlchemy's docs write one, takes
     no such argument, and the database path (no hook re-executing) never passes it."""
+    options = state.local_execution_options
+    # What the ORM already turned into load options (and, for a post-load, merged in from the
+    # enclosing query) must not be read again as if the caller had passed it: the enclosing query's
+    # yield_per or autoflush would leak into its relationship loads. A hook's own settings stay.
+    again = [k for k in _LOAD_OPTION_KEYS if k in options and k not in state._update_execution_options]
+    if again:
+        options = util.immutabledict({k: v for k, v in options.items() if k not in again})
     result: Result[Any] = state.session._execute_internal(
         state.statement,
         state.parameters,
-        execution_options=state.local_execution_options,
+        execution_options=options,
         bind_arguments=dict(state.bind_arguments),
         _parent_execute_state=state,
     )

@@ -401,3 +401,28 @@ def test_without_hooks_of_the_application_get_takes_the_fast_path(sqlite_world):
 
     with sqlite_world.Session() as s:
         assert reshaped_by_hooks(s)
+
+
+@pytest.mark.parametrize("option", [{"yield_per": 5}, {"autoflush": False}])
+def test_a_statements_load_options_do_not_leak_into_its_relationship_loads(sqlite_world, option):
+    """With another do_orm_execute hook installed, yield_per/autoflush given to a statement stay
+    with it, as without the cache: its immediateload relationship loads don't inherit them."""
+    from sqlalchemy.orm import immediateload
+
+    def outcome(session):
+        event.listen(session, "do_orm_execute", lambda state: None)
+        session.add(Order(id=99, user_id=1, total=5))
+        stmt = select(User).options(immediateload(User.orders)).order_by(User.id)
+        try:
+            users = session.scalars(stmt.execution_options(**option)).all()
+        except exc.InvalidRequestError as e:
+            return str(e)
+        return [len(u.orders) for u in users], len(session.new)
+
+    with Session(sqlite_world.engine) as s:
+        plain = outcome(s)
+        s.rollback()
+    for _ in range(3):
+        with sqlite_world.Session() as s:
+            assert outcome(s) == plain
+            s.rollback()
