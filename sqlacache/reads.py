@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import event, inspect, util
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, strategies
@@ -886,10 +887,16 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
         if translate:
             namespace = f"{namespace}|{translation_token(translate)}"
         try:
+            values = [b.effective_value for b in ck.bindparams]
+        except sa_exc.InvalidRequestError:
+            # A value the ORM can't resolve (a comparison to a detached or unflushed object): the
+            # statement raises that to the caller itself, as without the cache; not our error.
+            return None
+        try:
             key = cache.keys.key(
                 namespace,
                 info.shape.digest,
-                [b.effective_value for b in ck.bindparams],
+                values,
                 state.parameters if isinstance(state.parameters, Mapping) else None,
             )
         except Uncacheable:

@@ -426,3 +426,17 @@ def test_a_statements_load_options_do_not_leak_into_its_relationship_loads(sqlit
         with sqlite_world.Session() as s:
             assert outcome(s) == plain
             s.rollback()
+
+
+def test_a_comparison_to_an_unflushed_object_raises_the_orms_error_and_logs_nothing(sqlite_world, caplog):
+    """The ORM can't resolve a bound value from a transient object: the caller gets SQLAlchemy's
+    error, as without the cache, and sqlacache doesn't log it as one of its own."""
+    stmt = select(Order).where(Order.user == User(name="never flushed"))
+    raised = []
+    for session in (Session(sqlite_world.engine), sqlite_world.Session()):
+        with session as s, pytest.raises(exc.SQLAlchemyError, match="Can't resolve value") as info:
+            s.scalars(stmt).all()
+        raised.append(type(info.value))
+    assert raised[0] is raised[1]
+    assert not [r for r in caplog.records if r.name.startswith("sqlacache")]
+    assert sqlite_world.cache.stats()["errors"] == 0
