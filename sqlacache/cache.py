@@ -22,17 +22,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from sqlacache import binding, rowtokens
-from sqlacache import dependencies as deps_mod
+from sqlacache import binding
+from sqlacache.analysis import dependencies as deps_mod
+from sqlacache.analysis import rowtokens
 from sqlacache.backends import Backend, MemoryBackend
-from sqlacache.breaker import Breaker
 from sqlacache.connect import backend_from, warn_if_unbounded
-from sqlacache.flight import Flights
+from sqlacache.fill.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
-from sqlacache.outbox import Outbox
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
-from sqlacache.resilient import Resilient
-from sqlacache.stats import Counters
+from sqlacache.resilience.breaker import Breaker
+from sqlacache.resilience.resilient import Resilient
+from sqlacache.resilience.stats import Counters
+from sqlacache.write.outbox import Outbox
 
 log = logging.getLogger("sqlacache")
 

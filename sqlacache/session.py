@@ -19,12 +19,11 @@ from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import EMPTY_DICT
 
-from sqlacache import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
 from sqlacache.binding import CacheClosedError, engine_of
 from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
 from sqlacache.policy import ConfigurationError, ttl_value
-from sqlacache.reads import (
+from sqlacache.read.execute import (
     _NOT_HANDLED,
     GetTicket,
     StatementGet,
@@ -35,6 +34,7 @@ from sqlacache.reads import (
     set_ttl,
     shape_info,
 )
+from sqlacache.write import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
 
 
 def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | None) -> dict[str, Any]:

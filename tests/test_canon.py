@@ -55,7 +55,7 @@ from sqlalchemy.dialects import mssql, mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.types import NullType, TypeDecorator, TypeEngine, UserDefinedType
 
-from sqlacache.canon import NULL_TOKEN, comparable, token
+from sqlacache.analysis.canon import NULL_TOKEN, comparable, token
 
 SQLITE = sqlite.dialect()
 PG = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.types import TypeEngine
 
-from sqlacache import codec as codec_module
-from sqlacache.codec import CodecError, ValueCodec, codec_for
+from sqlacache.analysis import codec as codec_module
+from sqlacache.analysis.codec import CodecError, ValueCodec, codec_for
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 THOROUGH = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,9 +16,9 @@ from sqlalchemy import and_, bindparam, exists, func, literal_column, not_, or_,
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased, joinedload, selectinload
 
-from sqlacache.canon import NULL_TOKEN, token
-from sqlacache.conditions import analyse, resolve
-from sqlacache.dependencies import condition_read_deps, table_name
+from sqlacache.analysis.canon import NULL_TOKEN, token
+from sqlacache.analysis.conditions import analyse, resolve
+from sqlacache.analysis.dependencies import condition_read_deps, table_name
 from tests.models import Order, Status, User
 
 DIALECT = sqlite.dialect()

@@ -128,7 +128,7 @@ def test_a_bug_while_storing_still_returns_the_rows(tmp_path, monkeypatch):
 
 
 def test_a_bug_while_recording_a_write_evicts_everything_at_commit(tmp_path, monkeypatch):
-    from sqlacache import dependencies
+    from sqlacache.analysis import dependencies
     from tests.helpers import cached
     from tests.models import Tag
 

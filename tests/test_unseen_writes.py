@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession
-from sqlacache.dependencies import written_tables
+from sqlacache.analysis.dependencies import written_tables
 from sqlacache.pg_notify import install_triggers
 from tests import deploy_app
 from tests.conftest import _pg_schema_url
@@ -232,7 +232,7 @@ def test_a_write_that_cannot_be_analysed_evicts_the_whole_database(
     def broken(statement: str, context: Any) -> Any:
         raise RuntimeError("a bug in the analysis")
 
-    monkeypatch.setattr("sqlacache.executed.written", broken)
+    monkeypatch.setattr("sqlacache.write.executed.written", broken)
     _core_begin(world.writer)
     monkeypatch.undo()
     assert world.read(name_of) == "new"

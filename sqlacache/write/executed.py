@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
-from sqlacache import canon, dml
-from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
+from sqlacache.analysis import canon, dml
+from sqlacache.analysis import dependencies as deps_mod
 
 log = logging.getLogger("sqlacache.tracker")
 

@@ -29,12 +29,12 @@ from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from sqlacache import dependencies as deps_mod
 from sqlacache._greenlet import in_greenlet
+from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup
 from sqlacache.backends.base import BackendUnavailable, Entry
-from sqlacache.breaker import Breaker
-from sqlacache.stats import Counters, RateLimitedLog
+from sqlacache.resilience.breaker import Breaker
+from sqlacache.resilience.stats import Counters, RateLimitedLog
 
 log = logging.getLogger("sqlacache.backend")
 

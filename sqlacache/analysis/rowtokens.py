@@ -21,8 +21,8 @@ from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.util import symbol
 
-from sqlacache import dependencies as deps_mod
-from sqlacache.canon import NULL_TOKEN, token
+from sqlacache.analysis import dependencies as deps_mod
+from sqlacache.analysis.canon import NULL_TOKEN, token
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,11 +24,13 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql.schema import Column
 
-from sqlacache import connection_writes, dml, executed, outbox, rowtokens
-from sqlacache import dependencies as deps_mod
+from sqlacache.analysis import dependencies as deps_mod
+from sqlacache.analysis import dml, rowtokens
 from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
-from sqlacache.reads import _KNOWN, layout_of
+from sqlacache.read.execute import _KNOWN, layout_of
+from sqlacache.write import connections as connection_writes
+from sqlacache.write import executed, outbox
 
 log = logging.getLogger("sqlacache.tracker")
 

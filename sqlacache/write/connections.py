@@ -24,10 +24,10 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 
-from sqlacache import dependencies as deps_mod
-from sqlacache import executed as executed_mod
-from sqlacache import outbox
+from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.cache import database_id, watched, watchers
+from sqlacache.write import executed as executed_mod
+from sqlacache.write import outbox
 
 log = logging.getLogger("sqlacache.tracker")
 

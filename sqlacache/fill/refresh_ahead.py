@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from sqlacache import stampede
+from sqlacache.fill import stampede
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache

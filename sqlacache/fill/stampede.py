@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sqlacache._greenlet import await_, in_greenlet
 from sqlacache.backends import Lookup
-from sqlacache.flight import Flight
+from sqlacache.fill.flight import Flight
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache

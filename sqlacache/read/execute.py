@@ -34,19 +34,21 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column, Table
 from sqlalchemy.sql.type_api import TypeEngine
 
-from sqlacache import conditions, refreshing, rowtokens, stampede
-from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
+from sqlacache.analysis import conditions, rowtokens
+from sqlacache.analysis import dependencies as deps_mod
+from sqlacache.analysis.codec import CodecError, ValueCodec, codec_for
+from sqlacache.analysis.conditions import Analysis
 from sqlacache.backends import Lookup
 from sqlacache.binding import CacheClosedError, bound_to
-from sqlacache.codec import CodecError, ValueCodec, codec_for
-from sqlacache.conditions import Analysis
 from sqlacache.context import Frame, SessionContext, context_of
+from sqlacache.fill import refresh_ahead as refreshing
+from sqlacache.fill import stampede
+from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Shape, Uncacheable, _path, translation_token
 from sqlacache.policy import never_cached_reason, op_of
-from sqlacache.resilient import StoreJob
-from sqlacache.results import ResultTemplate, mode_of, result_from_rows, tap, template_from
-from sqlacache.stampede import Fill
+from sqlacache.read.results import ResultTemplate, mode_of, result_from_rows, tap, template_from
+from sqlacache.resilience.resilient import StoreJob
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache

@@ -18,10 +18,10 @@ from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.schema import Column, Table
 
-from sqlacache import dependencies as deps_mod
 from sqlacache._lru import LRU
-from sqlacache.canon import NULL_TOKEN, token
-from sqlacache.conditions import Analysis, analyse_where, resolve
+from sqlacache.analysis import dependencies as deps_mod
+from sqlacache.analysis.canon import NULL_TOKEN, token
+from sqlacache.analysis.conditions import Analysis, analyse_where, resolve
 
 # (dependencies to bump, row images, whether some rows' keys are unknown)
 Effects = tuple[list[str], list[deps_mod.RowImage], bool]

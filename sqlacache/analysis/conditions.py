@@ -37,8 +37,8 @@ from sqlalchemy.sql.schema import Column, Table
 from sqlalchemy.sql.selectable import Alias, Join, Select, Subquery
 from sqlalchemy.sql.sqltypes import NullType
 
-from sqlacache.canon import NULL_TOKEN, token
-from sqlacache.dependencies import column_nameable
+from sqlacache.analysis.canon import NULL_TOKEN, token
+from sqlacache.analysis.dependencies import column_nameable
 
 # Static limit on the disjunction before any IN list is expanded: beyond it, the statement's
 # conditions are not worth the bookkeeping and every table it reads is read whole.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, delete, insert, select
 
-from sqlacache import dependencies as deps_mod
+from sqlacache.analysis import dependencies as deps_mod
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache

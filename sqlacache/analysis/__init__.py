@@ -1,0 +1,1 @@
+"""Pure analysis, no I/O: statements → dependencies, written rows → invalidations, values → tokens."""

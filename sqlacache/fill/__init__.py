@@ -1,0 +1,1 @@
+"""Filling a missed key: in-process single flight, cross-process leases, refresh-ahead."""

@@ -1,0 +1,1 @@
+"""The read path: ``do_orm_execute`` → policy → key → lookup → fill → decode → ORM objects."""
