@@ -28,7 +28,7 @@ from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import dml, rowtokens
 from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
-from sqlacache.read.execute import _KNOWN, layout_of
+from sqlacache.layout import KNOWN, layout_of
 from sqlacache.write import connections as connection_writes
 from sqlacache.write import executed, outbox
 
@@ -123,7 +123,7 @@ def _row_write(op: str, mapper: Mapper[Any], connection: Any, target: Any) -> No
     # Written values are exact. Values the object was loaded with (an update's unchanged columns
     # and old values, a delete's row) may be older than the database: they count only if the
     # table had no committed write since they were loaded (checked when the eviction runs).
-    remembered = state.info.get(_KNOWN) if "info" in state.__dict__ else None
+    remembered = state.info.get(KNOWN) if "info" in state.__dict__ else None
     guard = remembered[1] if remembered is not None else None
     images: list[deps_mod.RowImage] = []
     if op == "insert":
