@@ -25,7 +25,7 @@ from redis.connection import Connection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sqlacache.backends import Backend, BackendError, Entry, Lookup, MemoryBackend, RedisBackend
-from sqlacache.backends.redis import _glob_escape
+from sqlacache.backends.redis.backend import _glob_escape
 
 TTL = 60.0
 

@@ -13,6 +13,23 @@ of its dependencies exists and has a version no newer than the entry's generatio
 
 Generations are strictly increasing per backend: any ``bump`` that happens after a call to
 ``lookup``/``generation`` returned ``g`` assigns versions greater than ``g``.
+
+The algorithm, stated once (the Redis backend's ``backends/redis/lua/*.lua`` is the reference;
+``MemoryBackend`` does the same in Python; dependency names are listed in
+``sqlacache.analysis.dependencies``):
+
+* **lookup**: the entry is valid when every dependency it names has a version, no newer than the
+  entry's generation; otherwise it is a miss (and may be deleted).
+* **store**: refused when a dependency's version is newer than the reader's generation, or missing.
+  A missing ``r:``/``c:``/``a:``/``s:`` version of a table starts at the *floor*, the table's own
+  ``t:`` version, when that exists and is no newer than the reader (every write to the table moves
+  it); otherwise it is created "bumped now" and the store is refused, so the next reader can store.
+  A ``c:<table>:<columns>:…`` whose scheme ``<columns>`` is not in the table's registry (kept with
+  ``s:<table>``) adds it there, the registry's version starting no older than the floor.
+* **bump**: each named version gets a new generation; a missing row or condition version stays
+  missing (metadata grows with what is cached, not with what is written), a missing ``t:`` is
+  created. Each row image bumps, per registered scheme of its table, the ``c:`` its values name,
+  or ``s:<table>`` when it lacks a column or its ``guard`` is older than ``t:<table>``.
 """
 
 from __future__ import annotations

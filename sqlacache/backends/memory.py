@@ -147,8 +147,8 @@ class MemoryBackend:
             versions = self._versions
 
             def floor(table: str) -> int | None:
-                # See the Redis backend: a missing row/condition version of a table may start at
-                # the table's own version when that is no newer than this reader.
+                # The floor (see the contract, backends/base.py): a missing row/condition version of a
+                # table may start at the table's own version when that is no newer than this reader.
                 nonlocal fresh
                 found = versions.get(f"t:{table}")
                 if found is None:
@@ -157,7 +157,7 @@ class MemoryBackend:
                     self._set_version(f"t:{table}", fresh)
                 return found if found is not None and found <= generation else None
 
-            # Condition dependencies register their scheme with their table (see the Redis backend).
+            # Condition dependencies register their scheme with their table (see the contract).
             for dep in deps:
                 if not dep.startswith("c:"):
                     continue

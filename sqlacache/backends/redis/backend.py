@@ -1,28 +1,7 @@
-"""Redis backend: entries and dependency versions in Redis, every check-and-set in one Lua script.
-
-Key layout (``P`` is the prefix)::
-
-    P:e:<key>   an entry:  b"<generation>\\x1f<dep1>\\x1f<dep2>...\\n" + payload   (PX = entry ttl)
-    P:v:<dep>   a dependency version: the decimal generation of its last bump  (PX >= its entries')
-    P:gen       the generation counter (no TTL)
-    P:l:<key>   a lease: the token of the process filling a missing entry  (PX = the lease's time)
-    P:r:<key>   a refresh-ahead claim: one process refreshes a due entry  (PX = its time)
-
-Generations are microseconds on the Redis clock, pushed forward by one on every bump when bumps come
-faster than the clock. If ``P:gen`` is lost (eviction, ``clear``) the counter resumes from the clock,
-so generations keep increasing without any state surviving; a missing version is likewise treated
-as "bumped just now". Losing any key can therefore only cause misses, never a stale hit.
-
-Requires Redis >= 6.0 (``SET ... KEEPTTL``) and a client with ``decode_responses=False``.
-
-The scripts touch keys that are not declared in ``KEYS`` (the versions and the counter). That is
-fine on a standalone server or a replicated primary; Redis Cluster would need every key of a prefix
-in one hash slot (a ``{...}`` hash tag in the prefix) and the keys declared.
-"""
+"""The Redis backend: its clients and the contract's calls; each check-and-set is one script (scripts.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import secrets
 import threading
@@ -34,413 +13,22 @@ import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from sqlacache._greenlet import await_ as _await
 from sqlacache._greenlet import in_greenlet as _in_greenlet
-from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Lookup
+from sqlacache.backends.base import BackendError, Entry, Lookup
+from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis.errors import FAILURES, failure
 
 __all__ = ["RedisBackend"]
 
 _T = TypeVar("_T")
 
-# Failures of the client or the server. RuntimeError is here because an asyncio client used from an
-# event loop other than the one it connected on fails with one ("attached to a different loop").
-_FAILURES: tuple[type[BaseException], ...] = (
-    RedisError,
-    OSError,
-    asyncio.TimeoutError,
-    TimeoutError,
-    RuntimeError,
-)
-
-# The server could not be reached or cannot serve yet (LOADING is a ConnectionError in redis-py).
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    OSError,
-    asyncio.TimeoutError,
-    TimeoutError,
-)
-
-
-_KINDS: tuple[tuple[type[BaseException], str], ...] = (
-    (redis.exceptions.BusyLoadingError, "loading"),
-    (redis.exceptions.TimeoutError, "timeout"),
-    (asyncio.TimeoutError, "timeout"),
-    (TimeoutError, "timeout"),
-    (redis.exceptions.ConnectionError, "connection"),
-    (OSError, "connection"),
-    (redis.exceptions.OutOfMemoryError, "oom"),
-    (redis.exceptions.ReadOnlyError, "readonly"),
-    (redis.exceptions.NoScriptError, "noscript"),
-    (redis.exceptions.ResponseError, "server"),
-)
-
-
-def _failure(what: str, exc: BaseException) -> BackendError:
-    kind = next((name for cls, name in _KINDS if isinstance(exc, cls)), "error")
-    if kind == "server" and "OOM" in str(exc):  # raised inside a script: a plain ResponseError
-        kind = "oom"
-    elif kind == "server" and "READONLY" in str(exc):
-        kind = "readonly"
-    error = BackendUnavailable if isinstance(exc, _UNREACHABLE) else BackendError
-    # str(), not repr(): redis-py's repr hides the server's own message ("server:ResponseError").
-    return error(f"Redis {what} failed: {type(exc).__name__}: {exc}", kind)
-
-
 _DEFAULT_VERSION_TTL = 7 * 86400.0
 # Longer TTLs are clamped: Redis rejects expiry times that overflow its millisecond clock.
 _MAX_TTL_MS = 100 * 365 * 86400 * 1000
 
-# Shared by every script. Values are parsed strictly (digits only) so that a foreign or damaged value
-# reads as missing instead of raising inside the script. Numbers are written back with
-# string.format('%d'): Lua would format a microsecond generation as 1.7e+15.
-_PRELUDE = r"""
-local function get(key)
-  local value = redis.pcall('GET', key)
-  if type(value) == 'table' and value.err then
-    return nil, true
-  end
-  if not value then
-    return nil, false
-  end
-  return value, false
-end
-
--- A version is digits; a table's scheme registry ("v:s:<table>") is digits then "|scheme|scheme…".
-local function num(value)
-  if value then
-    local digits = string.match(value, '^(%d+)$') or string.match(value, '^(%d+)|')
-    if digits then
-      return tonumber(digits)
-    end
-  end
-  return nil
-end
-
--- Give a version a new value. A missing row or condition version stays missing: nothing valid
--- depends on it, and not creating it keeps metadata proportional to what is cached, not to what
--- is written. A table's own version is created (there are few), so that the table's other
--- missing versions can start from it (see the store script's floor).
-local function bump_version(key, g, create_ttl)
-  local value = get(key)
-  if not value then
-    if create_ttl then
-      redis.call('SET', key, g, 'PX', create_ttl)
-    end
-    return
-  end
-  local schemes = string.match(value, '^%d+(|.*)$') or ''
-  redis.call('SET', key, g .. schemes, 'KEEPTTL')
-end
-
-local function clock()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
-local function current_generation(prefix)
-  local value = get(prefix .. ':gen')
-  if num(value) then
-    return value
-  end
-  return string.format('%d', clock())
-end
-
-local function next_generation(prefix)
-  local key = prefix .. ':gen'
-  local g = (num((get(key))) or 0) + 1
-  local now = clock()
-  if g <= now then
-    g = now + 1
-  end
-  local s = string.format('%d', g)
-  redis.call('SET', key, s)
-  return g, s
-end
-"""
-
-# KEYS[1] entry key; ARGV[1] prefix.
-# Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value} for a hit.
-# KEYS[1] entry key, KEYS[2] (optional) its lease; ARGV[1] prefix, ARGV[2] lease token, ARGV[3]
-# lease ms. Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value}
-# for a hit; with a lease key, a miss also tries to take the lease: {0|2, gen, 1 taken | 0 held}.
-_LOOKUP = (
-    _PRELUDE
-    + r"""
-local prefix = ARGV[1]
-local function miss(status)
-  local reply = {status, current_generation(prefix)}
-  if KEYS[2] then
-    reply[3] = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) and 1 or 0
-  end
-  return reply
-end
-local raw, wrong_type = get(KEYS[1])
-if wrong_type then
-  redis.call('DEL', KEYS[1])
-  return miss(2)
-end
-if not raw then
-  return miss(0)
-end
-local nl = string.find(raw, '\n', 1, true)
-if not nl then
-  redis.call('DEL', KEYS[1])
-  return miss(2)
-end
-local header = string.sub(raw, 1, nl - 1)
-local fields = {}
-local pos = 1
-while true do
-  local sep = string.find(header, '\31', pos, true)
-  if not sep then
-    fields[#fields + 1] = string.sub(header, pos)
-    break
-  end
-  fields[#fields + 1] = string.sub(header, pos, sep - 1)
-  pos = sep + 1
-end
-local generation = num(fields[1])
-if not generation then
-  redis.call('DEL', KEYS[1])
-  return miss(2)
-end
-for i = 2, #fields do
-  local version = num((get(prefix .. ':v:' .. fields[i])))
-  if not version or version > generation then
-    redis.call('DEL', KEYS[1])
-    return miss(0)
-  end
-end
-return {1, current_generation(prefix), raw}
-"""
-)
-
-# ARGV[1] prefix. Returns the current generation as a decimal string.
-_GENERATION = (
-    _PRELUDE
-    + r"""
-return current_generation(ARGV[1])
-"""
-)
-
-# KEYS[1] entry key, KEYS[2] (optional) the filler's lease; ARGV[1] prefix, ARGV[2] reader's
-# generation, ARGV[3] entry ttl ms, ARGV[4] entry value, ARGV[5] version ttl ms, ARGV[6] the lease's
-# token (released if still ours, stored or not), ARGV[7..] deps. Returns 1 if stored, 0 if refused.
-_STORE = (
-    _PRELUDE
-    + r"""
-local prefix = ARGV[1]
-local generation = num(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local vttl = ARGV[5]
-if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[6] then
-  redis.call('DEL', KEYS[2])
-end
-local accepted = generation ~= nil
-local fresh = nil
-local function now()
-  if not fresh then
-    local _, s = next_generation(prefix)
-    fresh = s
-  end
-  return fresh
-end
--- Where a missing version of <table> (row, condition, registry, all rows) may start: at the
--- table's own version, which every write to the table moves (it exists only while it is at least
--- as new as the table's last write). Nil when that is missing or newer than this reader: then
--- the missing version counts as "bumped now".
-local function floor(tbl)
-  if not generation then
-    return nil
-  end
-  local tkey = prefix .. ':v:t:' .. tbl
-  local value = get(tkey)
-  local n = num(value)
-  if not n then
-    -- Lost (or never written): create it as "bumped now", so that the next readers have a floor.
-    redis.call('SET', tkey, now(), 'PX', vttl)
-    return nil
-  end
-  if n > generation then
-    return nil
-  end
-  local pttl = redis.call('PTTL', tkey)
-  if pttl >= 0 and pttl < tonumber(vttl) then
-    redis.call('PEXPIRE', tkey, vttl)
-  end
-  return string.format('%d', n)
-end
--- A condition dependency "c:<table>:<columns>:<tokens>" is only bumped by writers that find its
--- scheme (<columns>) in the table's registry, so the registry's version (every condition entry
--- of the table depends on it) must start no older than the last write that may not have known it.
-for i = 7, #ARGV do
-  local tbl, scheme = string.match(ARGV[i], '^c:([^:]*):([^:]*):')
-  if tbl then
-    local rkey = prefix .. ':v:s:' .. tbl
-    local value = get(rkey)
-    local current = num(value)
-    if not (current and string.find(value .. '|', '|' .. scheme .. '|', 1, true)) then
-      local start = floor(tbl)
-      if not start then
-        start = now()
-        accepted = false
-      end
-      if current then
-        if current > tonumber(start) then
-          start = string.format('%d', current)
-        end
-        local schemes = string.match(value, '^%d+(|.*)$') or ''
-        redis.call('SET', rkey, start .. schemes .. '|' .. scheme, 'KEEPTTL')
-      else
-        redis.call('SET', rkey, start .. '|' .. scheme, 'PX', vttl)
-      end
-    end
-  end
-end
-for i = 7, #ARGV do
-  local dep = ARGV[i]
-  local key = prefix .. ':v:' .. dep
-  local version = num((get(key)))
-  if not version then
-    local tbl = string.match(dep, '^[cr]:([^:]*):') or string.match(dep, '^[as]:([^:]*)$')
-    local start = tbl and floor(tbl)
-    if start then
-      redis.call('SET', key, start, 'PX', vttl)
-    else
-      -- A lost version counts as bumped now: refuse, and create it so that the next reader can store.
-      redis.call('SET', key, now(), 'PX', vttl)
-      accepted = false
-    end
-  elseif not accepted or version > generation then
-    accepted = false
-  end
-end
-if not accepted then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
-for i = 7, #ARGV do
-  local key = prefix .. ':v:' .. ARGV[i]
-  local pttl = redis.call('PTTL', key)
-  -- -1: no expiry, keep it that way. Otherwise outlive the entry, never shorten.
-  if pttl >= 0 and pttl < ttl then
-    redis.call('PEXPIRE', key, ARGV[3])
-  end
-end
-return 1
-"""
-)
-
-# ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3] number of deps n, ARGV[4..n+3] deps, then row
-# images, each "<table>\x1f<guard or ->\x1f<column>\x1f<token>…". Returns the new generation.
-# Each image bumps, for every scheme registered for its table, the condition dependency its values
-# name — or the whole registry (every condition entry of the table) when it lacks a column.
-_BUMP = (
-    _PRELUDE
-    + r"""
-local prefix = ARGV[1]
-local vttl = ARGV[2]
-local ndeps = tonumber(ARGV[3])
--- Under maxmemory with noeviction, writes fail but deletes don't: a deleted version reads as
--- "bumped now" everywhere, so an invalidation still gets through (coarser: whole tables).
-local key = prefix .. ':gen'
-local g = (num((get(key))) or 0) + 1
-local now = clock()
-if g <= now then
-  g = now + 1
-end
-g = string.format('%d', g)
-local full = redis.pcall('SET', key, g)
-local evict = type(full) == 'table' and full.err ~= nil
-local done = {}
-local function bump(dep)
-  if not done[dep] then
-    done[dep] = true
-    if evict then
-      redis.call('DEL', prefix .. ':v:' .. dep)
-    else
-      bump_version(prefix .. ':v:' .. dep, g, string.sub(dep, 1, 2) == 't:' and vttl)
-    end
-  end
-end
--- Parse the images and check their guards first: a guarded image holds values an object was
--- loaded with, current only if its table had no committed write since (before this bump moves
--- the table's own version).
-local images = {}
-for i = 4 + ndeps, #ARGV do
-  local fields = {}
-  for f in string.gmatch(ARGV[i], '[^\31]+') do
-    fields[#fields + 1] = f
-  end
-  local values = {}
-  for j = 3, #fields - 1, 2 do
-    values[fields[j]] = fields[j + 1]
-  end
-  local trusted = not evict
-  if trusted and fields[2] ~= '-' then
-    local current = num((get(prefix .. ':v:t:' .. fields[1])))
-    trusted = current ~= nil and current <= tonumber(fields[2])
-  end
-  images[#images + 1] = {fields[1], values, trusted}
-end
-for i = 4, 3 + ndeps do
-  bump(ARGV[i])
-end
-local registries = {}
-for _, image in ipairs(images) do
-  local tbl = image[1]
-  local values = image[2]
-  if not image[3] then
-    values = {}
-  end
-  if evict then
-    bump('t:' .. tbl)
-    bump('s:' .. tbl)
-  end
-  local schemes = evict and {} or registries[tbl]
-  if not schemes then
-    schemes = {}
-    local value = get(prefix .. ':v:s:' .. tbl)
-    if value then
-      for scheme in string.gmatch(value, '|([^|]+)') do
-        schemes[#schemes + 1] = scheme
-      end
-    end
-    registries[tbl] = schemes
-  end
-  for _, scheme in ipairs(schemes) do
-    local tokens = {}
-    local known = true
-    for column in string.gmatch(scheme, '[^,]+') do
-      local t = values[column]
-      if not t then
-        known = false
-        break
-      end
-      tokens[#tokens + 1] = t
-    end
-    if known then
-      bump('c:' .. tbl .. ':' .. scheme .. ':' .. table.concat(tokens, ','))
-    else
-      bump('s:' .. tbl)
-    end
-  end
-end
-return g
-"""
-)
-
-# KEYS[1] a lease; ARGV[1] its holder's token.
-_RELEASE = r"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 _GLOB_SPECIAL = frozenset("\\*?[]")
 
@@ -470,11 +58,11 @@ class _Side:
         self.client: Any = client
         # Sync clients return results, asyncio clients coroutines; resolve turns either into a result.
         self.resolve = resolve
-        self.lookup: Script | AsyncScript = client.register_script(_LOOKUP)
-        self.generation: Script | AsyncScript = client.register_script(_GENERATION)
-        self.store: Script | AsyncScript = client.register_script(_STORE)
-        self.bump: Script | AsyncScript = client.register_script(_BUMP)
-        self.release: Script | AsyncScript = client.register_script(_RELEASE)
+        self.lookup: Script | AsyncScript = client.register_script(scripts.LOOKUP)
+        self.generation: Script | AsyncScript = client.register_script(scripts.GENERATION)
+        self.store: Script | AsyncScript = client.register_script(scripts.STORE)
+        self.bump: Script | AsyncScript = client.register_script(scripts.BUMP)
+        self.release: Script | AsyncScript = client.register_script(scripts.RELEASE)
 
 
 def _identity(value: _T) -> _T:
@@ -599,8 +187,8 @@ class RedisBackend:
         side = self._side()
         try:
             return side.resolve(op(side))
-        except _FAILURES as exc:
-            raise _failure(what, exc) from exc
+        except FAILURES as exc:
+            raise failure(what, exc) from exc
 
     def _entry_key(self, key: str) -> str:
         return f"{self.prefix}:e:{key}"
@@ -629,8 +217,8 @@ class RedisBackend:
         while True:
             try:
                 reply = side.resolve(op(side))
-            except _FAILURES as exc:
-                raise _failure(what, exc) from exc
+            except FAILURES as exc:
+                raise failure(what, exc) from exc
             try:
                 op = steps.send(reply)
             except StopIteration as done:
@@ -647,8 +235,8 @@ class RedisBackend:
         while True:
             try:
                 reply = await op(side)
-            except _FAILURES as exc:
-                raise _failure("lookup", exc) from exc
+            except FAILURES as exc:
+                raise failure("lookup", exc) from exc
             try:
                 op = steps.send(reply)
             except StopIteration as done:
@@ -819,8 +407,8 @@ class RedisBackend:
         keys, args = call
         try:
             reply = await side.store(keys=keys, args=args)
-        except _FAILURES as exc:
-            raise _failure("store", exc) from exc
+        except FAILURES as exc:
+            raise failure("store", exc) from exc
         return self._int(reply, "store reply") == 1
 
     # -- leases: one process fills a missing key while the others wait a bounded time -------------
@@ -887,8 +475,8 @@ class RedisBackend:
                     side.resolve(side.client.unlink(*doomed))
                 if int(cursor) == 0:
                     break
-        except _FAILURES as exc:
-            raise _failure("clear", exc) from exc
+        except FAILURES as exc:
+            raise failure("clear", exc) from exc
 
     @staticmethod
     def _is_ours(key: bytes, ours: bytes) -> bool:
@@ -913,8 +501,8 @@ class RedisBackend:
             if self._async is not None and _in_greenlet():
                 client, self._async = self._async.client, None
                 _await(client.aclose())
-        except _FAILURES as exc:
-            raise _failure("close", exc) from exc
+        except FAILURES as exc:
+            raise failure("close", exc) from exc
 
     async def aclose(self) -> None:
         """Like :meth:`close`, from async code on the event loop the asyncio client is bound to."""
@@ -927,5 +515,5 @@ class RedisBackend:
             if self._async is not None:
                 client, self._async = self._async.client, None
                 await client.aclose()
-        except _FAILURES as exc:
-            raise _failure("close", exc) from exc
+        except FAILURES as exc:
+            raise failure("close", exc) from exc

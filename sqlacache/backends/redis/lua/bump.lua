@@ -1,0 +1,94 @@
+-- ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3] number of deps n, ARGV[4..n+3] deps, then row
+-- images, each "<table>\x1f<guard or ->\x1f<column>\x1f<token>…". Returns the new generation.
+-- Each image bumps, for every scheme registered for its table, the condition dependency its values
+-- name — or the whole registry (every condition entry of the table) when it lacks a column.
+-- Runs after prelude.lua (scripts.py joins them).
+local prefix = ARGV[1]
+local vttl = ARGV[2]
+local ndeps = tonumber(ARGV[3])
+-- Under maxmemory with noeviction, writes fail but deletes don't: a deleted version reads as
+-- "bumped now" everywhere, so an invalidation still gets through (coarser: whole tables).
+local key = prefix .. ':gen'
+local g = (num((get(key))) or 0) + 1
+local now = clock()
+if g <= now then
+  g = now + 1
+end
+g = string.format('%d', g)
+local full = redis.pcall('SET', key, g)
+local evict = type(full) == 'table' and full.err ~= nil
+local done = {}
+local function bump(dep)
+  if not done[dep] then
+    done[dep] = true
+    if evict then
+      redis.call('DEL', prefix .. ':v:' .. dep)
+    else
+      bump_version(prefix .. ':v:' .. dep, g, string.sub(dep, 1, 2) == 't:' and vttl)
+    end
+  end
+end
+-- Parse the images and check their guards first: a guarded image holds values an object was
+-- loaded with, current only if its table had no committed write since (before this bump moves
+-- the table's own version).
+local images = {}
+for i = 4 + ndeps, #ARGV do
+  local fields = {}
+  for f in string.gmatch(ARGV[i], '[^\31]+') do
+    fields[#fields + 1] = f
+  end
+  local values = {}
+  for j = 3, #fields - 1, 2 do
+    values[fields[j]] = fields[j + 1]
+  end
+  local trusted = not evict
+  if trusted and fields[2] ~= '-' then
+    local current = num((get(prefix .. ':v:t:' .. fields[1])))
+    trusted = current ~= nil and current <= tonumber(fields[2])
+  end
+  images[#images + 1] = {fields[1], values, trusted}
+end
+for i = 4, 3 + ndeps do
+  bump(ARGV[i])
+end
+local registries = {}
+for _, image in ipairs(images) do
+  local tbl = image[1]
+  local values = image[2]
+  if not image[3] then
+    values = {}
+  end
+  if evict then
+    bump('t:' .. tbl)
+    bump('s:' .. tbl)
+  end
+  local schemes = evict and {} or registries[tbl]
+  if not schemes then
+    schemes = {}
+    local value = get(prefix .. ':v:s:' .. tbl)
+    if value then
+      for scheme in string.gmatch(value, '|([^|]+)') do
+        schemes[#schemes + 1] = scheme
+      end
+    end
+    registries[tbl] = schemes
+  end
+  for _, scheme in ipairs(schemes) do
+    local tokens = {}
+    local known = true
+    for column in string.gmatch(scheme, '[^,]+') do
+      local t = values[column]
+      if not t then
+        known = false
+        break
+      end
+      tokens[#tokens + 1] = t
+    end
+    if known then
+      bump('c:' .. tbl .. ':' .. scheme .. ':' .. table.concat(tokens, ','))
+    else
+      bump('s:' .. tbl)
+    end
+  end
+end
+return g

@@ -1,0 +1,50 @@
+-- KEYS[1] entry key, KEYS[2] (optional) its lease; ARGV[1] prefix, ARGV[2] lease token, ARGV[3]
+-- lease ms. Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value}
+-- for a hit; with a lease key, a miss also tries to take the lease: {0|2, gen, 1 taken | 0 held}.
+-- Runs after prelude.lua (scripts.py joins them).
+local prefix = ARGV[1]
+local function miss(status)
+  local reply = {status, current_generation(prefix)}
+  if KEYS[2] then
+    reply[3] = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) and 1 or 0
+  end
+  return reply
+end
+local raw, wrong_type = get(KEYS[1])
+if wrong_type then
+  redis.call('DEL', KEYS[1])
+  return miss(2)
+end
+if not raw then
+  return miss(0)
+end
+local nl = string.find(raw, '\n', 1, true)
+if not nl then
+  redis.call('DEL', KEYS[1])
+  return miss(2)
+end
+local header = string.sub(raw, 1, nl - 1)
+local fields = {}
+local pos = 1
+while true do
+  local sep = string.find(header, '\31', pos, true)
+  if not sep then
+    fields[#fields + 1] = string.sub(header, pos)
+    break
+  end
+  fields[#fields + 1] = string.sub(header, pos, sep - 1)
+  pos = sep + 1
+end
+local generation = num(fields[1])
+if not generation then
+  redis.call('DEL', KEYS[1])
+  return miss(2)
+end
+for i = 2, #fields do
+  local version = num((get(prefix .. ':v:' .. fields[i])))
+  if not version or version > generation then
+    redis.call('DEL', KEYS[1])
+    return miss(0)
+  end
+end
+return {1, current_generation(prefix), raw}

@@ -1,0 +1,5 @@
+-- KEYS[1] a lease; ARGV[1] its holder's token.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
