@@ -81,7 +81,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.base import instance_state
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession
-from sqlacache.read.execute import shape_info
+from sqlacache.read.plan import shape_info
 
 PG_SYNC_URL = os.environ.get("SQLACACHE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_ASYNC_URL = os.environ.get(
@@ -1088,7 +1088,7 @@ def main() -> int:
             "build = select(User).where(User.group == g).order_by(User.id); "
             "genkey = stmt._generate_cache_key(); "
             "shape = KeyBuilder.shape(ck.key) (memoized per shape: hashes and compares the key tuple); "
-            "shape_info = sqlacache.read.execute.shape_info (the memo the read path actually uses); "
+            "shape_info = sqlacache.read.plan.shape_info (the memo the read path actually uses); "
             "key = KeyBuilder.key(namespace, digest, bound values, None); get_key = KeyBuilder.get_key. "
             f"Target: ≤ {KEY_TARGET_US:.0f} µs per key: select key "
             f"{'PASS' if keys['select key = genkey + shape + key'][0] <= KEY_TARGET_US else 'FAIL'}, "

@@ -23,17 +23,9 @@ from sqlacache.binding import CacheClosedError, engine_of
 from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
 from sqlacache.policy import ConfigurationError, ttl_value
-from sqlacache.read.execute import (
-    _NOT_HANDLED,
-    GetTicket,
-    StatementGet,
-    fast_get,
-    finish_get,
-    plan_get,
-    reshaped_by_hooks,
-    set_ttl,
-    shape_info,
-)
+from sqlacache.read.execute import set_ttl
+from sqlacache.read.get import NOT_HANDLED, fast_get, finish_get, plan_get, reshaped_by_hooks
+from sqlacache.read.plan import GetTicket, StatementGet, shape_info
 from sqlacache.write import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
 
 
@@ -203,7 +195,7 @@ class CachingSession(Session):
                     found = fast_get(self, ctx, entity, ident, execution_options)
                     if isinstance(found, GetTicket):
                         execution_options = {**execution_options, "_sqlacache_get": found}
-                    elif found is not _NOT_HANDLED:
+                    elif found is not NOT_HANDLED:
                         return cast("_O | None", found)
         if populate_existing is not None:  # else SQLAlchemy 2.1 takes it from execution_options
             kw["populate_existing"] = populate_existing

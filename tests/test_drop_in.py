@@ -390,7 +390,7 @@ def test_a_deferred_select_runs_before_a_later_write_on_the_session_connection(s
 def test_without_hooks_of_the_application_get_takes_the_fast_path(sqlite_world):
     """sqlacache's own listeners must not count as the application's do_orm_execute hooks (they
     would send every get() through statement building)."""
-    from sqlacache.read.execute import reshaped_by_hooks
+    from sqlacache.read.get import reshaped_by_hooks
 
     with sqlite_world.Session() as s:
         assert not reshaped_by_hooks(s)

@@ -1,574 +1,58 @@
-"""The read path: ``do_orm_execute`` → policy → key → backend → codec → ORM objects.
+"""The read path's orchestration: the ``do_orm_execute`` hook → policy → key → lookup → fill → ORM objects.
 
-On a miss the statement runs as usual; what goes into the cache is what the *database* returned,
-taken from objects at the moment the ORM created them from rows (the ``load`` event). Objects that
-were already in the session's identity map are never trusted as a source: they may carry pending
-changes or an older transaction's view. A result that contains one is simply not stored.
-
-On a hit, objects are rebuilt the way the ORM builds them from rows: an identity already in the
-session is returned as is (only its unloaded attributes are filled, exactly like a database load),
-new ones are created persistent in the identity map, eager-loaded relationships are set, columns the
-query did not load stay unloaded, and the ``load`` event fires.
+On a miss the statement runs as usual and what the *database* returned is stored (capture.py); on a
+hit, objects are rebuilt the way the ORM builds them from rows (rebuild.py). ``Session.get`` has
+its own fast path (get.py); the memos both consult are in plan.py.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import event, inspect, util
+from sqlalchemy import event, util
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import ChunkedIteratorResult
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, strategies
-from sqlalchemy.orm.base import instance_state
-from sqlalchemy.orm.relationships import RelationshipProperty
-from sqlalchemy.orm.util import LoaderCriteriaOption
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.schema import Table
-from sqlalchemy.sql.type_api import TypeEngine
+from sqlalchemy.orm import ORMExecuteState, Session
 
-from sqlacache._lru import LRU
-from sqlacache.analysis import conditions, rowtokens
 from sqlacache.analysis import dependencies as deps_mod
-from sqlacache.analysis.codec import CodecError, ValueCodec, codec_for
-from sqlacache.analysis.conditions import Analysis
+from sqlacache.analysis.codec import CodecError
 from sqlacache.backends import Lookup
 from sqlacache.binding import CacheClosedError, bound_to
 from sqlacache.context import Frame, SessionContext, context_of
 from sqlacache.fill import refresh_ahead as refreshing
 from sqlacache.fill import stampede
 from sqlacache.fill.stampede import Fill
-from sqlacache.keys import Shape, Uncacheable, _path, translation_token
-from sqlacache.layout import KNOWN, MapperLayout, layout_of, mapper_for_path, remember
-from sqlacache.policy import never_cached_reason, op_of
+from sqlacache.keys import Uncacheable, translation_token
+from sqlacache.layout import layout_of, remember
+from sqlacache.read.capture import Graph, Unstorable, encode_result
+from sqlacache.read.plan import (
+    GetTicket,
+    KeyPlan,
+    ShapeInfo,
+    StatementGet,
+    deps_of_statement,
+    entry_written,
+    hint_for,
+    key_plans,
+    learn,
+    shape_info,
+    tables_written,
+)
+from sqlacache.read.rebuild import decode_result, propagating
 from sqlacache.read.results import ResultTemplate, mode_of, result_from_rows, tap, template_from
 from sqlacache.resilience.resilient import StoreJob
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache
 
+
 log = logging.getLogger("sqlacache.reads")
-
-PAYLOAD_FORMAT = 1
-
-
-_DEFERRED_LOADERS = tuple(
-    c for c in (getattr(strategies, n, None) for n in ("LoadDeferredColumns", "_LoadDeferredColumns")) if c
-)
-
-
-class _Unstorable(Exception):
-    """The result can't be reproduced faithfully from a cache entry; it is served, not stored."""
-
-
-# --------------------------------------------------------------------------------------------
-# Per-process memos: what a statement shape looks like (mapper layouts: sqlacache.layout).
-
-
-ENTITY = None  # a result column that holds ORM entities rather than values
-
-
-@dataclass(slots=True)
-class ShapeInfo:
-    shape: Shape
-    reason: str | None  # why it's never cached, or None
-    op: str
-    lead: type | None
-    columns: list[ValueCodec | None] | None  # per result column; None entries are entities
-    # How its result looks, per mode (see results.mode_of); learnt from its first execution here.
-    templates: dict[tuple[bool, bool], ResultTemplate] = field(default_factory=dict)
-    hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
-    table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
-    analysis: Analysis | None = None  # its conditions (built on first use)
-    criteria_tables: frozenset[str] | None = None  # tables read whole because of loader criteria
-    pk_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → primary key columns
-
-
-_shapes: LRU[Any, ShapeInfo] = LRU(4096)
-
-
-def _columns_of(statement: Any) -> list[ValueCodec | None] | None:
-    try:
-        descriptions = statement.column_descriptions
-    except Exception:  # not a statement the ORM can describe
-        return None
-    out: list[ValueCodec | None] = []
-    for d in descriptions:
-        kind = d.get("type")
-        if isinstance(kind, TypeEngine):
-            out.append(codec_for(kind))
-        elif isinstance(kind, type) and isinstance(inspect(kind, raiseerr=False), Mapper):
-            out.append(ENTITY)  # plain or aliased: rows hold instances of the class either way
-        else:
-            return None  # bundles and other composite columns: served from the database
-    return out
-
-
-_shapes_lock = threading.Lock()
-
-
-def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
-    info = _shapes.get(key_tuple)
-    if info is None:
-        reason = never_cached_reason(statement)
-        try:
-            shape = cache.keys.shape(key_tuple)
-        except Uncacheable as exc:
-            shape, reason = Shape("", frozenset(), ()), reason or str(exc)
-        columns = _columns_of(statement)
-        if columns is None and reason is None:
-            reason = "result shape not supported (bundles)"
-        for table in shape.tables:  # so raw SQL naming these tables finds their foreign keys
-            deps_mod.register_metadata(table.metadata)
-        pk_columns = {
-            deps_mod.table_name(t): tuple(c.name for c in t.primary_key.columns)
-            for t in shape.tables
-            if isinstance(t, Table)
-        }
-        lead = shape.mappers[0].class_ if shape.mappers else None
-        info = ShapeInfo(
-            shape,
-            reason,
-            op_of(statement),
-            lead,
-            columns,
-            table_names=frozenset(deps_mod.table_name(t) for t in shape.tables),
-            pk_columns=pk_columns,
-        )
-        with _shapes_lock:  # threads that built it at once must share one (its template, its memo)
-            info = _shapes.get(key_tuple) or info
-            _shapes.put(key_tuple, info)
-    return info
-
-
-# --------------------------------------------------------------------------------------------
-# Capture: which objects the current read created from database rows.
-
-
-@event.listens_for(Mapper, "load", raw=True)
-def _on_load(state: Any, context: Any = None) -> None:
-    # Installed on every mapper of the process, so it must stand whatever "load" is fired with:
-    # Session.merge() fires it with no query context, and nothing of ours is capturing then.
-    ctx = getattr(getattr(context, "session", None), "_sqlacache", None)
-    if not isinstance(ctx, SessionContext) or not ctx.frames:
-        return
-    layout = layout_of(state.mapper)
-    dict_ = state.dict
-    ctx.frames[-1].fresh[state] = {k: dict_[k] for k in layout.columns if k in dict_}
-
-
-@dataclass(slots=True)
-class _Graph:
-    """What an encoded object graph read, beyond the statement's own conditions."""
-
-    dialect: Any  # None: table-level invalidation
-    covered: frozenset[str]  # tables the statement's conditions account for (its root rows)
-    tables: set[str] = field(default_factory=set)  # every table read (read-your-writes check)
-    deps: set[str] = field(default_factory=set)
-
-    def whole(self, names: Any) -> None:
-        self.tables.update(names)
-        self.deps.update(deps_mod.table_dep(n) for n in names)
-
-    def row(self, state: Any, layout: MapperLayout, loaded: dict[str, Any], related: bool | None) -> None:
-        """``related``: False for the statement's own rows, True for rows reached through a
-        relationship, None for those a relationship's condition already covers."""
-        self.tables.update(layout.tables)
-        for key in layout.expr_tables.keys() & loaded.keys():
-            self.whole(layout.expr_tables[key])
-        if related is None:
-            return
-        if not related:
-            if not layout.tables <= self.covered:
-                self.whole(layout.tables - self.covered)
-            return
-        # A row reached through a relationship: the statement's own dependencies don't cover it.
-        tokens = None
-        if self.dialect is not None:
-            tokens = rowtokens.pk_tokens(state.mapper, [loaded.get(k) for k in layout.pk_keys], self.dialect)
-        if tokens is None:
-            self.whole(layout.tables)
-        else:
-            self.deps.update(deps_mod.pk_read_deps(layout.tables, tokens))
-
-    def relationship(self, prop: RelationshipProperty[Any], loaded: dict[str, Any]) -> bool:
-        """Account for a loaded relationship; True when its condition also covers its members'
-        rows (a member's change shows in its old values, which satisfy the condition)."""
-        target = layout_of(prop.mapper).tables
-        secondary = (
-            {deps_mod.table_name(t) for t in visitors.iterate(prop.secondary) if isinstance(t, Table)}
-            if prop.secondary is not None
-            else set()
-        )
-        self.tables.update(target, secondary)
-        found = None if self.dialect is None else rowtokens.membership_deps(prop, loaded, self.dialect)
-        if found is None:
-            self.whole(target | secondary)
-            return False
-        self.deps.update(found)
-        return prop.secondary is None
-
-
-def _encode_entities(
-    roots: Sequence[Any], frame: Frame, graph: _Graph, oldest: list[int]
-) -> tuple[list[Any], dict[int, int]]:
-    """The entity table of a payload. Objects this read created are encoded from what it loaded;
-    objects that were already in the session from what they were loaded with, lowering ``oldest``
-    to that load's generation. Anything else raises _Unstorable."""
-    table: list[Any] = []
-    index: dict[int, int] = {}
-
-    def ref(obj: Any, related: bool | None = True) -> int | None:
-        if obj is None:
-            return None
-        found = index.get(id(obj))
-        if found is not None:
-            return found
-        state = instance_state(obj)
-        loaded = frame.fresh.get(state)
-        if loaded is None:
-            remembered = state.info.get(KNOWN) if "info" in state.__dict__ else None
-            if remembered is None:
-                raise _Unstorable("the result includes an object loaded outside the cache")
-            loaded, generation = remembered
-            oldest[0] = min(oldest[0], generation)
-        for key, fn in state.callables.items():
-            # defer()/load_only() loaders are reproduced on a hit (the attribute is expired);
-            # anything else (raiseload, per-query lazy options) is not.
-            if not isinstance(fn, _DEFERRED_LOADERS) or getattr(fn, "raiseload", False):
-                raise _Unstorable(f"a loader option installed a per-object loader on {key!r}")
-        layout = layout_of(state.mapper)
-        graph.row(state, layout, loaded, related)
-        slot = len(table)
-        index[id(obj)] = slot
-        entry: list[Any] = [
-            _path(state.class_),
-            {k: layout.columns[k].encode(v) for k, v in loaded.items()},
-            {},
-        ]
-        table.append(entry)
-        rels: dict[str, Any] = {}
-        dict_ = state.dict
-        for key, prop in layout.relationships.items():
-            if key not in dict_:
-                continue
-            if key in state.committed_state:
-                raise _Unstorable(f"relationship {key!r} has changes not flushed")
-            covered = graph.relationship(prop, loaded)
-            value = dict_[key]
-            if prop.uselist:
-                if not isinstance(value, (list, set)):
-                    raise _Unstorable(f"collection class of {key!r} is not a list or set")
-                rels[key] = [ref(v, None if covered else True) for v in value]
-            else:
-                rels[key] = ref(value, None if covered else True)
-        entry[2] = rels
-        return slot
-
-    for obj in roots:
-        ref(obj, False)
-    return table, index
-
-
-def encode_result(
-    data: Sequence[Any], single: bool, columns: list[ValueCodec | None], frame: Frame, graph: _Graph
-) -> tuple[bytes, int]:
-    """(payload bytes, the generation to store it at) for a result's rows (objects when ``single``,
-    else tuples); what the graph read goes into ``graph``."""
-    if frame.unstorable:
-        raise _Unstorable(frame.unstorable)
-    if frame.generation is None:
-        raise _Unstorable("no generation: the backend was unavailable when the read began")
-    oldest = [frame.generation]
-    if single:
-        table, index = _encode_entities(data, frame, graph, oldest)
-        rows: list[Any] = [None if o is None else index[id(o)] for o in data]
-    else:
-        roots = [v for row in data for v, c in zip(row, columns) if c is ENTITY and v is not None]
-        table, index = _encode_entities(roots, frame, graph, oldest)
-        rows = [
-            [
-                (None if v is None else index[id(v)]) if c is None else c.encode(v)
-                for v, c in zip(row, columns)
-            ]
-            for row in data
-        ]
-    return orjson.dumps([PAYLOAD_FORMAT, table, rows]), oldest[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Rebuild: payload → objects attached to the session, as a database load would leave them.
-
-
-class _HitContext:
-    """Stands in for the QueryContext that ``load`` listeners receive on a database load."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-
-_Decoded = list[tuple[Mapper[Any], MapperLayout, dict[str, Any], Any, dict[str, Any]]]
-
-
-def _decode_entities(table: Any, near: Mapper[Any] | None) -> _Decoded:
-    """An entry's entity table, decoded and validated without touching any session: a corrupt
-    entry must leave no half-built object behind in an identity map. Raises CodecError."""
-    if not isinstance(table, list):
-        raise CodecError("entity table is not a list")
-    decoded: _Decoded = []
-    for entry in table:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
-            raise CodecError("bad entity entry")
-        cpath, raw, rels = entry
-        if not isinstance(raw, dict) or not isinstance(rels, dict):
-            raise CodecError("bad entity entry")
-        mapper = mapper_for_path(cpath, near)
-        layout = layout_of(mapper)
-        try:
-            values = {k: layout.columns[k].decode(v) for k, v in raw.items()}
-            pk = tuple(values[k] for k in layout.pk_keys)
-        except KeyError as exc:
-            raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
-        for key, ref in rels.items():
-            prop = layout.relationships.get(key)
-            if prop is None:
-                raise CodecError(f"unknown relationship {key!r}")
-            for r in ref if isinstance(ref, list) else [ref]:
-                if r is not None and (type(r) is not int or not 0 <= r < len(table)):
-                    raise CodecError("bad entity reference")
-            if prop.uselist != isinstance(ref, list):
-                raise CodecError(f"bad value for relationship {key!r}")
-        decoded.append((mapper, layout, values, mapper.identity_key_from_primary_key(pk), rels))
-    return decoded
-
-
-def _attach(
-    session: Session,
-    identity_map: Any,
-    decoded: _Decoded,
-    generation: int,
-    roots: Sequence[Any] = (),
-    load_options: tuple[Any, ...] = (),
-) -> list[Any]:
-    """Decoded entities → objects in ``identity_map``, as a database load leaves them. (The map of
-    the moment the statement ran: one that close()/expunge_all() replaced since refuses them with
-    the ORM's own error, as a database result consumed then does.)"""
-    objs: list[Any] = []
-    new_states: list[Any] = []
-    for mapper, layout, values, ikey, _ in decoded:
-        obj = identity_map.get(ikey)
-        if obj is not None:
-            # Already in the session: like a database load, fill only what isn't loaded.
-            state = instance_state(obj)
-            unloaded = state.unloaded
-            to_load = [k for k in values if k in unloaded]
-            if to_load:
-                dict_ = state.dict
-                for k in to_load:
-                    dict_[k] = values[k]
-                state._commit(dict_, to_load)
-                remember(state, {k: values[k] for k in to_load}, generation)
-        else:
-            obj = mapper.class_manager.new_instance()
-            state = instance_state(obj)
-            dict_ = state.dict
-            dict_.update(values)
-            state.key = ikey
-            state.identity_token = None
-            state.session_id = session.hash_key
-            identity_map._add_unpresent(state, ikey)
-            missing = () if layout.eager_expire.issubset(values) else layout.eager_expire.difference(values)
-            if missing:
-                # The query left these out (load_only/defer): load them on access, like the ORM does.
-                state._expire_attributes(dict_, missing)
-            new_states.append(state)
-            remember(state, values, generation)
-        objs.append(obj)
-
-    fresh = {id(s.obj()) for s in new_states}
-    for obj, (_, layout, _, _, rels) in zip(objs, decoded):
-        dict_ = instance_state(obj).dict
-        for key, ref in rels.items():
-            if id(obj) not in fresh and key in dict_:
-                continue
-            prop = layout.relationships[key]
-            if prop.uselist:
-                value: Any = [None if r is None else objs[r] for r in ref]
-                if prop.collection_class is set:
-                    value = set(value)
-            else:
-                value = None if ref is None else objs[ref]
-            attributes.set_committed_value(obj, key, value)
-
-    # What a load leaves on new states for their lazy loads: the query's propagating options, and
-    # where in the query each object was loaded (their paths line up with those options).
-    if new_states:
-        paths = _load_paths(decoded, roots)
-        states = {id(s): slot for slot, s in enumerate(instance_state(o) for o in objs)}
-        for state in new_states:
-            state.load_options = load_options
-            slot = states[id(state)]
-            state.load_path = paths.get(slot) or decoded[slot][0]._path_registry
-
-    # New states hold only committed values (nothing to _commit_all); fire what a load fires.
-    context = _HitContext(session)
-    dispatch_persistent = session.dispatch.loaded_as_persistent
-    for state in new_states:
-        state.manager.dispatch.load(state, context)
-        if dispatch_persistent:
-            dispatch_persistent(session, state)
-    return objs
-
-
-def _load_paths(decoded: Sequence[Any], roots: Sequence[Any]) -> dict[int, Any]:
-    """Each object's path in the query: roots at their mapper, related objects under the
-    relationship they were reached through (the shallowest path wins, as in the ORM)."""
-    paths: dict[int, Any] = {}
-    todo = [(r, decoded[r][0]._path_registry) for r in roots if type(r) is int and 0 <= r < len(decoded)]
-    while todo:
-        nxt: list[tuple[Any, Any]] = []
-        for slot, path in todo:
-            if slot in paths:
-                continue
-            paths[slot] = path
-            layout, rels = decoded[slot][1], decoded[slot][4]
-            for key, ref in rels.items():
-                prop = layout.relationships[key]
-                child = path[prop][prop.entity]
-                nxt.extend((r, child) for r in (ref if isinstance(ref, list) else [ref]) if r is not None)
-        todo = nxt
-    return paths
-
-
-def _propagating(state: ORMExecuteState) -> tuple[Any, ...]:
-    """The statement's options that a database load would leave on its objects (state.load_options)."""
-    return tuple(o for o in state.statement._with_options if getattr(o, "propagate_to_loaders", False))
-
-
-def _load_payload(payload: bytes) -> tuple[Any, list[Any]]:
-    """(entity table, rows) of an entry's payload; raises CodecError on anything else."""
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise CodecError("payload is not JSON") from exc
-    if not (
-        isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
-    ):
-        raise CodecError("payload format not recognised")
-    return doc[1], doc[2]
-
-
-def _resolver(objs: list[Any]) -> Any:
-    def resolve(ref: Any) -> Any:
-        if ref is None:
-            return None
-        if type(ref) is not int or not 0 <= ref < len(objs):
-            raise CodecError("bad entity reference")
-        return objs[ref]
-
-    return resolve
-
-
-def decode_result(
-    session: Session, payload: bytes, info: ShapeInfo, generation: int, load_options: tuple[Any, ...] = ()
-) -> Callable[[], list[Any]]:
-    """Rows (tuples) of objects and values in the shape of ``info``, made when called: the payload
-    is decoded and validated now (raises CodecError), the objects are attached to the session when
-    the result is consumed, as a database result makes them.
-
-    A payload stored by a single-entity result holds one reference per row, one stored with
-    ``tuples()`` a list: either serves both."""
-    table, rows = _load_payload(payload)
-    decoded = _decode_entities(table, info.shape.mappers[0] if info.shape.mappers else None)
-    columns = info.columns or []
-    refs = range(len(decoded))
-    plans: list[tuple[Any, ...]] = []  # per row: entity slots (or None) and decoded values
-    roots: list[int] = []
-    for row in rows:
-        cells = [(row, ENTITY)] if not isinstance(row, list) else list(zip(row, columns))
-        if (not isinstance(row, list) and (len(columns) != 1 or columns[0] is not ENTITY)) or (
-            isinstance(row, list) and len(row) != len(columns)
-        ):
-            raise CodecError("row does not fit the result shape")
-        plan: list[Any] = []
-        for v, c in cells:
-            if c is ENTITY:
-                if v is not None and (type(v) is not int or v not in refs):
-                    raise CodecError("bad entity reference")
-                plan.append(v)
-                if v is not None:
-                    roots.append(v)
-            else:
-                plan.append(c.decode(v))
-        plans.append(tuple(plan))
-    identity_map = session.identity_map
-    entity_at = [i for i, c in enumerate(columns if columns else [ENTITY]) if c is ENTITY]
-
-    def make() -> list[Any]:
-        objs = _attach(session, identity_map, decoded, generation, roots, load_options)
-        out = []
-        for plan in plans:
-            cells = list(plan)
-            for i in entity_at:
-                if i < len(cells) and cells[i] is not None:
-                    cells[i] = objs[cells[i]]
-            out.append(tuple(cells))
-        return out
-
-    return make
-
-
-# --------------------------------------------------------------------------------------------
-# The orchestration: one function per entry point (do_orm_execute, Session.get).
-
-
-@dataclass(slots=True)
-class GetTicket:
-    """Hands ``Session.get``'s key and lookup to the statement the ORM then executes on a miss."""
-
-    key: str
-    mapper: Mapper[Any]
-    plan: _KeyPlan  # its deps: the row's own dependencies
-    lookup: Lookup | None
-    ttl: float
-    dialect: Any
-    began: float = 0.0  # when its lookup began
-    used: bool = False
-
-
-@dataclass(slots=True)
-class StatementGet:
-    """Marks the statement of a ``Session.get`` that other ``do_orm_execute`` hooks may reshape
-    (tenant criteria, soft delete): cached under the "get" op, keyed by the statement they leave."""
-
-    used: bool = False
-
-
-def reshaped_by_hooks(session: Session) -> bool:
-    """True when hooks besides ours (``_on_execute``) see this session's statements: a get must
-    reach them."""
-    return len(session.dispatch.do_orm_execute) > 1
-
-
-def _written(ctx: SessionContext, tables: Any) -> bool:
-    return ctx.written_everything or (bool(ctx.written) and any(t in ctx.written for t in tables))
-
-
-def _entry_written(ctx: SessionContext, entry_deps: Sequence[str]) -> bool:
-    if ctx.written_everything:
-        return True
-    if not ctx.written:
-        return False
-    return any(deps_mod.table_of_dep(d) in ctx.written for d in entry_deps)
 
 
 def _run_remaining(state: ORMExecuteState) -> Result[Any] | None:
@@ -609,7 +93,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
             return early
     # A bug in sqlacache must never break a read: before the statement runs (and outside the
     # autoflush, whose errors are the application's), any failure means "go to the database".
-    guard = _Guard()
+    guard = Guard()
     try:
         result = _read(ctx, state, flag is True, guard)
     except Exception as exc:
@@ -649,7 +133,7 @@ def invoke(state: ORMExecuteState) -> Result[Any]:
     return result
 
 
-class _Guard:
+class Guard:
     """True while the application's own work runs (autoflush, the statement): its errors are its own."""
 
     __slots__ = ("passthrough",)
@@ -684,69 +168,7 @@ def _plain_read(state: ORMExecuteState) -> bool:
     return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
 
 
-@dataclass(slots=True)
-class _KeyPlan:
-    """Per key: the dependencies its statement predicts, those its entry had, and the hint."""
-
-    deps: list[str]
-    learned: tuple[str, ...] = ()
-    hint: list[str] | None = None
-    shape_size: int = -1
-
-
-_plans: LRU[Any, _KeyPlan] = LRU(8192)  # (key, mode) → plan: computed once per key, not per read
-
-
-def _valueless(dep: str) -> bool:
-    """A dependency every entry of a shape shares (not one naming rows by value)."""
-    return dep[0] not in "rc"
-
-
-def _learn(plan: _KeyPlan, deps: Sequence[str], shape_hint: set[str] | None) -> None:
-    """Remember an entry's dependencies so that the next lookup fetches their versions with it."""
-    found = tuple(deps)
-    if found != plan.learned:
-        plan.learned = found
-        plan.hint = None
-    if shape_hint is not None:
-        shape_hint.update(d for d in found if _valueless(d))
-
-
-def _hint(plan: _KeyPlan, shape_hint: set[str]) -> list[str]:
-    if plan.hint is None or plan.shape_size != len(shape_hint):
-        plan.hint = sorted(set(plan.deps) | shape_hint | set(plan.learned))
-        plan.shape_size = len(shape_hint)
-    return plan.hint
-
-
-def _statement_deps(
-    cache: Cache, info: ShapeInfo, statement: Any, ck: Any, parameters: Any, dialect: Any
-) -> list[str]:
-    """What a statement's own conditions make it depend on (before any row is loaded)."""
-    if dialect is None:
-        return deps_mod.table_read_deps(info.table_names)
-    if info.analysis is None:
-        info.analysis = conditions.analyse(statement, ck.bindparams, deps_mod.table_name)
-    found = conditions.resolve(
-        info.analysis,
-        ck.bindparams,
-        parameters if isinstance(parameters, Mapping) else None,
-        dialect,
-        cache.condition_in_limit,
-    )
-    if info.criteria_tables is None:
-        # with_loader_criteria() adds conditions (and maybe subqueries) when the ORM compiles the
-        # statement, out of the analysis' sight: every table the shape names is then read whole.
-        options = getattr(statement, "_with_options", ())
-        info.criteria_tables = (
-            info.table_names if any(isinstance(o, LoaderCriteriaOption) for o in options) else frozenset()
-        )
-    for name in info.criteria_tables:
-        found.setdefault(name, None)
-    return deps_mod.condition_read_deps(found, info.pk_columns)
-
-
-def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Guard) -> Result[Any] | None:
+def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guard) -> Result[Any] | None:
     cache = ctx.cache
     if not _plain_read(state):
         return None
@@ -785,7 +207,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
     if state._update_execution_options.get("autoflush", state.load_options._autoflush):
         guard.autoflush(session)
     statement_tables = info.table_names
-    if _written(ctx, statement_tables):
+    if tables_written(ctx, statement_tables):
         return None
     statement_deps: list[str]
     refresh: Fill | None = opts.get("_sqlacache_refresh")
@@ -818,14 +240,14 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: _Gua
             cache.count("uncacheable")
             return None
         plan_key = (key, cache.precise, cache.condition_in_limit)
-        memo = _plans.get(plan_key)
+        memo = key_plans.get(plan_key)
         if memo is None:
-            found = _statement_deps(cache, info, statement, ck, state.parameters, dialect)
-            memo = _KeyPlan([cache.database_dep(bind), *found])
-            _plans.put(plan_key, memo)
+            found = deps_of_statement(cache, info, statement, ck, state.parameters, dialect)
+            memo = KeyPlan([cache.database_dep(bind), *found])
+            key_plans.put(plan_key, memo)
         plan = memo
         statement_deps = plan.deps
-        hint = _hint(plan, info.hint)
+        hint = hint_for(plan, info.hint)
         began = time.monotonic()
         lookup = None if refresh is not None else cache.io.lookup(key, hint)
     fill = refresh
@@ -881,18 +303,18 @@ def _serve(
     template: ResultTemplate | None,
     key: str,
     lookup: Lookup | None,
-    plan: _KeyPlan | None,
+    plan: KeyPlan | None,
 ) -> Result[Any] | None:
     """The cached result, when the lookup found one this session may use."""
     entry = lookup.entry if lookup is not None else None
     if entry is None or lookup is None:
         return None
     if plan is not None:
-        _learn(plan, entry.deps, info.hint)
-    if template is None or _entry_written(ctx, entry.deps):
+        learn(plan, entry.deps, info.hint)
+    if template is None or entry_written(ctx, entry.deps):
         return None
     try:
-        make = decode_result(state.session, entry.payload, info, lookup.generation, _propagating(state))
+        make = decode_result(state.session, entry.payload, info, lookup.generation, propagating(state))
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
@@ -906,7 +328,7 @@ def _serve(
     return result_from_rows(template, make)
 
 
-def _fill(state: ORMExecuteState, capture: _Capture, guard: _Guard) -> Result[Any]:
+def _fill(state: ORMExecuteState, capture: _Capture, guard: Guard) -> Result[Any]:
     """A miss: run the statement and return SQLAlchemy's own result; its rows are stored when the
     caller consumes it (see ``_Capture``)."""
     ctx, frame = capture.ctx, capture.frame
@@ -967,7 +389,7 @@ class _Capture:
         ticket: GetTicket | None,
         statement_deps: list[str],
         dialect: Any,
-        plan: _KeyPlan,
+        plan: KeyPlan,
         ttl: float,
         lookup: Lookup | None,
     ) -> None:
@@ -1031,12 +453,12 @@ class _Capture:
         deps: list[str] = []
         try:
             statement_tables = info.table_names
-            graph = _Graph(
+            graph = Graph(
                 self.dialect, statement_tables if ticket is None else layout_of(ticket.mapper).tables
             )
             payload, generation = encode_result(rows, self.single, info.columns or [], frame, graph)
             deps = sorted(set(self.statement_deps) | graph.deps | frame.deps)
-            if not _written(ctx, graph.tables | statement_tables):
+            if not tables_written(ctx, graph.tables | statement_tables):
                 fill = self.fill
                 lease = fill.lease if fill is not None else None
                 cache.io.submit_store(
@@ -1044,8 +466,8 @@ class _Capture:
                 )
                 if fill is not None:
                     fill.lease = None  # the store gives it back
-            _learn(self.plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
-        except _Unstorable as exc:
+            learn(self.plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
+        except Unstorable as exc:
             cache.count("unstorable")
             log.debug("sqlacache: not storing %s: %s", self.key, exc)
         except (CodecError, orjson.JSONEncodeError) as exc:  # orjson refuses e.g. lone surrogates
@@ -1061,156 +483,3 @@ class _Capture:
             parent.deps.update(deps or [deps_mod.ALL])
             if frame.unstorable:
                 parent.unstorable = frame.unstorable
-
-
-def _normalize_ident(mapper: Mapper[Any], layout: MapperLayout, ident: Any) -> tuple[Any, ...] | None:
-    if isinstance(ident, dict):
-        try:
-            return tuple(ident[k] for k in layout.pk_keys)
-        except KeyError:
-            return None
-    pk = tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
-    if len(pk) != len(layout.pk_keys) or any(v is None for v in pk):
-        return None
-    return pk
-
-
-_NOT_HANDLED: Any = object()
-
-
-@dataclass(slots=True)
-class GetPlan:
-    """A ``Session.get`` the cache can answer: its key and the dependencies to fetch with it."""
-
-    key: str
-    mapper: Mapper[Any]
-    layout: MapperLayout
-    plan: _KeyPlan
-    hint: list[str]
-    ttl: float
-    dialect: Any
-    pk: tuple[Any, ...]
-    began: float  # just before its lookup
-
-
-def plan_get(
-    session: Session,
-    ctx: SessionContext,
-    entity: Any,
-    ident: Any,
-    execution_options: Any,
-    guard: _Guard | None = None,
-) -> GetPlan | None:
-    """Decide whether the cache answers this ``get``: None when the database path must (identity map
-    hit, op not cached, a table this transaction wrote, pending changes and no ``guard`` to flush them
-    under)."""
-    cache = ctx.cache
-    mapper = getattr(entity, "__mapper__", None)
-    if not isinstance(mapper, Mapper) or mapper.class_ is not entity:
-        mapper = inspect(entity, raiseerr=False)
-    if not isinstance(mapper, Mapper) or not cache.enabled:
-        return None
-    if execution_options.get("populate_existing") or reshaped_by_hooks(session):
-        return None
-    flag = execution_options.get("cache")
-    if flag is False or "schema_translate_map" in execution_options:
-        return None  # the statement path keys on the translation
-    rule = cache.policy.rule_for(mapper.class_)
-    if flag is not True and (rule is None or "get" not in rule.ops):
-        return None
-    layout = layout_of(mapper)
-    pk = _normalize_ident(mapper, layout, ident)
-    if pk is None:
-        return None
-    identity = mapper.identity_key_from_primary_key(pk)
-    if identity in session.identity_map:
-        return None  # the identity map answers, as it does without a cache
-    if session._new or session._deleted or session.identity_map._modified:
-        if guard is None:  # no way to flush here (async, outside the greenlet): the ORM path will
-            return None
-        guard.autoflush(session)
-        if identity in session.identity_map:
-            return None
-    if _written(ctx, layout.tables):
-        return None
-    if session._transaction is None:
-        if not session.autobegin:
-            return None  # the ORM path raises what a database read raises
-        session._autobegin_t()  # as the database read would
-    bind = session.get_bind(mapper)
-    try:
-        key = cache.keys.get_key(cache.namespace(bind), mapper, pk)
-    except Uncacheable:
-        return None
-    ttl = execution_options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
-    plan = _plans.get(key)
-    if plan is None:
-        tokens = rowtokens.pk_tokens(mapper, pk, bind.dialect)
-        own = (
-            deps_mod.pk_read_deps(layout.tables, tokens)
-            if tokens is not None
-            else deps_mod.table_read_deps(layout.tables)  # a key we cannot canonicalise: the table
-        )
-        plan = _KeyPlan([cache.database_dep(bind), *own])
-        _plans.put(key, plan)
-    dialect = bind.dialect if cache.precise else None
-    hint = _hint(plan, layout.get_hint)
-    return GetPlan(key, mapper, layout, plan, hint, ttl, dialect, pk, time.monotonic())
-
-
-def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Lookup | None) -> Any:
-    """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss."""
-    entry = lookup.entry if lookup is not None else None
-    if lookup is not None and entry is not None:
-        _learn(plan.plan, entry.deps, plan.layout.get_hint)
-        if not _entry_written(ctx, entry.deps):
-            try:
-                objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
-            except Exception as exc:
-                ctx.cache.io.drop(plan.key, "corrupt", exc)
-                lookup = Lookup(None, lookup.generation)
-            else:
-                ctx.cache.count("hits")
-                if lookup.refresh_due:
-                    _refresh_get(session, ctx.cache, plan)
-                return objs[0] if objs else None
-    return GetTicket(plan.key, plan.mapper, plan.plan, lookup, plan.ttl, plan.dialect, plan.began)
-
-
-def _refresh_get(session: Session, cache: Cache, plan: GetPlan) -> None:
-    fill = refreshing.claim(cache, plan.key, plan.began)
-    if fill is None:
-        return
-    ticket = GetTicket(plan.key, plan.mapper, plan.plan, None, plan.ttl, plan.dialect)
-    options = {"_sqlacache_get": ticket, "_sqlacache_refresh": fill}
-    cls, pk = plan.mapper.class_, plan.pk
-    refreshing.start(
-        cache, fill, session.get_bind(plan.mapper), lambda s: s.get(cls, pk, execution_options=options)
-    )
-
-
-def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, execution_options: Any) -> Any:
-    """``Session.get`` without building a statement: key from (class, pk), one backend round trip.
-
-    Returns the object (or None for a cached "not found"), ``_NOT_HANDLED``, or a GetTicket to put
-    into ``execution_options`` for the statement the ORM will run on a miss.
-    """
-    guard = _Guard()
-    try:
-        plan = plan_get(session, ctx, entity, ident, execution_options, guard=guard)
-        if plan is None:
-            return _NOT_HANDLED
-        return finish_get(session, ctx, plan, ctx.cache.io.lookup(plan.key, plan.hint))
-    except Exception as exc:
-        if guard.passthrough:
-            raise
-        ctx.cache.internal_error(exc, "on the get path")
-        return _NOT_HANDLED
-
-
-def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any], generation: int) -> list[Any]:
-    table, rows = _load_payload(payload)
-    if len(rows) > 1:
-        raise CodecError("a primary-key read with several rows")
-    objs = _attach(session, session.identity_map, _decode_entities(table, mapper), generation, rows)
-    return [_resolver(objs)(ref) for ref in rows]

@@ -1,0 +1,243 @@
+"""Rebuild: payload → objects attached to the session, as a database load would leave them.
+
+An identity already in the session is returned as is (only its unloaded attributes are filled,
+exactly like a database load), new ones are created persistent in the identity map, eager-loaded
+relationships are set, columns the query did not load stay unloaded, and the ``load`` event fires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes
+from sqlalchemy.orm.base import instance_state
+
+from sqlacache.analysis.codec import CodecError
+from sqlacache.layout import MapperLayout, layout_of, mapper_for_path, remember
+from sqlacache.read.capture import PAYLOAD_FORMAT
+from sqlacache.read.plan import ENTITY, ShapeInfo
+
+if TYPE_CHECKING:
+    pass
+
+
+class _HitContext:
+    """Stands in for the QueryContext that ``load`` listeners receive on a database load."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+
+_Decoded = list[tuple[Mapper[Any], MapperLayout, dict[str, Any], Any, dict[str, Any]]]
+
+
+def decode_entities(table: Any, near: Mapper[Any] | None) -> _Decoded:
+    """An entry's entity table, decoded and validated without touching any session: a corrupt
+    entry must leave no half-built object behind in an identity map. Raises CodecError."""
+    if not isinstance(table, list):
+        raise CodecError("entity table is not a list")
+    decoded: _Decoded = []
+    for entry in table:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
+            raise CodecError("bad entity entry")
+        cpath, raw, rels = entry
+        if not isinstance(raw, dict) or not isinstance(rels, dict):
+            raise CodecError("bad entity entry")
+        mapper = mapper_for_path(cpath, near)
+        layout = layout_of(mapper)
+        try:
+            values = {k: layout.columns[k].decode(v) for k, v in raw.items()}
+            pk = tuple(values[k] for k in layout.pk_keys)
+        except KeyError as exc:
+            raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
+        for key, ref in rels.items():
+            prop = layout.relationships.get(key)
+            if prop is None:
+                raise CodecError(f"unknown relationship {key!r}")
+            for r in ref if isinstance(ref, list) else [ref]:
+                if r is not None and (type(r) is not int or not 0 <= r < len(table)):
+                    raise CodecError("bad entity reference")
+            if prop.uselist != isinstance(ref, list):
+                raise CodecError(f"bad value for relationship {key!r}")
+        decoded.append((mapper, layout, values, mapper.identity_key_from_primary_key(pk), rels))
+    return decoded
+
+
+def attach(
+    session: Session,
+    identity_map: Any,
+    decoded: _Decoded,
+    generation: int,
+    roots: Sequence[Any] = (),
+    load_options: tuple[Any, ...] = (),
+) -> list[Any]:
+    """Decoded entities → objects in ``identity_map``, as a database load leaves them. (The map of
+    the moment the statement ran: one that close()/expunge_all() replaced since refuses them with
+    the ORM's own error, as a database result consumed then does.)"""
+    objs: list[Any] = []
+    new_states: list[Any] = []
+    for mapper, layout, values, ikey, _ in decoded:
+        obj = identity_map.get(ikey)
+        if obj is not None:
+            # Already in the session: like a database load, fill only what isn't loaded.
+            state = instance_state(obj)
+            unloaded = state.unloaded
+            to_load = [k for k in values if k in unloaded]
+            if to_load:
+                dict_ = state.dict
+                for k in to_load:
+                    dict_[k] = values[k]
+                state._commit(dict_, to_load)
+                remember(state, {k: values[k] for k in to_load}, generation)
+        else:
+            obj = mapper.class_manager.new_instance()
+            state = instance_state(obj)
+            dict_ = state.dict
+            dict_.update(values)
+            state.key = ikey
+            state.identity_token = None
+            state.session_id = session.hash_key
+            identity_map._add_unpresent(state, ikey)
+            missing = () if layout.eager_expire.issubset(values) else layout.eager_expire.difference(values)
+            if missing:
+                # The query left these out (load_only/defer): load them on access, like the ORM does.
+                state._expire_attributes(dict_, missing)
+            new_states.append(state)
+            remember(state, values, generation)
+        objs.append(obj)
+
+    fresh = {id(s.obj()) for s in new_states}
+    for obj, (_, layout, _, _, rels) in zip(objs, decoded):
+        dict_ = instance_state(obj).dict
+        for key, ref in rels.items():
+            if id(obj) not in fresh and key in dict_:
+                continue
+            prop = layout.relationships[key]
+            if prop.uselist:
+                value: Any = [None if r is None else objs[r] for r in ref]
+                if prop.collection_class is set:
+                    value = set(value)
+            else:
+                value = None if ref is None else objs[ref]
+            attributes.set_committed_value(obj, key, value)
+
+    # What a load leaves on new states for their lazy loads: the query's propagating options, and
+    # where in the query each object was loaded (their paths line up with those options).
+    if new_states:
+        paths = _load_paths(decoded, roots)
+        states = {id(s): slot for slot, s in enumerate(instance_state(o) for o in objs)}
+        for state in new_states:
+            state.load_options = load_options
+            slot = states[id(state)]
+            state.load_path = paths.get(slot) or decoded[slot][0]._path_registry
+
+    # New states hold only committed values (nothing to _commit_all); fire what a load fires.
+    context = _HitContext(session)
+    dispatch_persistent = session.dispatch.loaded_as_persistent
+    for state in new_states:
+        state.manager.dispatch.load(state, context)
+        if dispatch_persistent:
+            dispatch_persistent(session, state)
+    return objs
+
+
+def _load_paths(decoded: Sequence[Any], roots: Sequence[Any]) -> dict[int, Any]:
+    """Each object's path in the query: roots at their mapper, related objects under the
+    relationship they were reached through (the shallowest path wins, as in the ORM)."""
+    paths: dict[int, Any] = {}
+    todo = [(r, decoded[r][0]._path_registry) for r in roots if type(r) is int and 0 <= r < len(decoded)]
+    while todo:
+        nxt: list[tuple[Any, Any]] = []
+        for slot, path in todo:
+            if slot in paths:
+                continue
+            paths[slot] = path
+            layout, rels = decoded[slot][1], decoded[slot][4]
+            for key, ref in rels.items():
+                prop = layout.relationships[key]
+                child = path[prop][prop.entity]
+                nxt.extend((r, child) for r in (ref if isinstance(ref, list) else [ref]) if r is not None)
+        todo = nxt
+    return paths
+
+
+def propagating(state: ORMExecuteState) -> tuple[Any, ...]:
+    """The statement's options that a database load would leave on its objects (state.load_options)."""
+    return tuple(o for o in state.statement._with_options if getattr(o, "propagate_to_loaders", False))
+
+
+def load_payload(payload: bytes) -> tuple[Any, list[Any]]:
+    """(entity table, rows) of an entry's payload; raises CodecError on anything else."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError("payload is not JSON") from exc
+    if not (
+        isinstance(doc, list) and len(doc) == 3 and doc[0] == PAYLOAD_FORMAT and isinstance(doc[2], list)
+    ):
+        raise CodecError("payload format not recognised")
+    return doc[1], doc[2]
+
+
+def resolver(objs: list[Any]) -> Any:
+    def resolve(ref: Any) -> Any:
+        if ref is None:
+            return None
+        if type(ref) is not int or not 0 <= ref < len(objs):
+            raise CodecError("bad entity reference")
+        return objs[ref]
+
+    return resolve
+
+
+def decode_result(
+    session: Session, payload: bytes, info: ShapeInfo, generation: int, load_options: tuple[Any, ...] = ()
+) -> Callable[[], list[Any]]:
+    """Rows (tuples) of objects and values in the shape of ``info``, made when called: the payload
+    is decoded and validated now (raises CodecError), the objects are attached to the session when
+    the result is consumed, as a database result makes them.
+
+    A payload stored by a single-entity result holds one reference per row, one stored with
+    ``tuples()`` a list: either serves both."""
+    table, rows = load_payload(payload)
+    decoded = decode_entities(table, info.shape.mappers[0] if info.shape.mappers else None)
+    columns = info.columns or []
+    refs = range(len(decoded))
+    plans: list[tuple[Any, ...]] = []  # per row: entity slots (or None) and decoded values
+    roots: list[int] = []
+    for row in rows:
+        cells = [(row, ENTITY)] if not isinstance(row, list) else list(zip(row, columns))
+        if (not isinstance(row, list) and (len(columns) != 1 or columns[0] is not ENTITY)) or (
+            isinstance(row, list) and len(row) != len(columns)
+        ):
+            raise CodecError("row does not fit the result shape")
+        plan: list[Any] = []
+        for v, c in cells:
+            if c is ENTITY:
+                if v is not None and (type(v) is not int or v not in refs):
+                    raise CodecError("bad entity reference")
+                plan.append(v)
+                if v is not None:
+                    roots.append(v)
+            else:
+                plan.append(c.decode(v))
+        plans.append(tuple(plan))
+    identity_map = session.identity_map
+    entity_at = [i for i, c in enumerate(columns if columns else [ENTITY]) if c is ENTITY]
+
+    def make() -> list[Any]:
+        objs = attach(session, identity_map, decoded, generation, roots, load_options)
+        out = []
+        for plan in plans:
+            cells = list(plan)
+            for i in entity_at:
+                if i < len(cells) and cells[i] is not None:
+                    cells[i] = objs[cells[i]]
+            out.append(tuple(cells))
+        return out
+
+    return make
