@@ -1,9 +1,9 @@
 """Backend conformance: every backend must behave the same as seen through the ``Backend`` contract.
 
-The ``conformance`` tests run once per backend: in-process memory, real Redis through a sync client,
-real Redis through an asyncio client (the body runs inside SQLAlchemy's ``greenlet_spawn``, as the
-sync core of an ``AsyncSession`` would), and fakeredis (sync and asyncio). The bodies are written
-once, as plain sync code against ``h.backend``.
+The contract's tests are the shipped kit (``sqlacache.testing.BackendTests``), run here once per
+backend: in-process memory, real Redis through a sync client, real Redis through an asyncio client
+(the body runs inside SQLAlchemy's ``greenlet_spawn``, as the sync core of an ``AsyncSession``
+would), and fakeredis (sync and asyncio). What is Redis- or memory-specific stays here.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import redis.asyncio
 from redis.connection import Connection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from sqlacache.backends import Backend, BackendError, Entry, Lookup, MemoryBackend, RedisBackend
+from sqlacache.backends import Backend, BackendError, Entry, MemoryBackend, RedisBackend
 from sqlacache.backends.redis.backend import _glob_escape
-
-TTL = 60.0
+from sqlacache.testing import TTL, BackendTests, ready
 
 
 @dataclass
@@ -110,216 +109,100 @@ def conformance(body: Callable[[Harness], None]) -> Callable[[Harness], Awaitabl
     return test
 
 
-def _ready(h: Harness, deps: list[str]) -> int:
-    """A generation at which ``deps`` all have versions (a fresh backend has none: missing = bumped).
-
-    A refused store creates the missing ones; a bump never does."""
-    h.backend.store("__ready__", b"", deps, 0, TTL)
-    return int(h.backend.lookup("__ready__").generation)
+# -- the contract, on every backend: the kit (sqlacache.testing) --------------------------------------
 
 
-# -- the contract, on every backend -----------------------------------------------------------------
+class TestMemory(BackendTests):
+    def make_backend(self) -> Backend:
+        return MemoryBackend()
+
+    def close_backend(self, backend: Backend) -> None:
+        pass
+
+    def evict_version(self, backend: Any, dep: str) -> None:
+        with backend._lock:
+            del backend._versions[dep]
+
+    def entry_exists(self, backend: Any, key: str) -> bool:
+        return len(backend) > 0
+
+    def version_count(self, backend: Any) -> int:
+        return len(backend._versions)
 
 
-@conformance
-def test_is_a_backend(h: Harness) -> None:
-    assert isinstance(h.backend, Backend)
+class _OnRedis(BackendTests):
+    """The Redis flavours: a raw client on the same server does what a user can't (evict a version)."""
+
+    raw: Any
+    prefix: str
+
+    def evict_version(self, backend: Backend, dep: str) -> None:
+        assert self.raw.delete(f"{self.prefix}:v:{dep}") == 1
+
+    def entry_exists(self, backend: Backend, key: str) -> bool:
+        return bool(self.raw.exists(f"{self.prefix}:e:{key}"))
+
+    def version_count(self, backend: Backend) -> int:
+        return sum(1 for _ in self.raw.scan_iter(match=f"{_glob_escape(self.prefix)}:v:*", count=1000))
 
 
-@conformance
-def test_miss_returns_a_generation(h: Harness) -> None:
-    result = h.backend.lookup("nothing-here")
-    assert isinstance(result, Lookup)
-    assert result.entry is None
-    assert isinstance(result.generation, int) and result.generation > 0
-    assert h.backend.generation() >= result.generation
+class _RealRedis(_OnRedis):
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_url: str, key_prefix: str) -> Iterator[None]:
+        self.url, self.prefix = redis_url, key_prefix
+        self.raw = redis.Redis.from_url(redis_url)
+        yield
+        _wipe(self.raw, key_prefix)
+        self.raw.close()
 
 
-PAYLOADS = [
-    b"",
-    b"plain",
-    b"line\nbreaks\n\n",
-    b"\x1f\x1fseparators\x1f\n\x1f",
-    b"\xff\xfe\x00 not utf-8 \xc3\x28",
-    bytes(range(256)),
-    b"12345\x1ft:fake\nlooks like a header",
-    b"x" * 200_000,
-]
+class TestRedisSync(_RealRedis):
+    def make_backend(self) -> Backend:
+        self.client = redis.Redis.from_url(self.url)
+        return RedisBackend(self.client, prefix=self.prefix)
+
+    def close_backend(self, backend: Backend) -> None:
+        self.client.close()
 
 
-@conformance
-def test_round_trip_payloads_and_deps(h: Harness) -> None:
-    deps = ["*", "t:users", "r:users:0123abcd", "t:sch\u00e9ma.t\u00e4ble", "t:has space:colon"]
-    g = _ready(h, deps)
-    for i, payload in enumerate(PAYLOADS):
-        assert h.backend.store(f"k{i}", payload, deps, g, TTL) is True
-    for i, payload in enumerate(PAYLOADS):
-        result = h.backend.lookup(f"k{i}")
-        assert result.entry == Entry(payload, tuple(deps))
-        assert type(result.entry.payload) is bytes
-    # No dependencies at all: valid until its TTL.
-    assert h.backend.store("nodeps", b"v", [], h.backend.generation(), TTL) is True
-    assert h.backend.lookup("nodeps").entry == Entry(b"v", ())
+class TestRedisAsyncio(_RealRedis):
+    """asyncio client only: every call must take the greenlet path, none can fall back to sync."""
+
+    in_greenlet = True
+
+    def make_backend(self) -> Backend:
+        self.aclient = redis.asyncio.Redis.from_url(self.url)
+        return RedisBackend(async_client=self.aclient, prefix=self.prefix)
+
+    async def aclose_backend(self, backend: Backend) -> None:
+        await self.aclient.aclose()
 
 
-@conformance
-def test_generation_on_a_hit_is_current(h: Harness) -> None:
-    g = _ready(h, ["t:a"])
-    assert h.backend.store("k", b"v", ["t:a"], g, TTL)
-    h.backend.bump(["t:other"])
-    hit = h.backend.lookup("k")
-    assert hit.entry is not None
-    assert hit.generation == h.backend.generation() > g
+class _FakeRedis(_OnRedis):
+    @pytest.fixture(autouse=True)
+    def _server(self, key_prefix: str) -> None:
+        self.server = fakeredis.FakeServer()
+        self.raw = fakeredis.FakeRedis(server=self.server)
+        self.prefix = key_prefix
 
 
-@conformance
-def test_bump_invalidates_dependents_only(h: Harness) -> None:
-    g = _ready(h, ["t:a", "t:b", "*"])
-    assert h.backend.store("a", b"A", ["*", "t:a"], g, TTL)
-    assert h.backend.store("b", b"B", ["*", "t:b"], g, TTL)
-    assert h.backend.store("ab", b"AB", ["t:a", "t:b"], g, TTL)
-    h.backend.bump(["t:a"])
-    assert h.backend.lookup("a").entry is None
-    assert h.backend.lookup("ab").entry is None
-    assert h.backend.lookup("b").entry == Entry(b"B", ("*", "t:b"))
-    h.backend.bump(["*"])
-    assert h.backend.lookup("b").entry is None
+class TestFakeRedis(_FakeRedis):
+    def make_backend(self) -> Backend:
+        return RedisBackend(fakeredis.FakeRedis(server=self.server), prefix=self.prefix)
+
+    def close_backend(self, backend: Backend) -> None:
+        pass
 
 
-@conformance
-def test_store_refused_when_bumped_after_generation(h: Harness) -> None:
-    _ready(h, ["t:a", "t:b"])
-    g = h.backend.lookup("k").generation  # the reader's read begins
-    h.backend.bump(["t:b"])  # a writer commits meanwhile
-    assert h.backend.store("k", b"stale", ["t:a", "t:b"], g, TTL) is False
-    assert h.backend.lookup("k").entry is None
-    # The refusal is per dependency: an unrelated bump does not block.
-    g2 = h.backend.lookup("k").generation
-    h.backend.bump(["t:unrelated"])
-    assert h.backend.store("k", b"fresh", ["t:a", "t:b"], g2, TTL) is True
-    assert h.backend.lookup("k").entry == Entry(b"fresh", ("t:a", "t:b"))
+class TestFakeRedisAsyncio(_FakeRedis):
+    in_greenlet = True
 
+    def make_backend(self) -> Backend:
+        self.aclient = fakeredis.FakeAsyncRedis(server=self.server)
+        return RedisBackend(async_client=self.aclient, prefix=self.prefix)
 
-@conformance
-def test_store_accepted_when_bump_preceded_generation(h: Harness) -> None:
-    _ready(h, ["t:a"])
-    h.backend.bump(["t:a"])
-    g = h.backend.lookup("k").generation
-    assert h.backend.store("k", b"v", ["t:a"], g, TTL) is True
-    g_explicit = h.backend.generation()
-    assert h.backend.store("k2", b"v", ["t:a"], g_explicit, TTL) is True
-    assert h.backend.lookup("k").entry is not None and h.backend.lookup("k2").entry is not None
-
-
-@conformance
-def test_generations_strictly_increase_across_bumps(h: Harness) -> None:
-    seen = [h.backend.generation()]
-    for i in range(50):
-        h.backend.bump([f"t:{i % 3}"])
-        g = h.backend.lookup("k").generation if i % 2 else h.backend.generation()
-        assert g > seen[-1]
-        seen.append(g)
-    # Without bumps the generation may stay put, but never goes back.
-    assert h.backend.generation() >= seen[-1]
-
-
-@conformance
-def test_missing_version_refuses_once_then_accepts(h: Harness) -> None:
-    _ready(h, ["t:a", "t:b"])
-    h.evict_version("t:b")
-    g = h.backend.lookup("k").generation
-    # A lost version counts as bumped just now: newer than any generation handed out before.
-    assert h.backend.store("k", b"v", ["t:a", "t:b"], g, TTL) is False
-    assert h.backend.lookup("k").entry is None
-    assert h.backend.store("k", b"v", ["t:a", "t:b"], g, TTL) is False
-    g2 = h.backend.lookup("k").generation
-    assert g2 > g
-    assert h.backend.store("k", b"v", ["t:a", "t:b"], g2, TTL) is True
-    assert h.backend.lookup("k").entry == Entry(b"v", ("t:a", "t:b"))
-
-
-@conformance
-def test_entry_whose_version_vanished_is_a_miss(h: Harness) -> None:
-    g = _ready(h, ["t:a", "t:b"])
-    assert h.backend.store("k", b"v", ["t:a", "t:b"], g, TTL)
-    h.evict_version("t:b")
-    assert h.backend.lookup("k").entry is None
-    # Dropped, not just skipped.
-    if h.raw is not None:
-        assert not h.raw.exists(f"{h.prefix}:e:k")
-    else:
-        assert len(h.backend) == 0
-
-
-@conformance
-def test_fresh_backend_has_no_versions(h: Harness) -> None:
-    g = h.backend.lookup("k").generation
-    assert h.backend.store("k", b"v", ["t:new"], g, TTL) is False
-    assert h.backend.store("k", b"v", ["t:new"], h.backend.lookup("k").generation, TTL) is True
-
-
-@conformance
-def test_ttl_expiry(h: Harness) -> None:
-    g = _ready(h, ["t:a"])
-    assert h.backend.store("short", b"v", ["t:a"], g, 0.2)
-    assert h.backend.store("long", b"v", ["t:a"], g, TTL)
-    assert h.backend.lookup("short").entry is not None
-    time.sleep(0.4)
-    assert h.backend.lookup("short").entry is None
-    assert h.backend.lookup("long").entry is not None
-
-
-@conformance
-def test_nonpositive_ttl_stores_nothing(h: Harness) -> None:
-    g = _ready(h, ["t:a"])
-    assert h.backend.store("k", b"v", ["t:a"], g, 0) is False
-    assert h.backend.store("k", b"v", ["t:a"], g, -1.0) is False
-    assert h.backend.store("k", b"v", ["t:a"], g, float("nan")) is False
-    assert h.backend.lookup("k").entry is None
-
-
-@conformance
-def test_delete(h: Harness) -> None:
-    g = _ready(h, ["t:a"])
-    for key in ("a", "b", "c"):
-        assert h.backend.store(key, key.encode(), ["t:a"], g, TTL)
-    h.backend.delete(["a", "c", "never-stored"])
-    h.backend.delete([])
-    assert h.backend.lookup("a").entry is None
-    assert h.backend.lookup("b").entry == Entry(b"b", ("t:a",))
-    assert h.backend.lookup("c").entry is None
-
-
-@conformance
-def test_clear(h: Harness) -> None:
-    g = _ready(h, ["t:a"])
-    for i in range(30):
-        assert h.backend.store(f"k{i}", b"v", ["t:a"], g, TTL)
-    before = h.backend.generation()
-    h.backend.clear()
-    assert all(h.backend.lookup(f"k{i}").entry is None for i in range(30))
-    # Versions went too (so a store is refused once), and generations did not go back.
-    g2 = h.backend.lookup("k0").generation
-    assert g2 >= before
-    assert h.backend.store("k0", b"v", ["t:a"], g2, TTL) is False
-    h.backend.clear()  # clearing an empty cache is fine
-
-
-@conformance
-def test_dependency_names_with_separators_are_rejected(h: Harness) -> None:
-    g = h.backend.generation()
-    for bad in ("t:a\x1fb", "t:a\nb"):
-        with pytest.raises(ValueError):
-            h.backend.store("k", b"v", ["t:ok", bad], g, TTL)
-
-
-@conformance
-def test_closed_backend_raises_backend_error(h: Harness) -> None:
-    h.backend.close()
-    with pytest.raises(BackendError):
-        h.backend.lookup("k")
-    with pytest.raises(BackendError):
-        h.backend.bump(["t:a"])
+    async def aclose_backend(self, backend: Backend) -> None:
+        await self.aclient.aclose()
 
 
 # -- Redis specifics (every Redis flavour) ------------------------------------------------------------
@@ -340,7 +223,7 @@ def _redis_only(h: Harness) -> redis.Redis:
 @redis_conformance
 def test_redis_key_layout(h: Harness) -> None:
     raw = _redis_only(h)
-    g = _ready(h, ["t:a", "*"])
+    g = ready(h, ["t:a", "*"])
     assert h.backend.store("k", b"pay\nload", ["t:a", "*"], g, TTL)
     p = h.prefix
     assert raw.get(f"{p}:e:k") == f"{g}\x1ft:a\x1f*\n".encode() + b"pay\nload"
@@ -353,7 +236,7 @@ def test_redis_key_layout(h: Harness) -> None:
 def test_redis_clear_touches_only_this_prefix(h: Harness) -> None:
     raw = _redis_only(h)
     p = h.prefix
-    g = _ready(h, ["t:a"])
+    g = ready(h, ["t:a"])
     assert h.backend.store("k", b"v", ["t:a"], g, TTL)
     foreign = {
         f"{p}-other:e:k": b"x",  # another prefix that merely starts with ours
@@ -377,7 +260,7 @@ def test_redis_clear_escapes_glob_characters(h: Harness) -> None:
     raw = _redis_only(h)
     p = h.prefix
     h.backend.prefix = f"{p}[x]*?\\"
-    g = _ready(h, ["t:a"])
+    g = ready(h, ["t:a"])
     assert h.backend.store("k", b"v", ["t:a"], g, TTL)
     raw.set(f"{p}x:e:k", b"would match an unescaped pattern")
     assert raw.keys(_glob_escape(h.backend.prefix) + ":*") == raw.keys(f"{p}\\[*")
@@ -391,7 +274,7 @@ def test_redis_clear_escapes_glob_characters(h: Harness) -> None:
 def test_redis_corrupt_entries_are_misses_and_deleted(h: Harness) -> None:
     raw = _redis_only(h)
     p = h.prefix
-    g = _ready(h, ["t:a"])
+    g = ready(h, ["t:a"])
     garbage = {
         "no-newline": b"garbage",
         "bad-generation": b"12x\x1ft:a\npayload",
@@ -426,7 +309,7 @@ def test_redis_corrupt_entries_are_misses_and_deleted(h: Harness) -> None:
 def test_redis_versions_outlive_their_entries(h: Harness) -> None:
     raw = _redis_only(h)
     p = h.prefix
-    g = _ready(h, ["t:short", "t:long", "t:forever"])
+    g = ready(h, ["t:short", "t:long", "t:forever"])
     raw.pexpire(f"{p}:v:t:short", 5_000)
     raw.persist(f"{p}:v:t:forever")
     long_ttl = raw.pttl(f"{p}:v:t:long")
@@ -443,7 +326,7 @@ def test_redis_versions_outlive_their_entries(h: Harness) -> None:
 @redis_conformance
 def test_redis_lost_generation_counter_resumes_above(h: Harness) -> None:
     raw = _redis_only(h)
-    _ready(h, ["t:a"])
+    ready(h, ["t:a"])
     g = h.backend.lookup("k").generation
     raw.delete(f"{h.prefix}:gen")  # evicted
     assert h.backend.generation() >= g
@@ -456,7 +339,7 @@ def test_redis_lost_generation_counter_resumes_above(h: Harness) -> None:
 def test_redis_counter_ahead_of_clock_still_increases(h: Harness) -> None:
     # Bumps faster than one per microsecond run the counter ahead of the clock; it must keep counting.
     raw = _redis_only(h)
-    _ready(h, ["t:a"])
+    ready(h, ["t:a"])
     ahead = h.backend.generation() + 10**9
     raw.set(f"{h.prefix}:gen", ahead)
     g = h.backend.lookup("k").generation
@@ -670,7 +553,7 @@ def test_redis_lookup_is_one_round_trip(redis_url: str, key_prefix: str) -> None
     client = redis.Redis(connection_pool=pool)
     backend = RedisBackend(client, prefix=key_prefix)
     try:
-        g = _ready(Harness("redis-sync", backend), ["t:a", "t:b", "*"])
+        g = ready(Harness("redis-sync", backend), ["t:a", "t:b", "*"])
         assert backend.store("k", b"v", ["t:a", "t:b", "*"], g, TTL)
         backend.lookup("k")  # connects and loads the script
         conn = pool.get_connection()
@@ -728,7 +611,7 @@ async def test_greenlet_calls_use_the_asyncio_client(redis_url: str, key_prefix:
     backend = RedisBackend(dead, async_client=aclient, prefix=key_prefix)
 
     def body() -> None:
-        g = _ready(Harness("both", backend), ["t:a"])
+        g = ready(Harness("both", backend), ["t:a"])
         assert backend.store("k", b"v", ["t:a"], g, TTL)
         assert backend.lookup("k").entry == Entry(b"v", ("t:a",))
         backend.clear()
@@ -745,7 +628,7 @@ async def test_greenlet_calls_use_the_asyncio_client(redis_url: str, key_prefix:
 async def test_from_url_serves_sync_and_async_callers(redis_url: str, key_prefix: str) -> None:
     backend = RedisBackend.from_url(redis_url, prefix=key_prefix)
     try:
-        g = _ready(Harness("sync", backend), ["t:a"])
+        g = ready(Harness("sync", backend), ["t:a"])
         assert backend.store("k", b"v", ["t:a"], g, TTL)
         result = await greenlet_spawn(backend.lookup, "k")
         assert result.entry == Entry(b"v", ("t:a",))
@@ -787,32 +670,6 @@ def test_decode_responses_client_is_rejected() -> None:
         RedisBackend()
 
 
-@conformance
-def test_hinted_lookup_agrees_with_plain_lookup(h: Harness) -> None:
-    """``lookup(key, hint)`` may answer from one MGET; it must answer what the script answers."""
-    import random
-
-    rnd = random.Random(7)
-    deps_pool = ["t:a", "t:b", "r:a:1", "*"]
-    h.backend.bump(deps_pool)
-    for step in range(200):
-        op = rnd.random()
-        key = f"k{rnd.randrange(3)}"
-        if op < 0.3:
-            deps = rnd.sample(deps_pool, rnd.randrange(1, 4))
-            h.backend.store(key, f"v{step}".encode(), deps, h.backend.lookup(key).generation, TTL)
-        elif op < 0.5:
-            h.backend.bump([rnd.choice(deps_pool)])
-        else:
-            hint = rnd.sample(deps_pool, rnd.randrange(0, 5))
-            hinted = h.backend.lookup(key, hint)
-            plain = h.backend.lookup(key)
-            assert (hinted.entry is None) == (plain.entry is None), (step, key, hint)
-            if hinted.entry is not None and plain.entry is not None:
-                assert hinted.entry == plain.entry
-            assert hinted.generation <= plain.generation
-
-
 @pytest.mark.parametrize("h", ["redis-asyncio", "fakeredis-asyncio"], indirect=True)
 async def test_alookup_on_the_event_loop_agrees_with_lookup(h: Harness) -> None:
     """CachingAsyncSession.get awaits alookup directly (no greenlet); it must answer like lookup."""
@@ -826,100 +683,3 @@ async def test_alookup_on_the_event_loop_agrees_with_lookup(h: Harness) -> None:
         assert hit.entry is not None and hit.entry.payload == b"v\n1"
     await h.run(lambda h: h.backend.bump(["t:a"]))
     assert (await backend.alookup("k", ["t:a", "*"])).entry is None
-
-
-# -- condition dependencies: scheme registries and row images ---------------------------------------
-
-NAME_A = "c:users:name:aaaa"
-COND = ["*", "s:users", NAME_A]
-
-
-@conformance
-def test_rows_evict_condition_entries_by_value(h: Harness) -> None:
-    g = _ready(h, ["*", "t:users"])
-    assert h.backend.store("k", b"v", COND, g, TTL)  # registry and condition start at the table's version
-    h.backend.bump([], [("users", {"name": "bbbb", "id": "1"}, None)])
-    assert h.backend.lookup("k", COND).entry is not None  # another value: still valid
-    h.backend.bump([], [("orders", {"name": "aaaa"}, None)])
-    assert h.backend.lookup("k", COND).entry is not None  # another table
-    h.backend.bump([], [("users", {"name": "aaaa", "id": "2"}, None)])
-    assert h.backend.lookup("k", COND).entry is None
-
-
-@conformance
-def test_a_row_image_missing_a_scheme_column_evicts_every_condition_entry_of_its_table(h: Harness) -> None:
-    g = _ready(h, ["*", "t:users", "t:orders"])
-    assert h.backend.store("k", b"v", COND, g, TTL)
-    assert h.backend.store("o", b"v", ["*", "s:orders", "c:orders:total:1111"], g, TTL)
-    h.backend.bump([], [("users", {"id": "1"}, None)])  # the name of the written row is unknown
-    assert h.backend.lookup("k", COND).entry is None
-    assert h.backend.lookup("o").entry is not None
-
-
-@conformance
-def test_a_scheme_registered_after_a_write_cannot_hide_it(h: Harness) -> None:
-    """A writer that committed before the scheme existed bumped no condition of it; a reader that
-    began before that write must not store under the new scheme."""
-    _ready(h, ["*", "t:users"])
-    g = h.backend.generation()  # the reader begins
-    h.backend.bump(["t:users"], [("users", {"name": "aaaa"}, None)])  # no scheme registered yet
-    assert h.backend.store("k", b"stale", COND, g, TTL) is False
-    g2 = h.backend.generation()
-    assert h.backend.store("k", b"fresh", COND, g2, TTL)
-
-
-@conformance
-def test_registering_a_scheme_keeps_the_others(h: Harness) -> None:
-    g = _ready(h, ["*", "t:users"])
-    assert h.backend.store("k", b"v", COND, g, TTL)
-    other = ["*", "s:users", "c:users:active,name:1111,aaaa"]
-    assert h.backend.store("k2", b"v", other, h.backend.generation(), TTL)
-    assert h.backend.lookup("k", COND).entry is not None  # registering at an old version moves nothing
-    h.backend.bump([], [("users", {"name": "aaaa", "active": "0000"}, None)])
-    assert h.backend.lookup("k", COND).entry is None
-    assert h.backend.lookup("k2", other).entry is not None
-    h.backend.bump([], [("users", {"name": "aaaa", "active": "1111"}, None)])
-    assert h.backend.lookup("k2", other).entry is None
-
-
-@conformance
-def test_a_lost_registry_is_a_miss(h: Harness) -> None:
-    g = _ready(h, ["*", "t:users"])
-    assert h.backend.store("k", b"v", COND, g, TTL)
-    h.evict_version("s:users")
-    assert h.backend.lookup("k", COND).entry is None
-    h.backend.bump(["t:users"], [("users", {"name": "aaaa"}, None)])  # nobody knows the scheme now
-    assert h.backend.store("k", b"v", COND, g, TTL) is False  # the write above is newer than g
-    assert h.backend.store("k", b"v", COND, h.backend.generation(), TTL)
-
-
-@conformance
-def test_bumps_do_not_create_row_or_condition_versions(h: Harness) -> None:
-    """Metadata grows with what is cached, not with what is written."""
-    _ready(h, ["*", "t:users"])
-    before = _version_count(h)
-    for i in range(200):
-        h.backend.bump([f"r:users:{i:04x}", "t:users"], [("users", {"name": f"{i:04x}"}, None)])
-    assert _version_count(h) == before
-
-
-def _version_count(h: Harness) -> int:
-    if h.raw is not None:
-        return sum(1 for _ in h.raw.scan_iter(match=f"{_glob_escape(h.prefix)}:v:*", count=1000))
-    return len(h.backend._versions)
-
-
-@conformance
-def test_loaded_values_count_only_if_their_table_was_not_written_since(h: Harness) -> None:
-    """An ORM object's unchanged columns are what it was loaded with, maybe before another commit."""
-    g = _ready(h, ["*", "t:users"])
-    assert h.backend.store("k", b"v", COND, g, TTL)
-    loaded_at = h.backend.generation()
-    h.backend.bump(["t:users"], [("users", {"name": "bbbb"}, None)])  # another writer, another row
-    assert h.backend.lookup("k", COND).entry is not None
-    # Values loaded before that write may be stale (the row may now be named "aaaa"): not trusted.
-    h.backend.bump(["t:users"], [("users", {"name": "cccc"}, loaded_at)])
-    assert h.backend.lookup("k", COND).entry is None
-    assert h.backend.store("k", b"v", COND, h.backend.generation(), TTL)
-    h.backend.bump(["t:users"], [("users", {"name": "cccc"}, h.backend.generation())])  # current
-    assert h.backend.lookup("k", COND).entry is not None

@@ -1,6 +1,15 @@
 """Storage backends: the :class:`Backend` contract and its in-process and Redis implementations."""
 
-from sqlacache.backends.base import Backend, BackendError, BackendUnavailable, Entry, Lookup
+from sqlacache.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    Entry,
+    Leases,
+    Lookup,
+    LoopBound,
+    NativeAsyncio,
+)
 from sqlacache.backends.memory import MemoryBackend
 from sqlacache.backends.redis import RedisBackend
 
@@ -9,7 +18,10 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "Entry",
+    "Leases",
     "Lookup",
+    "LoopBound",
     "MemoryBackend",
+    "NativeAsyncio",
     "RedisBackend",
 ]

@@ -136,3 +136,63 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections. The backend may not be used afterwards."""
         ...
+
+
+# -- optional capabilities: a backend has one when it has its methods (the cache checks them once,
+# when it wraps the backend: resilience/resilient.py). Without them the cache does the same work
+# another way, as noted.
+
+
+@runtime_checkable
+class Leases(Protocol):
+    """Fill leases shared by every process: one reader per missing key queries, the others wait.
+
+    Without it, single flight is per process. ``store`` of a backend with leases also takes
+    ``lease=token`` (keyword) and gives that lease back in the same atomic step.
+    """
+
+    def lease(self, key: str, ttl: float) -> tuple[Lookup, str | bool | None]:
+        """``lookup``, and on a miss take the key's lease for ``ttl`` seconds: (lookup, token);
+        (lookup, False) when another process holds it; (hit, None)."""
+        ...
+
+    def claim(self, key: str, ttl: float) -> str | None:
+        """The key's lease whatever its entry (a refresh-ahead): a token, or None if held."""
+        ...
+
+    def release(self, key: str, token: str) -> None:
+        """Give a lease back, only if it is still ``token``'s."""
+        ...
+
+
+@runtime_checkable
+class NativeAsyncio(Protocol):
+    """``lookup`` and ``store`` awaited on the event loop, without a greenlet.
+
+    Without it, async callers run the sync methods inside SQLAlchemy's greenlet bridge.
+    """
+
+    async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup: ...
+
+    async def astore(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool: ...
+
+
+@runtime_checkable
+class LoopBound(Protocol):
+    """A backend that may be unusable from plain threads (an asyncio client only).
+
+    ``sync_capable`` False keeps background threads (the invalidation retry) from calling it.
+    Without it, a backend is taken to be callable from any thread.
+    """
+
+    @property
+    def sync_capable(self) -> bool: ...

@@ -32,7 +32,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 from sqlacache._greenlet import in_greenlet
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup
-from sqlacache.backends.base import BackendUnavailable, Entry
+from sqlacache.backends.base import BackendUnavailable, Entry, Leases, LoopBound, NativeAsyncio
 from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.stats import Counters, RateLimitedLog
 
@@ -87,7 +87,10 @@ class Resilient:
         self.breaker = breaker
         self.max_entry_size = max_entry_size
         self.warn = RateLimitedLog(log)
-        self.leases = callable(getattr(backend, "lease", None))
+        # The optional capabilities (backends/base.py), checked once here.
+        self.leases = isinstance(backend, Leases)
+        self.native: NativeAsyncio | None = backend if isinstance(backend, NativeAsyncio) else None
+        self._loop_bound: LoopBound | None = backend if isinstance(backend, LoopBound) else None
         self._retry_interval = retry_interval
         self._lock = threading.Lock()
         self._pending: set[str] = set()
@@ -173,7 +176,7 @@ class Resilient:
             self._pending.update(deps)
             if len(self._pending) > _MAX_PENDING:  # bounded: evict everything instead
                 self._pending = {deps_mod.ALL}
-            start = self._retrier is None and getattr(self.backend, "sync_capable", True)
+            start = self._retrier is None and (self._loop_bound is None or self._loop_bound.sync_capable)
             if start:
                 self._retrier = threading.Thread(target=self._retry_loop, name="sqlacache-retry", daemon=True)
         if start and self._retrier is not None:
@@ -228,7 +231,7 @@ class Resilient:
 
     async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup | None:
         """``lookup`` for async callers: native when the backend offers it, else in a greenlet."""
-        native = getattr(self.backend, "alookup", None)
+        native = self.native.alookup if self.native is not None else None
         if native is None or self._pending:
             return await greenlet_spawn(self.lookup, key, hint)
         began = time.monotonic()
@@ -365,7 +368,7 @@ class Resilient:
         if not self.background_stores:
             self.store(job)
             return
-        astore = getattr(self.backend, "astore", None)
+        astore = self.native.astore if self.native is not None else None
         if astore is not None and in_greenlet():
             # Inside an AsyncSession: the event loop runs the store as a task.
             self.track(asyncio.get_running_loop().create_task(self._astore(astore, job)))

@@ -1,0 +1,22 @@
+"""The backend of README.rst's "Writing a backend", run by the shipped kit exactly as written there.
+
+The example is read from the README, so the documentation and this test cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.rst"
+
+
+def _example() -> str:
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\nWriting a backend\n-----------------\n", 1)[1]
+    block = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", section)
+    assert block is not None, "README.rst's 'Writing a backend' has no python example"
+    return re.sub(r"^   ", "", block.group(1), flags=re.M)
+
+
+exec(compile(_example(), str(README), "exec"))  # defines CountingBackend and TestCountingBackend
