@@ -46,7 +46,7 @@ from sqlacache.read.plan import (
 )
 from sqlacache.read.rebuild import decode_result, propagating
 from sqlacache.read.results import ResultTemplate, mode_of, result_from_rows, tap, template_from
-from sqlacache.resilience.resilient import StoreJob
+from sqlacache.resilience.stores import StoreJob
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache

@@ -3,10 +3,10 @@
 A failed lookup or store is counted, logged (rate-limited) and turned into "go to the database".
 A failure that says the backend is unreachable opens the circuit breaker, so that an outage costs
 one timeout, not one per request. An invalidation that cannot be delivered after a commit is kept
-and retried (inline and from a background thread); until it is delivered this process serves
-nothing from the cache. A generation lower than one already seen means the backend came back with
-older data than it had (a restart from an old snapshot, a failover that lost writes): everything
-under the prefix is evicted before anything is served.
+and retried (pending.py); until it is delivered this process serves nothing from the cache. Stores
+may be made in the background (stores.py). A generation lower than one already seen means the
+backend came back with older data than it had (a restart from an old snapshot, a failover that
+lost writes): everything under the prefix is evicted before anything is served.
 
 Entries are wrapped in a small envelope (a magic number and the refresh-ahead time): anything
 else under an entry key is foreign or damaged, and is a miss that is deleted and counted, as is an
@@ -20,12 +20,11 @@ import contextlib
 import functools
 import logging
 import math
-import queue
 import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.util.concurrency import greenlet_spawn
 
@@ -34,7 +33,9 @@ from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup
 from sqlacache.backends.base import BackendUnavailable, Entry, Leases, LoopBound, NativeAsyncio
 from sqlacache.resilience.breaker import Breaker
+from sqlacache.resilience.pending import Pending
 from sqlacache.resilience.stats import Counters, RateLimitedLog
+from sqlacache.resilience.stores import BackgroundStores, StoreJob
 
 log = logging.getLogger("sqlacache.backend")
 
@@ -46,25 +47,12 @@ _MAGIC = b"\xa7q"
 # A generation may trail the highest one seen by this much without meaning lost data (Redis
 # generations are microseconds; a burst of bumps can push them a little ahead of its clock).
 _SLACK = 1000
-_MAX_PENDING = 10_000
 
 Row = tuple[str, Mapping[str, str], "int | None"]
 
 
 def _unexpected(op: str, exc: BaseException) -> BackendError:
     return BackendError(f"cache {op} raised {exc!r}", "client")
-
-
-class StoreJob(NamedTuple):
-    """A result to store: see ``Backend.store``; ``lease`` is the filler's (released by the store)."""
-
-    key: str
-    payload: bytes
-    deps: Sequence[str]
-    generation: int
-    ttl: float
-    lease: str | None = None
-    refresh_ahead: float = 0.0
 
 
 class _Skipped(Exception):
@@ -91,20 +79,14 @@ class Resilient:
         self.leases = isinstance(backend, Leases)
         self.native: NativeAsyncio | None = backend if isinstance(backend, NativeAsyncio) else None
         self._loop_bound: LoopBound | None = backend if isinstance(backend, LoopBound) else None
-        self._retry_interval = retry_interval
         self._lock = threading.Lock()
-        self._pending: set[str] = set()
-        self._closed = False
-        self._last_attempt = 0.0
-        self._retrier: threading.Thread | None = None
+        self._pending = Pending(self._send, self._threads_allowed, count, self.internal_error, retry_interval)
         # The highest generation this process has been given, and when its answer arrived: only a
         # call that began after that may be compared with it (replies overtake each other).
         self._seen = -1
         self._seen_at = 0.0
         self.background_stores = background_stores
-        self._queue: queue.Queue[StoreJob | None] = queue.Queue(1024)
-        self._worker: threading.Thread | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stores = BackgroundStores(self.store, count, self.internal_error)
 
     # -- calling the backend --------------------------------------------------------------------
 
@@ -162,60 +144,31 @@ class Resilient:
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task alive until it is done (``await_stores`` waits for them)."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._stores.track(task)
 
-    # -- invalidations that could not be delivered ----------------------------------------------
+    # -- invalidations that could not be delivered (pending.py) --------------------------------
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def _keep(self, deps: Sequence[str]) -> None:
-        with self._lock:
-            self._pending.update(deps)
-            if len(self._pending) > _MAX_PENDING:  # bounded: evict everything instead
-                self._pending = {deps_mod.ALL}
-            start = self._retrier is None and (self._loop_bound is None or self._loop_bound.sync_capable)
-            if start:
-                self._retrier = threading.Thread(target=self._retry_loop, name="sqlacache-retry", daemon=True)
-        if start and self._retrier is not None:
-            self._retrier.start()
-
-    def _retry_loop(self) -> None:
-        while True:
-            time.sleep(self._retry_interval)
-            with self._lock:
-                if not self._pending or self._closed:
-                    self._retrier = None
-                    return
-            try:
-                self.deliver_pending(force=True)
-            except Exception as exc:  # the thread must outlive anything one attempt does
-                self.internal_error("while retrying invalidations", exc)
+        self._pending.keep(deps)
 
     def deliver_pending(self, force: bool = False) -> bool:
         """Deliver the invalidations kept earlier; True when none remain."""
-        if not self._pending:
-            return True
-        now = time.monotonic()
-        if not force and now - self._last_attempt < self._retry_interval:
-            return False  # the last attempt just failed: don't pay for another one per request
-        with self._lock:
-            todo = sorted(self._pending)
-            self._last_attempt = now
+        return self._pending.deliver(force)
+
+    def _send(self, todo: list[str], force: bool) -> bool:
         try:
             # Forced (the retry thread, retry_pending) it is a probe: the breaker doesn't stop it.
             self._call("invalidate", self.backend.bump, todo, probe=force)
         except (BackendError, _Skipped):
             return False
-        with self._lock:
-            self._pending.difference_update(todo)
-            left = not self._pending
-        if left:
-            self.count("pending_delivered")
-            log.info("sqlacache: delivered the invalidations kept while the cache was unreachable")
-        return left
+        return True
+
+    def _threads_allowed(self) -> bool:
+        return self._loop_bound is None or self._loop_bound.sync_capable
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -373,17 +326,7 @@ class Resilient:
             # Inside an AsyncSession: the event loop runs the store as a task.
             self.track(asyncio.get_running_loop().create_task(self._astore(astore, job)))
             return
-        if self._worker is None:
-            with self._lock:
-                if self._worker is None:
-                    self._worker = threading.Thread(
-                        target=self._store_worker, name="sqlacache-stores", daemon=True
-                    )
-                    self._worker.start()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.count("stores_dropped")  # a dropped store is only a later miss (its lease expires)
+        self._stores.put(job)
 
     async def _astore(self, astore: Any, job: StoreJob) -> None:
         if not await greenlet_spawn(self._storable, job):
@@ -397,27 +340,11 @@ class Resilient:
             return
         self.count("stores" if stored else "stores_refused")
 
-    def _store_worker(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                self.store(item)
-            except Exception as exc:  # the worker must outlive any one store
-                self.internal_error("in a background store", exc)
-            finally:
-                self._queue.task_done()
-
     def wait_for_stores(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self._stores.wait(timeout)
 
     async def await_stores(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await greenlet_spawn(self.wait_for_stores)
+        await self._stores.await_all()
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -451,9 +378,5 @@ class Resilient:
             self._keep([deps_mod.ALL])
 
     def close(self) -> None:
-        self._closed = True  # pending evictions die with the cache: a closed backend can't take them
-        if self._worker is not None:
-            self.wait_for_stores()
-            self._queue.put(None)
-            self._worker.join(5)
-            self._worker = None
+        self._pending.close()  # pending evictions die with the cache: a closed backend can't take them
+        self._stores.close()
