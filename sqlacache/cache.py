@@ -412,3 +412,10 @@ def configure(**kwargs: Any) -> Cache:
 
 def default_cache() -> Cache | None:
     return _default
+
+
+def install_default(cache: Cache | None) -> Cache | None:
+    """Make ``cache`` the default (the pytest fixture's, for one test); returns the one it replaces."""
+    global _default
+    previous, _default = _default, cache
+    return previous

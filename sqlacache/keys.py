@@ -41,7 +41,7 @@ class Uncacheable(Exception):
     """The statement (or a value bound to it) has no safe, deterministic key."""
 
 
-def _path(obj: Any) -> str:
+def class_path(obj: Any) -> str:
     qualname = str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", ""))
     module = str(getattr(obj, "__module__", None) or "")
     if not qualname or "<locals>" in qualname or "<lambda>" in qualname:
@@ -61,17 +61,17 @@ def _leaf(x: Any) -> Any:
     if isinstance(x, float):
         return ["f", repr(x)]
     if isinstance(x, type):
-        return ["c", _path(x)]
+        return ["c", class_path(x)]
     if isinstance(x, Mapper):
-        return ["m", _path(x.class_)]
+        return ["m", class_path(x.class_)]
     if isinstance(x, MapperProperty):
-        return ["p", _path(x.parent.class_), x.key]
+        return ["p", class_path(x.parent.class_), x.key]
     if isinstance(x, Table):
         return ["T", x.schema or "", x.name]
     if isinstance(x, enum.Enum):
-        return ["e", _path(type(x)), x.name]
+        return ["e", class_path(type(x)), x.name]
     if isinstance(x, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        return ["F", _path(x)]
+        return ["F", class_path(x)]
     if isinstance(x, types.CodeType):
         # marshal captures the code, its constants and nested code: equal bytes, equal semantics.
         return ["C", hashlib.blake2b(marshal.dumps(x), digest_size=16).hexdigest()]
@@ -112,7 +112,7 @@ def value_token(v: Any) -> Any:
     if v is None or v is True or v is False or isinstance(v, str):
         return v
     if isinstance(v, enum.Enum):
-        return ["e", _path(type(v)), v.name]
+        return ["e", class_path(type(v)), v.name]
     if isinstance(v, int):
         return ["i", str(v)]
     if isinstance(v, float):
@@ -161,7 +161,7 @@ def digest(parts: Any) -> str:
 def _type(t: TypeEngine[Any]) -> list[str]:
     # The class too: repr() doesn't name TypeDecorators' or enums' Python classes, which the codec uses.
     enum_class = getattr(t, "enum_class", None)
-    return [_path(type(t)), repr(t), _path(enum_class) if enum_class is not None else ""]
+    return [class_path(type(t)), repr(t), class_path(enum_class) if enum_class is not None else ""]
 
 
 def _expression(expr: Any) -> list[Any]:
@@ -186,9 +186,9 @@ def _describe(mapper: Mapper[Any]) -> list[Any]:
                 [
                     "rel",
                     prop.key,
-                    _path(prop.mapper.class_),
+                    class_path(prop.mapper.class_),
                     bool(prop.uselist),
-                    _path(collection) if collection is not None else "",
+                    class_path(collection) if collection is not None else "",
                     sorted(
                         [_expression(a), _expression(b)]
                         for a, b in getattr(prop, "local_remote_pairs", None) or ()
@@ -196,16 +196,16 @@ def _describe(mapper: Mapper[Any]) -> list[Any]:
                 ]
             )
         else:  # composites, synonyms…: their kind and key
-            attrs.append([_path(type(prop)), prop.key])
+            attrs.append([class_path(type(prop)), prop.key])
     try:
         identity = value_token(mapper.polymorphic_identity)
     except Uncacheable:
         identity = repr(mapper.polymorphic_identity)
     return [
-        _path(mapper.class_),
+        class_path(mapper.class_),
         [[t.schema or "", t.name] for t in mapper.tables if isinstance(t, Table)],
         [_expression(c) for c in mapper.primary_key],
-        _path(mapper.inherits.class_) if mapper.inherits is not None else "",
+        class_path(mapper.inherits.class_) if mapper.inherits is not None else "",
         identity,
         _expression(mapper.polymorphic_on) if mapper.polymorphic_on is not None else "",
         sorted(attrs, key=lambda a: str(a[1])),
@@ -301,7 +301,9 @@ class KeyBuilder:
         prefix = self._get_prefixes.get(memo)
         if prefix is None:
             fps = sorted({self.fingerprint(t.metadata) for t in mapper.tables if isinstance(t, Table)})
-            prefix = orjson.dumps([FORMAT, namespace, fps, mapping_fingerprint(mapper), _path(mapper.class_)])
+            prefix = orjson.dumps(
+                [FORMAT, namespace, fps, mapping_fingerprint(mapper), class_path(mapper.class_)]
+            )
             self._get_prefixes.put(memo, prefix)
         h = hashlib.blake2b(prefix, digest_size=20)
         h.update(pk_bytes(pk))

@@ -17,7 +17,7 @@ from sqlalchemy.sql.schema import Column, Table
 
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis.codec import CodecError, ValueCodec, codec_for
-from sqlacache.keys import _path
+from sqlacache.keys import class_path
 
 
 @dataclass(slots=True)
@@ -71,8 +71,8 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
         {r.key: r for r in mapper.relationships},
     )
     _layouts[mapper] = found
-    _by_path[(mapper.registry, _path(mapper.class_))] = mapper
-    _by_path.setdefault((None, _path(mapper.class_)), mapper)
+    _by_path[(mapper.registry, class_path(mapper.class_))] = mapper
+    _by_path.setdefault((None, class_path(mapper.class_)), mapper)
     return found
 
 

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sqlacache import cache as cache_module
-from sqlacache.cache import Cache
+from sqlacache.cache import Cache, install_default
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,12 +29,11 @@ def sqlacache_cache(request: pytest.FixtureRequest) -> Iterator[Cache]:
     """An isolated cache for one test, also installed as the default cache."""
     backend = request.config.getoption("--sqlacache-backend")
     cache = Cache(backend=backend, prefix=f"sqlacache-test-{uuid.uuid4().hex[:12]}")
-    previous = cache_module._default
-    cache_module._default = cache
+    previous = install_default(cache)
     try:
         yield cache
     finally:
-        cache_module._default = previous
+        install_default(previous)
         try:
             cache.invalidate_all()
         finally:

@@ -19,6 +19,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import EMPTY_DICT
 
+from sqlacache import listeners as _listeners  # noqa: F401  (installs the event listeners)
 from sqlacache.binding import CacheClosedError, engine_of
 from sqlacache.cache import Cache, default_cache
 from sqlacache.context import context_of
@@ -26,7 +27,6 @@ from sqlacache.policy import ConfigurationError, ttl_value
 from sqlacache.read.execute import set_ttl
 from sqlacache.read.get import NOT_HANDLED, fast_get, finish_get, plan_get, reshaped_by_hooks
 from sqlacache.read.plan import GetTicket, StatementGet, shape_info
-from sqlacache.write import tracker as _tracker  # noqa: F401  (registers the write-path listeners)
 
 
 def _cached_options(execution_options: Mapping[str, Any] | None, ttl: float | None) -> dict[str, Any]:

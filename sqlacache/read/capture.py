@@ -23,7 +23,7 @@ from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
 from sqlacache.analysis.codec import ValueCodec
 from sqlacache.context import Frame, SessionContext
-from sqlacache.keys import _path
+from sqlacache.keys import class_path
 from sqlacache.layout import KNOWN, MapperLayout, layout_of
 from sqlacache.read.plan import ENTITY
 
@@ -140,7 +140,7 @@ def _encode_entities(
         slot = len(table)
         index[id(obj)] = slot
         entry: list[Any] = [
-            _path(state.class_),
+            class_path(state.class_),
             {k: layout.columns[k].encode(v) for k, v in loaded.items()},
             {},
         ]
