@@ -196,7 +196,7 @@ class Cache:
             background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
         )
         self.flights = Flights()
-        self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (refreshing.py)
+        self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (fill/refresh_ahead.py)
         self.outbox: Outbox | None = None
         self.closed = False
         warn_if_unbounded(self.backend)

@@ -25,8 +25,7 @@ from sqlacache.analysis.codec import CodecError
 from sqlacache.backends import Lookup
 from sqlacache.binding import CacheClosedError, bound_to
 from sqlacache.context import Frame, SessionContext, context_of
-from sqlacache.fill import refresh_ahead as refreshing
-from sqlacache.fill import stampede
+from sqlacache.fill import refresh_ahead, stampede
 from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Uncacheable, translation_token
 from sqlacache.layout import layout_of, remember
@@ -284,14 +283,14 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
 
 
 def _refresh_statement(cache: Cache, state: ORMExecuteState, key: str, began: float) -> None:
-    fill = refreshing.claim(cache, key, began)
+    fill = refresh_ahead.claim(cache, key, began)
     if fill is None:
         return
     statement, params = state.statement, state.parameters
     options = {k: v for k, v in state.execution_options.items() if not k.startswith("_sqlacache")}
     options["_sqlacache_refresh"] = fill
     bind = state.session.get_bind(**state.bind_arguments)
-    refreshing.start(
+    refresh_ahead.start(
         cache, fill, bind, lambda s: s.execute(statement, params, execution_options=options).all()
     )
 

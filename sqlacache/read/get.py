@@ -14,7 +14,7 @@ from sqlacache.analysis import rowtokens
 from sqlacache.analysis.codec import CodecError
 from sqlacache.backends import Lookup
 from sqlacache.context import SessionContext
-from sqlacache.fill import refresh_ahead as refreshing
+from sqlacache.fill import refresh_ahead
 from sqlacache.keys import Uncacheable
 from sqlacache.layout import MapperLayout, layout_of
 from sqlacache.read.execute import Guard
@@ -154,13 +154,13 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
 
 
 def _refresh_get(session: Session, cache: Cache, plan: GetPlan) -> None:
-    fill = refreshing.claim(cache, plan.key, plan.began)
+    fill = refresh_ahead.claim(cache, plan.key, plan.began)
     if fill is None:
         return
     ticket = GetTicket(plan.key, plan.mapper, plan.plan, None, plan.ttl, plan.dialect)
     options = {"_sqlacache_get": ticket, "_sqlacache_refresh": fill}
     cls, pk = plan.mapper.class_, plan.pk
-    refreshing.start(
+    refresh_ahead.start(
         cache, fill, session.get_bind(plan.mapper), lambda s: s.get(cls, pk, execution_options=options)
     )
 
