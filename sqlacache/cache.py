@@ -343,7 +343,7 @@ class Cache:
         grace = _number("grace", grace, "seconds a row waits for its own process", positive=True)
         interval = _number("interval", interval, "seconds between relay rounds", positive=True)
         if self.outbox is None:
-            self.outbox = Outbox(self, grace, interval)
+            self.outbox = Outbox(self.io, self.count, grace, interval)
         self.outbox.attach(database_id(engine), engine)
         self.watch(engine)
 

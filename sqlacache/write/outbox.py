@@ -17,15 +17,14 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, delete, insert, select
 
 from sqlacache.analysis import dependencies as deps_mod
-
-if TYPE_CHECKING:
-    from sqlacache.cache import Cache
+from sqlacache.resilience.resilient import Resilient
+from sqlacache.resilience.stats import Counters
 
 log = logging.getLogger("sqlacache.outbox")
 
@@ -66,8 +65,9 @@ def decode(payload: str) -> tuple[list[str], list[deps_mod.RowImage]]:
 class Outbox:
     """The outbox of one cache: which databases have one, and the relay thread."""
 
-    def __init__(self, cache: Cache, grace: float, interval: float) -> None:
-        self.cache = cache
+    def __init__(self, io: Resilient, count: Counters, grace: float, interval: float) -> None:
+        self.io = io  # the cache's backend calls
+        self.count = count
         self.grace = grace
         self.interval = interval
         self.engines: dict[str, Engine] = {}  # database id → the engine the relay uses
@@ -118,7 +118,7 @@ class Outbox:
             except Exception as exc:  # the database is down too: next time
                 with self._lock:
                     self._delivered.extend((database, i) for i in ids)
-                self.cache.io.warn("outbox", "sqlacache: outbox relay failed: %s", exc)
+                self.io.warn("outbox", "sqlacache: outbox relay failed: %s", exc)
         return relayed
 
     def _relay_old(self, engine: Engine) -> int:
@@ -135,13 +135,13 @@ class Outbox:
                 deps, rows = decode(payload)
             except (ValueError, KeyError, TypeError):
                 deps, rows = [deps_mod.ALL], []  # unreadable: evict everything rather than nothing
-            if not self.cache.io.deliver(sorted(set(deps)), rows):
+            if not self.io.deliver(sorted(set(deps)), rows):
                 break  # Redis is still unreachable: keep the rest for later
             relayed.append(row_id)
         if relayed:
             with engine.begin() as conn:
                 conn.execute(delete(table).where(table.c.id.in_(relayed)), execution_options={OPTION: True})
-            self.cache.count("outbox_relayed", len(relayed))
+            self.count("outbox_relayed", len(relayed))
         return len(relayed)
 
     def _run(self) -> None:
@@ -149,7 +149,7 @@ class Outbox:
             try:
                 self.relay()
             except Exception as exc:  # the thread must outlive anything one round does
-                self.cache.io.warn("outbox", "sqlacache: outbox relay failed", exc_info=exc)
+                self.io.warn("outbox", "sqlacache: outbox relay failed", exc_info=exc)
 
     def close(self) -> None:
         self._stop.set()
