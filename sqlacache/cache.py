@@ -93,6 +93,63 @@ class _Bound:
         yield  # pragma: no cover - makes this a generator
 
 
+class Internal:
+    """What the read and write paths ask of their :class:`Cache` (``cache.internal``), kept off its
+    public surface: the key namespace of a bind, the commit fan-out, invalidation, internal errors."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = weakref.ref(cache)  # not a cycle: a Cache nobody holds goes as it did
+        self.io = cache.io
+        self.count = cache.count
+        self.namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+        self.database_deps: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+    def error(self, exc: BaseException, where: str) -> None:
+        """A bug of sqlacache's own, survived: counted, logged with its traceback (rate-limited)."""
+        self.io.internal_error(where, exc)
+
+    def namespace(self, bind: Engine | Connection) -> str:
+        """Which database a key belongs to: the same server and database in every process, and the
+        same schema translation (``schema_translate_map`` makes one statement read other tables)."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        ns = self.namespaces.get(engine)
+        if ns is None:
+            ns = database_id(engine)
+            self.watch(engine)
+            translate = engine._execution_options.get("schema_translate_map")
+            if translate:
+                ns = f"{ns}|{translation_token(translate)}"
+            self.namespaces[engine] = ns
+        if isinstance(bind, Connection):
+            translate = bind._execution_options.get("schema_translate_map")
+            if translate:
+                return f"{ns}|{translation_token(translate)}"
+        return ns
+
+    def database_dep(self, bind: Engine | Connection) -> str:
+        """The dependency every read of this bind's database has (see ``dependencies``)."""
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        dep = self.database_deps.get(engine)
+        if dep is None:
+            dep = self.database_deps[engine] = deps_mod.database_dep(database_id(engine))
+        return dep
+
+    def watch(self, engine: Engine) -> None:
+        """Have commits on this database — from any session, cached or not — invalidate this cache."""
+        cache = self.cache()
+        if cache is not None:
+            _watchers.setdefault(database_id(engine), weakref.WeakSet()).add(cache)
+
+    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> bool:
+        """Invalidate ``deps`` (and the conditions ``rows`` match): never raises, kept if it fails.
+        True if delivered now."""
+        todo = sorted(set(deps))
+        if not todo and not rows:
+            return True
+        self.count("invalidations")
+        return self.io.bump(todo, rows)
+
+
 class Cache:
     """A query cache for SQLAlchemy sessions.
 
@@ -182,8 +239,6 @@ class Cache:
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
         self.count = Counters()
-        self._namespaces: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-        self._database_deps: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         breaker = Breaker(cooldown, max_cooldown)
         # A miss doesn't need the store's answer: with background_stores the reader returns as
         # soon as it has its rows. Safety doesn't depend on timing — the store is still the atomic
@@ -199,13 +254,10 @@ class Cache:
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (fill/refresh_ahead.py)
         self.outbox: Outbox | None = None
         self.closed = False
+        self.internal = Internal(self)
         warn_if_unbounded(self.backend)
 
     # -- counters ---------------------------------------------------------------------------
-
-    def internal_error(self, exc: BaseException, where: str) -> None:
-        """A bug of sqlacache's own, survived: counted, logged with its traceback (rate-limited)."""
-        self.io.internal_error(where, exc)
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (see README, "Observability"), the breaker's state and what is pending."""
@@ -240,38 +292,6 @@ class Cache:
         """Async twin of :meth:`wait_for_stores`."""
         await self.io.await_stores()
 
-    # -- keys -------------------------------------------------------------------------------
-
-    def namespace(self, bind: Engine | Connection) -> str:
-        """Which database a key belongs to: the same server and database in every process, and the
-        same schema translation (``schema_translate_map`` makes one statement read other tables)."""
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        ns = self._namespaces.get(engine)
-        if ns is None:
-            ns = database_id(engine)
-            self.watch(engine)
-            translate = engine._execution_options.get("schema_translate_map")
-            if translate:
-                ns = f"{ns}|{translation_token(translate)}"
-            self._namespaces[engine] = ns
-        if isinstance(bind, Connection):
-            translate = bind._execution_options.get("schema_translate_map")
-            if translate:
-                return f"{ns}|{translation_token(translate)}"
-        return ns
-
-    def database_dep(self, bind: Engine | Connection) -> str:
-        """The dependency every read of this bind's database has (see ``dependencies``)."""
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        dep = self._database_deps.get(engine)
-        if dep is None:
-            dep = self._database_deps[engine] = deps_mod.database_dep(database_id(engine))
-        return dep
-
-    def watch(self, engine: Engine) -> None:
-        """Have commits on this database — from any session, cached or not — invalidate this cache."""
-        _watchers.setdefault(database_id(engine), weakref.WeakSet()).add(self)
-
     # -- manual control ---------------------------------------------------------------------
 
     def invalidate(
@@ -301,7 +321,7 @@ class Cache:
                     todo += deps_mod.unknown_rows_write_deps(name)
             elif pks := list(pks):  # no rows named (an empty query result, say): nothing changed
                 # Rows changed in ways we don't know: their keyed reads, and every condition read.
-                dialects = {e.dialect.name: e.dialect for e in list(self._namespaces.keys())}
+                dialects = {e.dialect.name: e.dialect for e in list(self.internal.namespaces.keys())}
                 for pk in pks:
                     ident = tuple(pk) if isinstance(pk, (tuple, list)) else (pk,)
                     for dialect in dialects.values() or [DefaultDialect()]:
@@ -314,16 +334,7 @@ class Cache:
             raise ConfigurationError("invalidate: pks= needs a model")
         for t in tables or ():
             todo += deps_mod.unknown_rows_write_deps(t.lower())
-        self.bump(todo)
-
-    def bump(self, deps: Iterable[str], rows: Sequence[deps_mod.RowImage] = ()) -> bool:
-        """Invalidate ``deps`` (and the conditions ``rows`` match): never raises, kept if it fails.
-        True if delivered now."""
-        todo = sorted(set(deps))
-        if not todo and not rows:
-            return True
-        self.count("invalidations")
-        return self.io.bump(todo, rows)
+        self.internal.bump(todo)
 
     def use_outbox(self, engine: Engine, *, grace: float = 10.0, interval: float = 1.0) -> None:
         """Record every commit's invalidation in the table ``sqlacache_outbox`` of ``engine``'s
@@ -345,7 +356,7 @@ class Cache:
         if self.outbox is None:
             self.outbox = Outbox(self.io, self.count, grace, interval)
         self.outbox.attach(database_id(engine), engine)
-        self.watch(engine)
+        self.internal.watch(engine)
 
     def invalidate_all(self) -> None:
         """Evict every entry under this cache's prefix (never anything else: no FLUSHDB)."""
@@ -369,7 +380,7 @@ class Cache:
         if not isinstance(sync_engine, Engine):
             raise ConfigurationError(f"bind: {engine!r} is not an Engine or AsyncEngine")
         binding.bind(sync_engine, self)
-        self.watch(sync_engine)
+        self.internal.watch(sync_engine)
         return _Bound(self)
 
     def unbind(self, engine: Engine | AsyncEngine) -> None:

@@ -147,7 +147,7 @@ class CachingSession(Session):
         for bind in (self.bind, *(kw.get("binds") or {}).values()):
             engine = engine_of(bind)
             if engine is not None:
-                cache.watch(engine)
+                cache.internal.watch(engine)
         self._sqlacache_deferred: list[weakref.ref[DeferredResult]] = []
         # Under CachingAsyncSession the awaitable offers .cached(); results must be real here.
         self._sqlacache_async = False
@@ -340,7 +340,7 @@ class CachingAsyncSession(AsyncSession):
                 if plan is not None:
                     found = finish_get(sync, ctx, plan, await ctx.cache.io.alookup(plan.key, plan.hint))
             except Exception as exc:
-                ctx.cache.internal_error(exc, "on the get path")
+                ctx.cache.internal.error(exc, "on the get path")
                 plan = None
             if plan is not None:
                 if not isinstance(found, GetTicket):

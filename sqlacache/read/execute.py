@@ -98,7 +98,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
     except Exception as exc:
         if guard.passthrough:
             raise
-        ctx.cache.internal_error(exc, "on the read path")
+        ctx.cache.internal.error(exc, "on the read path")
         result = None
     if result is None and ran_others:
         # The later hooks have run already; don't let the session run them a second time.
@@ -218,7 +218,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     else:
         bind = session.get_bind(**state.bind_arguments)
         dialect = bind.dialect if cache.precise else None
-        namespace = cache.namespace(bind)
+        namespace = cache.internal.namespace(bind)
         translate = opts.get("schema_translate_map")
         if translate:
             namespace = f"{namespace}|{translation_token(translate)}"
@@ -242,7 +242,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         memo = key_plans.get(plan_key)
         if memo is None:
             found = deps_of_statement(cache, info, statement, ck, state.parameters, dialect)
-            memo = KeyPlan([cache.database_dep(bind), *found])
+            memo = KeyPlan([cache.internal.database_dep(bind), *found])
             key_plans.put(plan_key, memo)
         plan = memo
         statement_deps = plan.deps
@@ -473,7 +473,7 @@ class _Capture:
             cache.count("unencodable")
             log.debug("sqlacache: cannot encode %s: %s", self.key, exc)
         except Exception as exc:  # a bug of ours: the caller still gets its rows, nothing is stored
-            cache.internal_error(exc, "while storing a result")
+            cache.internal.error(exc, "while storing a result")
         for loaded_state, values in frame.fresh.items():
             remember(loaded_state, values, frame.generation)
         if ctx.frames:

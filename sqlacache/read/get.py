@@ -115,7 +115,7 @@ def plan_get(
         session._autobegin_t()  # as the database read would
     bind = session.get_bind(mapper)
     try:
-        key = cache.keys.get_key(cache.namespace(bind), mapper, pk)
+        key = cache.keys.get_key(cache.internal.namespace(bind), mapper, pk)
     except Uncacheable:
         return None
     ttl = execution_options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
@@ -127,7 +127,7 @@ def plan_get(
             if tokens is not None
             else deps_mod.table_read_deps(layout.tables)  # a key we cannot canonicalise: the table
         )
-        plan = KeyPlan([cache.database_dep(bind), *own])
+        plan = KeyPlan([cache.internal.database_dep(bind), *own])
         key_plans.put(key, plan)
     dialect = bind.dialect if cache.precise else None
     hint = hint_for(plan, layout.get_hint)
@@ -180,7 +180,7 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
     except Exception as exc:
         if guard.passthrough:
             raise
-        ctx.cache.internal_error(exc, "on the get path")
+        ctx.cache.internal.error(exc, "on the get path")
         return NOT_HANDLED
 
 

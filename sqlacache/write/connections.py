@@ -115,7 +115,7 @@ def _deliver(pending: _Pending) -> None:
     for context, table, positions, dialect in pending.returning:
         deps.update(executed_mod.returned_keys(context, table, positions, dialect))
     for cache in watchers(pending.engine):
-        cache.bump(deps, pending.rows)
+        cache.internal.bump(deps, pending.rows)
 
 
 def _committed(info: Any) -> None:

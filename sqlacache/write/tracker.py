@@ -206,7 +206,7 @@ def _after_cursor_execute(
     if found.ddl:
         # Some databases commit DDL at once (MySQL, SQLite outside a transaction): evict now as well.
         for cache in {ctx.cache, *watchers(conn.engine)}:
-            cache.bump(effects.deps)
+            cache.internal.bump(effects.deps)
 
 
 # -- session transaction lifecycle -------------------------------------------------------------
@@ -316,7 +316,7 @@ def _after_commit(session: Session) -> None:
     for engine in ctx.engines:
         caches.update(watchers(engine))
     for cache in caches:
-        delivered = cache.bump(frame.deps, frame.rows)
+        delivered = cache.internal.bump(frame.deps, frame.rows)
         if cache is ctx.cache and ctx.outbox_rows and cache.outbox is not None:
             if delivered:  # else its row stays: the relay delivers it (this process may die first)
                 cache.outbox.delivered(ctx.outbox_rows)
