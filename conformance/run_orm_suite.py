@@ -111,6 +111,7 @@ def run_pytest(
         "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:sqlacache", "-p", "sqlacache_orm_plugin",
         "--sqlacache-mode", mode, "--sqlacache-report", str(report), "--sqlacache-backend", args.backend,
         "--sqlacache-workaround-load-context", "1" if args.workaround_load_context else "0",
+        "--sqlacache-outside-writes", args.outside_writes,
         "-o", "addopts=", "--tb=no", "-rN",
         *[f"test/orm/{m}.py" for m in modules],
     ]  # fmt: skip
@@ -202,7 +203,8 @@ def write_failures(
     for mode, run in runs.items():
         lines.append(
             f"- {mode}: {len(divergences[mode])} divergences; run {run['elapsed']:.0f}s; "
-            f"workaround_load_context={run['data']['workaround_load_context']}; stats {run['data']['stats']}"
+            f"workaround_load_context={run['data']['workaround_load_context']}; "
+            f"outside_writes={run['data'].get('outside_writes')}; stats {run['data']['stats']}"
         )
     for mode, found in divergences.items():
         groups: dict[str, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
@@ -257,6 +259,13 @@ def main() -> int:
     parser.add_argument("--refresh-baseline", action="store_true", help="rerun the plain-Session baseline")
     parser.add_argument("--allowlist", default=str(HERE / "orm_allowlist.txt"))
     parser.add_argument("--backend", default="memory://", help="the shared cache's backend")
+    parser.add_argument(
+        "--outside-writes",
+        choices=["invalidate", "ignore"],
+        default="invalidate",
+        help="invalidate: evict what the suite's Core writes outside sessions touch, as the README asks "
+        "applications to (default); ignore: leave the cache unaware of them",
+    )
     parser.add_argument("--report-dir", default=None, help="keep each mode's JSON report here")
     parser.add_argument("--failures-md", default=None, help="write the grouped divergences here")
     parser.add_argument(

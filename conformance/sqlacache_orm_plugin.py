@@ -42,6 +42,11 @@ MODE = _option("--sqlacache-mode", "warm")
 if MODE not in ("off", "warm", "cold"):
     raise pytest.UsageError(f"--sqlacache-mode must be off, warm or cold, not {MODE!r}")
 WORKAROUND_LOAD_CONTEXT = _option("--sqlacache-workaround-load-context", "0") == "1"
+OUTSIDE_WRITES = _option("--sqlacache-outside-writes", "invalidate")
+if OUTSIDE_WRITES not in ("invalidate", "ignore"):
+    raise pytest.UsageError(
+        f"--sqlacache-outside-writes must be invalidate or ignore, not {OUTSIDE_WRITES!r}"
+    )
 
 _SQLACACHE_DIR: str | None = None
 _listeners: list[tuple[Any, str, Any, tuple[Any, ...], dict[str, Any]]] = []
@@ -124,6 +129,61 @@ if MODE != "off":
         _real_internal_error(self, where, exc)
 
     _resilient.Resilient.internal_error = _recording_internal_error  # type: ignore[method-assign]
+
+    if OUTSIDE_WRITES == "invalidate":
+        from sqlalchemy import Table
+        from sqlalchemy.engine import Engine
+        from sqlalchemy.sql.elements import TextClause
+
+        from sqlacache.dependencies import table_name
+        from sqlacache.tracker import _TAG
+
+        # The suite's fixtures create, fill, empty and drop tables with Core, on connections no
+        # session owns; sqlacache sees only sessions' writes, and the README asks applications to
+        # call cache.invalidate(tables=...) after writes made outside them. This does that for the
+        # suite (the duty of the application, not a test of sqlacache), so that what a shared cache
+        # serves across tests is stale only if sqlacache itself is wrong.
+        def _session_owns(conn: Any) -> bool:
+            # Not just "conn.info is tagged": info belongs to the DBAPI connection, which SQLite's
+            # pools share between every Connection of a thread, the fixtures' included.
+            tag = conn.info.get(_TAG)
+            trans = getattr(tag[1](), "_transaction", None) if tag is not None else None
+            while trans is not None:
+                if any(entry[0] is conn for entry in trans._connections.values()):
+                    return True
+                trans = trans._parent
+            return False
+
+        @_event.listens_for(Engine, "after_cursor_execute")
+        def _outside_write(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+        ) -> None:
+            if _session_owns(conn):
+                return  # sqlacache tracks what a session's own connection writes
+            compiled = context.compiled
+            if compiled is not None and (context.isinsert or context.isupdate or context.isdelete):
+                CACHE.invalidate(tables=[table_name(compiled.statement.table)])
+            elif compiled is not None and context.isddl:
+                element = getattr(compiled.statement, "element", None)
+                if isinstance(element, Table):
+                    CACHE.invalidate(tables=[table_name(element)])
+                else:
+                    CACHE.invalidate_all()
+            elif compiled is None or isinstance(compiled.statement, TextClause):
+                verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+                if verb not in (
+                    "SELECT",
+                    "PRAGMA",
+                    "WITH",
+                    "BEGIN",
+                    "COMMIT",
+                    "ROLLBACK",
+                    "SAVEPOINT",
+                    "RELEASE",
+                ):
+                    CACHE.invalidate_all()
+
+        _listeners.append((Engine, "after_cursor_execute", _outside_write, (), {}))
     assert _session_mod.CachingSession is CachingSession
 
 
@@ -170,6 +230,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sqlacache-mode", default="warm", help="off (baseline), warm or cold")
     group.addoption("--sqlacache-backend", default="memory://", help="backend of the shared cache")
     group.addoption("--sqlacache-report", default=None, help="write outcomes as JSON to this file")
+    group.addoption(
+        "--sqlacache-outside-writes",
+        default="invalidate",
+        help="invalidate (default): evict what Core writes outside sessions touch; ignore: don't",
+    )
     group.addoption(
         "--sqlacache-workaround-load-context",
         default="0",
@@ -238,6 +303,7 @@ class _Recorder:
                     {
                         "mode": MODE,
                         "workaround_load_context": WORKAROUND_LOAD_CONTEXT,
+                        "outside_writes": OUTSIDE_WRITES,
                         "stats": {k: v for k, v in total.items() if isinstance(v, (int, float, str))},
                         "modules": self.modules,
                         "problems": problems,
