@@ -110,7 +110,6 @@ def run_pytest(
         *(["-s"] if not use_sdist_lib else []),
         "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:sqlacache", "-p", "sqlacache_orm_plugin",
         "--sqlacache-mode", mode, "--sqlacache-report", str(report), "--sqlacache-backend", args.backend,
-        "--sqlacache-workaround-load-context", "1" if args.workaround_load_context else "0",
         "--sqlacache-outside-writes", args.outside_writes,
         "-o", "addopts=", "--tb=no", "-rN",
         *[f"test/orm/{m}.py" for m in modules],
@@ -203,7 +202,6 @@ def write_failures(
     for mode, run in runs.items():
         lines.append(
             f"- {mode}: {len(divergences[mode])} divergences; run {run['elapsed']:.0f}s; "
-            f"workaround_load_context={run['data']['workaround_load_context']}; "
             f"outside_writes={run['data'].get('outside_writes')}; stats {run['data']['stats']}"
         )
     for mode, found in divergences.items():
@@ -268,11 +266,6 @@ def main() -> int:
     )
     parser.add_argument("--report-dir", default=None, help="keep each mode's JSON report here")
     parser.add_argument("--failures-md", default=None, help="write the grouped divergences here")
-    parser.add_argument(
-        "--workaround-load-context",
-        action="store_true",
-        help="TEMPORARY: tolerate context=None in sqlacache.reads._on_load (see the plugin)",
-    )
     args = parser.parse_args()
     args.modules = [m.removesuffix(".py").rsplit("/", 1)[-1] for m in args.modules]
 

@@ -41,7 +41,6 @@ def _option(name: str, default: str) -> str:
 MODE = _option("--sqlacache-mode", "warm")
 if MODE not in ("off", "warm", "cold"):
     raise pytest.UsageError(f"--sqlacache-mode must be off, warm or cold, not {MODE!r}")
-WORKAROUND_LOAD_CONTEXT = _option("--sqlacache-workaround-load-context", "0") == "1"
 OUTSIDE_WRITES = _option("--sqlacache-outside-writes", "invalidate")
 if OUTSIDE_WRITES not in ("invalidate", "ignore"):
     raise pytest.UsageError(
@@ -72,29 +71,12 @@ if MODE != "off":
     _event.listen = _recording_listen
     try:
         import sqlacache
-        from sqlacache import reads as _reads
         from sqlacache import resilient as _resilient
         from sqlacache import session as _session_mod
     finally:
         _event_api.listen = _real_listen
         _event.listen = _real_listen
     _SQLACACHE_DIR = os.path.dirname(os.path.abspath(sqlacache.__file__)) + os.sep
-
-    if WORKAROUND_LOAD_CONTEXT:
-        # TEMPORARY WORKAROUND, to delete once main has the fix: Session.merge(load=False) fires the
-        # "load" event with context=None, and reads._on_load reads context.session unguarded.
-        _original_on_load = _reads._on_load
-
-        def _tolerant_on_load(target: Any, context: Any) -> None:
-            if context is None:
-                return
-            _original_on_load(target, context)
-
-        for i, (target, identifier, fn, args, kw) in enumerate(_listeners):
-            if fn is _original_on_load:
-                _event.remove(target, identifier, fn)
-                _listeners[i] = (target, identifier, _tolerant_on_load, args, kw)
-                _event.listen(target, identifier, _tolerant_on_load, *args, **kw)
 
     import sqlalchemy.orm
     import sqlalchemy.orm.session
@@ -235,11 +217,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="invalidate",
         help="invalidate (default): evict what Core writes outside sessions touch; ignore: don't",
     )
-    group.addoption(
-        "--sqlacache-workaround-load-context",
-        default="0",
-        help="1: TEMPORARY, tolerate context=None in sqlacache.reads._on_load (merge(load=False))",
-    )
 
 
 class _Recorder:
@@ -302,7 +279,6 @@ class _Recorder:
                 json.dump(
                     {
                         "mode": MODE,
-                        "workaround_load_context": WORKAROUND_LOAD_CONTEXT,
                         "outside_writes": OUTSIDE_WRITES,
                         "stats": {k: v for k, v in total.items() if isinstance(v, (int, float, str))},
                         "modules": self.modules,
