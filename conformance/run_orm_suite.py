@@ -168,9 +168,15 @@ def read_allowlist(path: Path) -> list[tuple[str | None, str, str]]:
     return entries
 
 
+def matches(nodeid: str, pattern: str) -> bool:
+    """fnmatch with ``*`` and ``?`` only: brackets are literal (they hold pytest's parameter ids)."""
+    escaped = re.sub(r"[\[\]]", lambda m: f"[{m.group(0)}]", pattern)
+    return fnmatch.fnmatchcase(nodeid, escaped)
+
+
 def allowed(entries: list[tuple[str | None, str, str]], mode: str, nodeid: str) -> str | None:
     for entry_mode, pattern, reason in entries:
-        if entry_mode in (None, mode) and fnmatch.fnmatchcase(nodeid, pattern):
+        if entry_mode in (None, mode) and matches(nodeid, pattern):
             return reason
     return None
 
@@ -322,10 +328,8 @@ def main() -> int:
     stale = [
         (mode, pattern)
         for mode, pattern, _ in allowlist
-        if not any(
-            fnmatch.fnmatchcase(k, pattern) for m in modes if mode in (None, m) for k in divergences[m]
-        )
-        and any(fnmatch.fnmatchcase(k, pattern) for k in plain)
+        if not any(matches(k, pattern) for m in modes if mode in (None, m) for k in divergences[m])
+        and any(matches(k, pattern) for k in plain)
     ]
     for mode, pattern in stale:
         print(f"   note: allowlisted but no longer diverging: {(mode + ':') if mode else ''}{pattern}")
