@@ -194,7 +194,7 @@ def _describe(exc: BaseException) -> dict[str, Any]:
     cause = exc.__cause__ or exc.__context__
     out: dict[str, Any] = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}".replace("builtins.", ""),
-        "message": str(exc)[:600],
+        "message": str(exc)[:3000],
         "sqlacache": [_frame(f) for f in ours[-4:]],
         "testing": _frame(testing[-1]) if testing else None,
         "test": _frame(suite[-1]) if suite else None,
