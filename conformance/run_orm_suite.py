@@ -265,10 +265,10 @@ def main() -> int:
     parser.add_argument("--backend", default="memory://", help="the shared cache's backend")
     parser.add_argument(
         "--outside-writes",
-        choices=["invalidate", "ignore"],
-        default="invalidate",
-        help="invalidate: evict what the suite's Core writes outside sessions touch, as the README asks "
-        "applications to (default); ignore: leave the cache unaware of them",
+        choices=["ignore", "invalidate"],
+        default="ignore",
+        help="ignore: leave the suite's Core writes outside sessions to sqlacache's own tracking "
+        "(default); invalidate: the plugin also evicts what they touch, as applications had to",
     )
     parser.add_argument("--report-dir", default=None, help="keep each mode's JSON report here")
     parser.add_argument("--failures-md", default=None, help="write the grouped divergences here")

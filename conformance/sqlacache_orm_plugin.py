@@ -41,7 +41,7 @@ def _option(name: str, default: str) -> str:
 MODE = _option("--sqlacache-mode", "warm")
 if MODE not in ("off", "warm", "cold"):
     raise pytest.UsageError(f"--sqlacache-mode must be off, warm or cold, not {MODE!r}")
-OUTSIDE_WRITES = _option("--sqlacache-outside-writes", "invalidate")
+OUTSIDE_WRITES = _option("--sqlacache-outside-writes", "ignore")
 if OUTSIDE_WRITES not in ("invalidate", "ignore"):
     raise pytest.UsageError(
         f"--sqlacache-outside-writes must be invalidate or ignore, not {OUTSIDE_WRITES!r}"
@@ -121,10 +121,9 @@ if MODE != "off":
         from sqlacache.tracker import _TAG
 
         # The suite's fixtures create, fill, empty and drop tables with Core, on connections no
-        # session owns; sqlacache sees only sessions' writes, and the README asks applications to
-        # call cache.invalidate(tables=...) after writes made outside them. This does that for the
-        # suite (the duty of the application, not a test of sqlacache), so that what a shared cache
-        # serves across tests is stale only if sqlacache itself is wrong.
+        # session owns. sqlacache tracks such writes itself (connection_writes.py) since 0.2; this
+        # is what an application had to do before (cache.invalidate(tables=...) after them), kept
+        # to tell a staleness of sqlacache's Core-write tracking from one of its session path.
         def _session_owns(conn: Any) -> bool:
             # Not just "conn.info is tagged": info belongs to the DBAPI connection, which SQLite's
             # pools share between every Connection of a thread, the fixtures' included.
@@ -214,8 +213,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sqlacache-report", default=None, help="write outcomes as JSON to this file")
     group.addoption(
         "--sqlacache-outside-writes",
-        default="invalidate",
-        help="invalidate (default): evict what Core writes outside sessions touch; ignore: don't",
+        default="ignore",
+        help="ignore (default): sqlacache tracks Core writes outside sessions itself; invalidate: "
+        "the plugin evicts what they touch too",
     )
 
 
