@@ -337,7 +337,7 @@ def main() -> int:
         write_failures(Path(args.failures_md), runs, divergences)
         print(f"grouped divergences written to {args.failures_md}")
     print(f"reports in {report_dir}")
-    print("FAILED: divergences not in the allowlist" if failed else "OK")
+    print("FAILED: divergences not in the allowlist, or a problem above" if failed else "OK")
     return 1 if failed else 0
 
 
