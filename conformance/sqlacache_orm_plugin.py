@@ -121,7 +121,7 @@ if MODE != "off":
         from sqlacache.tracker import _TAG
 
         # The suite's fixtures create, fill, empty and drop tables with Core, on connections no
-        # session owns. sqlacache tracks such writes itself (connection_writes.py) since 0.2; this
+        # session owns. sqlacache now tracks such writes itself (connection_writes.py); this
         # is what an application had to do before (cache.invalidate(tables=...) after them), kept
         # to tell a staleness of sqlacache's Core-write tracking from one of its session path.
         def _session_owns(conn: Any) -> bool:
