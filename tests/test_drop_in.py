@@ -478,3 +478,22 @@ def test_rollback_recovers_an_invalidated_connection(tmp_path, session_class):
         assert s.scalars(select(User)).all() == []
     cache.close()
     engine.dispose()
+
+
+def test_eager_loads_beneath_a_relationship_load_are_there_whichever_statement_ran_it(sqlite_world):
+    """selectinload(A).selectinload(B): the load of A, run for one statement and cached, is reused
+    under another statement; B must still be loaded (the ORM runs it after A's load, so A's rows
+    alone can't carry it). Touching it must emit no SQL (async code would hit MissingGreenlet)."""
+    from sqlalchemy.orm import selectinload
+
+    opts = selectinload(Order.user).selectinload(User.tags)
+    for stmt in (
+        select(Order).where(Order.id == 10).options(opts),
+        select(Order).where(Order.total == 0, Order.user_id == 1).options(opts),
+    ):
+        for _ in range(2):
+            with sqlite_world.Session() as s:
+                orders = s.scalars(stmt).all()
+                before = sqlite_world.statements()
+                assert [[t.label for t in o.user.tags] for o in orders] == [["red"]]
+                assert sqlite_world.statements() == before
