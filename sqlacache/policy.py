@@ -170,7 +170,8 @@ class Policy:
 def op_of(statement: Any) -> str:
     """'count', 'exists' or 'fetch' for a SELECT (``get`` is decided by the caller)."""
     if isinstance(statement, Select):
-        cols = statement.selected_columns
+        # The columns as written: selected_columns would adapt ORM entities (and may warn).
+        cols = statement._raw_columns
         if len(cols) == 1:
             col: Any = cols[0]
             if isinstance(col, Label):

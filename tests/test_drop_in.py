@@ -440,3 +440,60 @@ def test_a_comparison_to_an_unflushed_object_raises_the_orms_error_and_logs_noth
     assert raised[0] is raised[1]
     assert not [r for r in caplog.records if r.name.startswith("sqlacache")]
     assert sqlite_world.cache.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("session_class", [Session, CachingSession])
+def test_an_abandoned_session_gives_its_connection_back(tmp_path, session_class):
+    """A session dropped without close(), mid-transaction, is collected and its connection goes
+    back to the pool, as without the cache (nothing of ours may keep the session alive)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'gc.db'}", pool_size=1, max_overflow=0, pool_timeout=1)
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    kw = {"cache": cache} if session_class is CachingSession else {}
+    for i in range(3):
+        s = session_class(engine, **kw)
+        s.add(User(id=i + 1, name="ed"))
+        s.flush()
+        ref = weakref.ref(s)
+        del s
+        gc.collect()
+        assert ref() is None
+    assert engine.pool.checkedout() == 0
+    cache.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("session_class", [Session, CachingSession])
+def test_rollback_recovers_an_invalidated_connection(tmp_path, session_class):
+    """After a disconnect, rollback() is how a session recovers: sqlacache's engine listeners must
+    not make it raise (for plain sessions too)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'inv.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    kw = {"cache": cache} if session_class is CachingSession else {}
+    with session_class(engine, **kw) as s:
+        s.scalars(select(User)).all()
+        s.connection().invalidate()
+        s.rollback()
+        assert s.scalars(select(User)).all() == []
+    cache.close()
+    engine.dispose()
+
+
+def test_eager_loads_beneath_a_relationship_load_are_there_whichever_statement_ran_it(sqlite_world):
+    """selectinload(A).selectinload(B): the load of A, run for one statement and cached, is reused
+    under another statement; B must still be loaded (the ORM runs it after A's load, so A's rows
+    alone can't carry it). Touching it must emit no SQL (async code would hit MissingGreenlet)."""
+    from sqlalchemy.orm import selectinload
+
+    opts = selectinload(Order.user).selectinload(User.tags)
+    for stmt in (
+        select(Order).where(Order.id == 10).options(opts),
+        select(Order).where(Order.total == 0, Order.user_id == 1).options(opts),
+    ):
+        for _ in range(2):
+            with sqlite_world.Session() as s:
+                orders = s.scalars(stmt).all()
+                before = sqlite_world.statements()
+                assert [[t.label for t in o.user.tags] for o in orders] == [["red"]]
+                assert sqlite_world.statements() == before

@@ -331,6 +331,9 @@ def _fill(state: ORMExecuteState, capture: _Capture, guard: Guard) -> Result[Any
     """A miss: run the statement and return SQLAlchemy's own result; its rows are stored when the
     caller consumes it (see ``_Capture``)."""
     ctx, frame = capture.ctx, capture.frame
+    top = capture.top = state.load_options._sa_top_level_orm_context
+    if top is not None:  # (the ORM registers the eager loads beneath it when the statement runs)
+        capture.later_before = set(getattr(top, "post_load_paths", ()))
     ctx.frames.append(frame)
     guard.passthrough = True  # from here on the statement runs: its errors reach the caller
     try:
@@ -408,6 +411,9 @@ class _Capture:
         self.single = False
         self.result: weakref.ref[Any] | None = None  # for the shape's template, until first consumed
         self.requires_unique = False
+        self.top: Any = None  # the enclosing query's context, for a relationship load run for it
+        self.standalone = True  # whether its rows make an entry on their own
+        self.later_before: set[Any] | None = None
         self.done = False
 
     def watch(self, result: Any, mode: tuple[bool, bool]) -> None:
@@ -427,6 +433,12 @@ class _Capture:
         if self.done:
             return next(source, None)
         frame = self.frame
+        # A relationship load run for an enclosing query registers the eager loads beneath it with
+        # that query (when its statement runs), which runs them after this read: their results
+        # can't be in this read's entry, and a hit couldn't schedule them. Such a read is not
+        # stored on its own (the enclosing query's entry holds the whole graph).
+        later = getattr(self.top, "post_load_paths", None)
+        before = self.later_before
         self.ctx.frames.append(frame)
         try:
             rows = next(source, None)
@@ -435,6 +447,8 @@ class _Capture:
             raise
         finally:
             _pop(self.ctx, frame)
+        if before is not None and later is not None and not before.issuperset(later):
+            self.standalone = False
         try:
             self._finish(rows or [])
         finally:
@@ -457,7 +471,9 @@ class _Capture:
             )
             payload, generation = encode_result(rows, self.single, info.columns or [], frame, graph)
             deps = sorted(set(self.statement_deps) | graph.deps | frame.deps)
-            if not tables_written(ctx, graph.tables | statement_tables):
+            if not self.standalone:
+                cache.count("unstorable")
+            elif not tables_written(ctx, graph.tables | statement_tables):
                 fill = self.fill
                 lease = fill.lease if fill is not None else None
                 cache.io.submit_store(

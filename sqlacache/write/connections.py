@@ -157,5 +157,9 @@ def _hook(dialect: Any) -> None:
 @event.listens_for(Engine, "rollback")
 def _drop(conn: Any) -> None:
     """Rolled back, or a new transaction: what an unfinished one recorded was never committed."""
+    if conn.invalidated:
+        # Reading an invalidated connection's info would try to reconnect (and raise): nothing
+        # recorded survives invalidation anyway, the pool record's info goes with its connection.
+        return
     if _KEY in conn.info:
         del conn.info[_KEY]

@@ -169,11 +169,11 @@ def _after_cursor_execute(
     conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
     tag = conn.info.get(_TAG)
-    session = tag[1]() if tag is not None else None
-    if session is None:
+    session = tag() if tag is not None else None
+    ctx = any_context(session) if session is not None else None
+    if session is None or ctx is None:
         connection_writes.executed(conn, statement, context)  # outside any session
         return
-    ctx = tag[0]
     if context.execution_options.get(outbox.OPTION):
         return  # the outbox's own row: part of the commit's bookkeeping, not a write to cache
     found = executed.written(statement, context)
@@ -218,7 +218,9 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     ctx = write_context(session, connection.engine)
     if ctx is None:
         return
-    connection.info[_TAG] = (ctx, weakref.ref(session))
+    # Only a weak reference: the pool's connection record outlives the session, and an abandoned
+    # session must stay collectable (SQLAlchemy returns its connection to the pool when it is).
+    connection.info[_TAG] = weakref.ref(session)
     ctx.connections.append(connection)
     ctx.engines.add(connection.engine)
     if ctx.reads and ctx.tx_generation is None:

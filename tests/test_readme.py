@@ -1,0 +1,103 @@
+"""README.rst's usage snippets run as written (against this machine's Redis, under a private prefix)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from sqlalchemy import ForeignKey, create_engine, select
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+README = Path(__file__).resolve().parent.parent / "README.rst"
+
+
+def _usage_blocks() -> list[str]:
+    text = README.read_text()
+    usage = text[text.index("\nUsage\n-----") : text.index("\nConfiguration reference\n")]
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", usage)
+    return [re.sub(r"^   ", "", b, flags=re.M) for b in blocks]
+
+
+class ReadmeBase(DeclarativeBase):
+    pass
+
+
+class User(ReadmeBase):
+    __tablename__ = "readme_users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    active: Mapped[bool] = mapped_column(default=True)
+
+
+class Product(ReadmeBase):
+    __tablename__ = "readme_products"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Report(ReadmeBase):
+    __tablename__ = "readme_reports"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    year: Mapped[int]
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("readme_users.id"))
+
+
+@pytest.fixture
+def app_models(monkeypatch):
+    """The README names ``"app.models.Product"``: make that importable."""
+    app = types.ModuleType("app")
+    models = types.ModuleType("app.models")
+    for cls in (User, Product, Report):
+        setattr(models, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, "app", app)
+    monkeypatch.setitem(sys.modules, "app.models", models)
+    return models
+
+
+def _source(block: str, redis_url: str, prefix: str) -> str:
+    assert '"redis://localhost:6379/0"' in block and 'prefix="sqlacache"' in block
+    return block.replace('"redis://localhost:6379/0"', repr(redis_url)).replace(
+        'prefix="sqlacache"', f"prefix={prefix!r}"
+    )
+
+
+def test_the_usage_snippets_run_as_written(tmp_path, redis_url, key_prefix, app_models):
+    sync_block, async_block = _usage_blocks()[:2]  # the third, Flask, is tests/test_flask_sqlalchemy.py
+    engine = create_engine(f"sqlite:///{tmp_path / 'readme.db'}")
+    ReadmeBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=42), Product(id=1), Report(id=1, year=2024, user_id=42)])
+        s.commit()
+    sql: list[str] = []
+    from sqlalchemy import event
+
+    event.listen(engine, "before_cursor_execute", lambda c, cur, statement, *a: sql.append(statement))
+    namespace = {"engine": engine, "User": User, "Report": Report, "Product": Product}
+    code = compile(_source(sync_block, redis_url, key_prefix), "README.rst", "exec")
+    exec(code, namespace)
+    first_run = len(sql)
+    namespace["cache"].close()
+    exec(code, namespace)  # as another process would: a new Cache on the same Redis
+    cache = namespace["cache"]
+    assert len(sql) - first_run < first_run  # served (partly) from the cache
+    assert cache.stats()["hits"] >= 3, cache.stats()
+
+    aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'readme.db'}")
+    namespace.update(engine=aengine, select=select)
+    code = compile(async_block, "README.rst", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+    async def run() -> None:
+        for _ in range(3):
+            await eval(code, namespace)
+        await aengine.dispose()
+
+    asyncio.run(run())
+    assert [u.id for u in namespace["rows"]] == [42]
+    assert namespace["user"].id == 42
+    cache.invalidate_all()
+    cache.close()
+    engine.dispose()
