@@ -560,7 +560,7 @@ def components(ctx: dict[str, Any], iterations: int) -> dict[str, tuple[float, f
     get_key = ctx["floor_get_key"]
     Plain = sessionmaker(engine)
     Caching = sessionmaker(engine, class_=CachingSession, cache=cache)
-    ns = cache.namespace(engine)
+    ns = cache.internal.namespace(engine)
     keys = [cache.keys.get_key(ns, MAPPER, (i,)) for i in range(1, N_ROWS + 1)]
     with Caching() as s:  # make sure entry 1..N are there
         for i in range(1, 4):
@@ -603,7 +603,7 @@ def server_costs(ctx: dict[str, Any], n: int) -> dict[str, str]:
     scripts. The counters are server-wide: other clients running at the same time would show up in the
     call counts, which are printed so that this can be seen."""
     engine, client, cache = ctx["engine"], ctx["client"], ctx["cache"]
-    ns = cache.namespace(engine)
+    ns = cache.internal.namespace(engine)
     keys = [cache.keys.get_key(ns, MAPPER, (i,)) for i in range(1, N_ROWS + 1)]
     get_key = ctx["floor_get_key"]
     backend = cache.backend
@@ -645,7 +645,7 @@ def server_costs(ctx: dict[str, Any], n: int) -> dict[str, str]:
 
 def bench_keys(cache: Cache, engine: Any, iterations: int) -> dict[str, tuple[float, float]]:
     """Key building alone, on a freshly built statement each iteration (no Redis, no database)."""
-    ns = cache.namespace(engine)
+    ns = cache.internal.namespace(engine)
     shape_ns: dict[str, list[int]] = {
         k: [] for k in ("build", "genkey", "shape", "shape_info", "key", "get_key")
     }
