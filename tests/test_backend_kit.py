@@ -20,3 +20,13 @@ def _example() -> str:
 
 
 exec(compile(_example(), str(README), "exec"))  # defines CountingBackend and TestCountingBackend
+
+
+def test_the_kit_without_pytest_names_the_extra_to_install():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['pytest'] = None; import sqlacache.testing"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert 'pip install "sqlacache[testing]"' in proc.stderr

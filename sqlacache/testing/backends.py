@@ -26,8 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import pytest
 from sqlalchemy.util.concurrency import greenlet_spawn
+
+try:
+    import pytest
+except ImportError as exc:  # an optional extra: say which
+    raise ImportError('sqlacache.testing runs on pytest: pip install "sqlacache[testing]"') from exc
 
 from sqlacache.backends.base import Backend, BackendError, Entry, Lookup
 
