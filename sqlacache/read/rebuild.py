@@ -210,13 +210,14 @@ def decode_result(
     plans: list[tuple[Any, ...]] = []  # per row: entity slots (or None) and decoded values
     roots: list[int] = []
     for row in rows:
-        cells = [(row, ENTITY)] if not isinstance(row, list) else list(zip(row, columns))
-        if (not isinstance(row, list) and (len(columns) != 1 or columns[0] is not ENTITY)) or (
-            isinstance(row, list) and len(row) != len(columns)
-        ):
+        if not isinstance(row, list):  # one reference per row: stored by a single-entity result
+            if len(columns) != 1 or columns[0] is not ENTITY:
+                raise CodecError("row does not fit the result shape")
+            row = [row]
+        elif len(row) != len(columns):
             raise CodecError("row does not fit the result shape")
         plan: list[Any] = []
-        for v, c in cells:
+        for v, c in zip(row, columns):
             if c is ENTITY:
                 if v is not None and (type(v) is not int or v not in refs):
                     raise CodecError("bad entity reference")
@@ -227,7 +228,7 @@ def decode_result(
                 plan.append(c.decode(v))
         plans.append(tuple(plan))
     identity_map = session.identity_map
-    entity_at = [i for i, c in enumerate(columns if columns else [ENTITY]) if c is ENTITY]
+    entity_at = [i for i, c in enumerate(columns) if c is ENTITY]
 
     def make() -> list[Any]:
         objs = attach(session, identity_map, decoded, generation, roots, load_options)
@@ -235,7 +236,7 @@ def decode_result(
         for plan in plans:
             cells = list(plan)
             for i in entity_at:
-                if i < len(cells) and cells[i] is not None:
+                if cells[i] is not None:
                     cells[i] = objs[cells[i]]
             out.append(tuple(cells))
         return out
