@@ -43,35 +43,52 @@ Python type (subclasses too, e.g. IntEnum, OrderedDict, pendulum's DateTime), di
 strings with lone surrogates inside JSON or generic values, nesting deeper than 128 levels, and times
 or datetimes that ISO text cannot carry exactly: a tzinfo other than an unnamed ``datetime.timezone``
 or a keyed ``ZoneInfo``, ``fold=1`` where it does not change the offset, non-zero offsets under 1 s.
+
+This module holds the typed codecs and the dispatch on the column type; the scalar text forms are in
+:mod:`sqlacache.analysis.scalars` and the generic tagged form in :mod:`sqlacache.analysis.generic`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import importlib
-import math
-import operator
-import struct
 import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone, tzinfo
-from decimal import Decimal, InvalidOperation
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any, Final
-from zoneinfo import ZoneInfo
 
 from sqlalchemy.dialects.postgresql import INTERVAL as _PG_INTERVAL
 from sqlalchemy.sql import sqltypes
 from sqlalchemy.types import TypeEngine
 
+from sqlacache.analysis import generic
+from sqlacache.analysis.generic import MAX_DEPTH, check_utf8, describe, escape, is_escape_shaped, unescape
+from sqlacache.analysis.scalars import (
+    I64_MIN,
+    U64_MAX,
+    CodecError,
+    b64,
+    big_int_str,
+    datetime_str,
+    is_asyncpg_uuid,
+    isfinite,
+    nonfinite_str,
+    parse_b64,
+    parse_big_int,
+    parse_date,
+    parse_datetime,
+    parse_decimal,
+    parse_nonfinite,
+    parse_time,
+    parse_timedelta,
+    parse_uuid,
+    time_str,
+    timedelta_int,
+)
+
 __all__ = ["CodecError", "ValueCodec", "codec_for"]
-
-
-class CodecError(ValueError):
-    """The value cannot be stored exactly, or the cached payload is not a valid encoding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,374 +97,11 @@ class ValueCodec:
     decode: Callable[[Any], Any]
 
 
-_I64_MIN: Final = -(1 << 63)
-_U64_MAX: Final = (1 << 64) - 1
-
-# orjson refuses to dump more than 254 nested levels; staying well below leaves room for the
-# envelope (rows, columns, metadata) the cache wraps around each value.
-_MAX_DEPTH: Final = 128
-
 # PostgreSQL allows 6 array dimensions; the cap keeps ARRAY(JSON) within orjson's nesting limit too.
 _MAX_ARRAY_LEVELS: Final = 16
 
-_ESCAPE: Final = "!"
 
-_UTC: Final = timezone.utc
-_ONE_US: Final = timedelta(microseconds=1)
-_ONE_SECOND: Final = timedelta(seconds=1)
-_CANONICAL_NAN_BITS: Final = struct.pack("<d", math.nan)
-_NONFINITE: Final[dict[str, float]] = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-_isfinite: Final = math.isfinite
-
-# Exceptions the parsing helpers (int(), fromisoformat(), Decimal(), base64, ZoneInfo...) raise on
-# malformed input; all of them mean "not a valid encoding". RecursionError is here because a hostile
-# payload may nest deeper than the depth checks expect if the interpreter limit was lowered.
-_PARSE_ERRORS: Final = (ValueError, TypeError, LookupError, ArithmeticError, RecursionError, OSError)
-
-_ASYNCPG_UUID_MODULE: Final = "asyncpg.pgproto.pgproto"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scalar helpers shared by the typed codecs and the generic one.
-
-
-def _big_int_str(v: int) -> str:
-    return hex(v)
-
-
-def _parse_big_int(x: str) -> int:
-    try:
-        n = int(x, 16)
-    except ValueError as exc:
-        raise CodecError(f"invalid big integer {x[:40]!r}") from exc
-    # int(x, 16) also takes "abc", " 1_0" and friends; only hex()'s own output is an encoding.
-    if hex(n) != x:
-        raise CodecError(f"invalid big integer {x[:40]!r}")
-    return n
-
-
-def _nonfinite_str(v: float) -> str:
-    if v == math.inf:
-        return "inf"
-    if v == -math.inf:
-        return "-inf"
-    bits = struct.pack("<d", v)
-    # NaN payload and sign bits are part of "bit-exact"; the common NaN stays short.
-    if bits == _CANONICAL_NAN_BITS:
-        return "nan"
-    return "nan:" + bits.hex()
-
-
-def _parse_nonfinite(x: str) -> float:
-    f = _NONFINITE.get(x)
-    if f is not None:
-        return f
-    if len(x) == 20 and x.startswith("nan:"):
-        try:
-            (f,) = struct.unpack("<d", bytes.fromhex(x[4:]))
-        except ValueError as exc:
-            raise CodecError(f"invalid float {x!r}") from exc
-        if math.isnan(f):
-            return float(f)
-    raise CodecError(f"invalid float {x[:40]!r}")
-
-
-def _b64(v: bytes) -> str:
-    return binascii.b2a_base64(v, newline=False).decode("ascii")
-
-
-def _parse_b64(x: str) -> bytes:
-    try:
-        return base64.b64decode(x, validate=True)
-    except ValueError as exc:
-        raise CodecError("invalid base64") from exc
-
-
-def _parse_decimal(x: str) -> Decimal:
-    try:
-        return Decimal(x)
-    except (InvalidOperation, ValueError) as exc:
-        raise CodecError(f"invalid decimal {x[:40]!r}") from exc
-
-
-def _is_plain_fixed(tz: tzinfo) -> bool:
-    """True when isoformat()/fromisoformat() reproduce ``tz`` exactly (an unnamed fixed offset)."""
-    if tz is _UTC:
-        return True
-    if type(tz) is not timezone:
-        return False
-    off = tz.utcoffset(None)
-    # fromisoformat() reads "+00:00:00.000001" back as UTC (CPython drops an offset below 1 s).
-    if off and -_ONE_SECOND < off < _ONE_SECOND:
-        return False
-    # A named timezone(offset, "CET") would come back unnamed, changing tzname() and strftime("%Z").
-    return tz.tzname(None) == timezone(off).tzname(None)
-
-
-def _time_str(v: time) -> str:
-    tz = v.tzinfo
-    if v.fold or (tz is not None and not _is_plain_fixed(tz)):
-        raise CodecError(f"cannot store a time with fold={v.fold}, tzinfo {type(tz).__name__} exactly")
-    return v.isoformat()
-
-
-def _parse_time(x: str) -> time:
-    try:
-        return time.fromisoformat(x)
-    except ValueError as exc:
-        raise CodecError(f"invalid time {x[:40]!r}") from exc
-
-
-def _datetime_str(v: datetime) -> str:
-    tz = v.tzinfo
-    if tz is None or tz is _UTC:
-        if not v.fold:
-            return v.isoformat()
-    elif type(tz) is ZoneInfo:
-        key = tz.key
-        # fold=1 is only recoverable where it changes the offset (the repeated hour); elsewhere it is
-        # invisible in the ISO text, so refusing is the only exact option.
-        if key is not None and (not v.fold or v.replace(fold=0).utcoffset() != v.utcoffset()):
-            return f"{v.isoformat()}[{key}]"
-    elif not v.fold and _is_plain_fixed(tz):
-        return v.isoformat()
-    raise CodecError(f"cannot store a datetime with fold={v.fold}, tzinfo {type(tz).__name__} exactly")
-
-
-def _parse_datetime(x: str) -> datetime:
-    try:
-        if x[-1:] != "]":
-            return datetime.fromisoformat(x)
-        cut = x.find("[")
-        if cut < 0:
-            raise CodecError(f"invalid datetime {x[:60]!r}")
-        fixed = datetime.fromisoformat(x[:cut])
-        offset = fixed.utcoffset()
-        if offset is None:
-            raise CodecError(f"invalid datetime {x[:60]!r}")
-        # Re-attaching the zone to the same wall time (rather than astimezone) cannot overflow near
-        # datetime.min/max and keeps a non-existent wall time as it was; the stored offset picks fold,
-        # and a mismatch means this process has different tz data: treat as a miss, not a wrong value.
-        local = fixed.replace(tzinfo=ZoneInfo(x[cut + 1 : -1]))
-        if local.utcoffset() != offset:
-            local = local.replace(fold=1)
-            if local.utcoffset() != offset:
-                raise CodecError(f"zone offset mismatch for {x[:60]!r}")
-        return local
-    except CodecError:
-        raise
-    except _PARSE_ERRORS as exc:
-        raise CodecError(f"invalid datetime {x[:60]!r}") from exc
-
-
-def _parse_date(x: str) -> date:
-    try:
-        return date.fromisoformat(x)
-    except ValueError as exc:
-        raise CodecError(f"invalid date {x[:40]!r}") from exc
-
-
-def _timedelta_int(v: timedelta) -> Any:
-    us = v // _ONE_US
-    return us if _I64_MIN <= us <= _U64_MAX else _big_int_str(us)
-
-
-def _parse_timedelta(x: Any) -> timedelta:
-    if type(x) is str:
-        x = _parse_big_int(x)
-    elif type(x) is not int:
-        raise CodecError(f"invalid interval payload: {type(x).__name__}")
-    try:
-        return timedelta(microseconds=x)
-    except OverflowError as exc:
-        raise CodecError("interval out of range") from exc
-
-
-def _is_asyncpg_uuid(t: type) -> bool:
-    # Matched by name so that encoding never imports asyncpg; the class must already be loaded.
-    return t.__module__ == _ASYNCPG_UUID_MODULE and t.__qualname__ == "UUID"
-
-
-_asyncpg_uuid_cls: list[type[uuid.UUID]] = []
-
-
-def _asyncpg_uuid(x: str) -> uuid.UUID:
-    # asyncpg returns its own uuid.UUID subclass; a cache hit should hand back the same class.
-    if not _asyncpg_uuid_cls:
-        try:
-            cls = importlib.import_module(_ASYNCPG_UUID_MODULE).UUID
-        except (ImportError, AttributeError) as exc:
-            raise CodecError("asyncpg UUID in cache but asyncpg is not importable") from exc
-        _asyncpg_uuid_cls.append(cls)
-    try:
-        return _asyncpg_uuid_cls[0](x)
-    except ValueError as exc:
-        raise CodecError(f"invalid uuid {x[:40]!r}") from exc
-
-
-def _parse_uuid(x: str) -> uuid.UUID:
-    n = len(x)
-    if n == 32:
-        try:
-            # fromhex is strict about digits (unlike int(x, 16)) and fast; 32 chars make 16 bytes.
-            return uuid.UUID(bytes=bytes.fromhex(x))
-        except ValueError as exc:
-            raise CodecError(f"invalid uuid {x!r}") from exc
-    if n == 36:
-        return _asyncpg_uuid(x)
-    raise CodecError(f"invalid uuid {x[:40]!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generic tagged codec.
-
-_TAGGED_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], Any]]]] = {
-    bytes: ("b", _b64),
-    Decimal: ("n", str),
-    date: ("d", date.isoformat),
-    time: ("t", _time_str),
-    datetime: ("dt", _datetime_str),
-    timedelta: ("td", _timedelta_int),
-    uuid.UUID: ("u", operator.attrgetter("hex")),
-}
-
-
-def _str_only(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
-    def checked(x: Any) -> Any:
-        if type(x) is not str:
-            raise CodecError(f"expected a string, got {type(x).__name__}")
-        return parse(x)
-
-    return checked
-
-
-_TAGGED_DECODERS: Final[dict[str, Callable[[Any], Any]]] = {
-    "i": _str_only(_parse_big_int),
-    "f": _str_only(_parse_nonfinite),
-    "b": _str_only(_parse_b64),
-    "n": _str_only(_parse_decimal),
-    "d": _str_only(_parse_date),
-    "t": _str_only(_parse_time),
-    "dt": _str_only(_parse_datetime),
-    "td": _parse_timedelta,
-    "u": _str_only(_parse_uuid),
-}
-
-
-def _check_utf8(v: str) -> None:
-    # orjson refuses lone surrogates, which json.loads ("\ud800") and pickle can produce; database
-    # drivers decode text columns strictly, so the typed String codec skips this per-value cost.
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise CodecError("string holds a lone surrogate") from exc
-
-
-def _generic_encode(v: Any, depth: int) -> Any:
-    t = type(v)
-    if t is str:
-        if not v.isascii():
-            _check_utf8(v)
-        return v
-    if t is bool or v is None:
-        return v
-    if t is int:
-        return v if _I64_MIN <= v <= _U64_MAX else ["i", _big_int_str(v)]
-    if t is float:
-        return v if _isfinite(v) else ["f", _nonfinite_str(v)]
-    if depth >= _MAX_DEPTH:
-        raise CodecError("value nested too deeply")
-    depth += 1
-    if t is list:
-        return ["[", *[_generic_encode(x, depth) for x in v]]
-    if t is tuple:
-        return ["(", *[_generic_encode(x, depth) for x in v]]
-    if t is dict:
-        out = {}
-        for k, x in v.items():
-            if type(k) is not str:
-                raise CodecError(f"dict key of type {type(k).__name__} is not a str")
-            if not k.isascii():
-                _check_utf8(k)
-            out[k] = _generic_encode(x, depth)
-        return out
-    tagged = _TAGGED_ENCODERS.get(t)
-    if tagged is not None:
-        return [tagged[0], tagged[1](v)]
-    if _is_asyncpg_uuid(t):
-        return ["u", str(v)]
-    raise CodecError(f"cannot cache a value of type {t.__module__}.{t.__qualname__}")
-
-
-def _generic_decode(x: Any, depth: int) -> Any:
-    t = type(x)
-    if t is str or t is int or t is float or t is bool or x is None:
-        return x
-    if depth >= _MAX_DEPTH:
-        raise CodecError("payload nested too deeply")
-    depth += 1
-    if t is dict:
-        return {k: _generic_decode(v, depth) for k, v in x.items()}
-    if t is not list or not x:
-        raise CodecError(f"invalid generic payload: {_describe(x)}")
-    tag = x[0]
-    if tag == "[":
-        return [_generic_decode(v, depth) for v in x[1:]]
-    if tag == "(":
-        return tuple([_generic_decode(v, depth) for v in x[1:]])
-    decode = _TAGGED_DECODERS.get(tag) if type(tag) is str else None
-    if decode is None or len(x) != 2:
-        raise CodecError(f"invalid generic payload: {_describe(x)}")
-    return decode(x[1])
-
-
-def _generic_encode_safe(v: Any, depth: int) -> Any:
-    try:
-        return _generic_encode(v, depth)
-    except RecursionError as exc:
-        raise CodecError("value nested too deeply") from exc
-
-
-def _generic_decode_safe(x: Any, depth: int) -> Any:
-    # The scalar parsers already raise CodecError; this is the backstop that keeps the "only
-    # CodecError" promise even if a hostile payload finds a path they do not cover.
-    try:
-        return _generic_decode(x, depth)
-    except CodecError:
-        raise
-    except _PARSE_ERRORS as exc:
-        raise CodecError(f"invalid payload: {exc}") from exc
-
-
-def _escape(v: Any) -> Any:
-    # Only reached when a value's Python type does not match its column type.
-    return {_ESCAPE: _generic_encode_safe(v, 1)}
-
-
-def _describe(x: Any) -> str:
-    return f"{type(x).__name__} of length {len(x)}" if type(x) in (list, dict, str) else type(x).__name__
-
-
-def _is_escape_shaped(x: Any) -> bool:
-    return type(x) is dict and len(x) == 1 and _ESCAPE in x
-
-
-def _unescape(x: Any) -> Any:
-    if _is_escape_shaped(x):
-        return _generic_decode_safe(x[_ESCAPE], 1)
-    raise CodecError(f"invalid payload: {_describe(x)}")
-
-
-def _enc_generic(v: Any) -> Any:
-    return _generic_encode_safe(v, 0)
-
-
-def _dec_generic(x: Any) -> Any:
-    return _generic_decode_safe(x, 0)
-
-
-_GENERIC: Final = ValueCodec(_enc_generic, _dec_generic)
-
+_GENERIC: Final = ValueCodec(generic.encode, generic.decode)
 
 # ---------------------------------------------------------------------------------------------------
 # Typed codecs. Each encoder tests the expected type first so the common case costs one type() check;
@@ -456,8 +110,8 @@ _GENERIC: Final = ValueCodec(_enc_generic, _dec_generic)
 
 def _enc_int(v: Any) -> Any:
     if type(v) is int:
-        return v if _I64_MIN <= v <= _U64_MAX else _big_int_str(v)
-    return None if v is None else _escape(v)
+        return v if I64_MIN <= v <= U64_MAX else big_int_str(v)
+    return None if v is None else escape(v)
 
 
 def _dec_int(x: Any) -> Any:
@@ -466,38 +120,38 @@ def _dec_int(x: Any) -> Any:
     if x is None:
         return None
     if type(x) is str:
-        return _parse_big_int(x)
-    return _unescape(x)
+        return parse_big_int(x)
+    return unescape(x)
 
 
 def _enc_bool(v: Any) -> Any:
     if type(v) is bool or v is None:
         return v
-    return _escape(v)
+    return escape(v)
 
 
 def _dec_bool(x: Any) -> Any:
     if type(x) is bool or x is None:
         return x
-    return _unescape(x)
+    return unescape(x)
 
 
 def _enc_str(v: Any) -> Any:
     if type(v) is str or v is None:
         return v
-    return _escape(v)
+    return escape(v)
 
 
 def _dec_str(x: Any) -> Any:
     if type(x) is str or x is None:
         return x
-    return _unescape(x)
+    return unescape(x)
 
 
 def _enc_float(v: Any) -> Any:
     if type(v) is float:
-        return v if _isfinite(v) else _nonfinite_str(v)
-    return None if v is None else _escape(v)
+        return v if isfinite(v) else nonfinite_str(v)
+    return None if v is None else escape(v)
 
 
 def _dec_float(x: Any) -> Any:
@@ -506,80 +160,80 @@ def _dec_float(x: Any) -> Any:
     if x is None:
         return None
     if type(x) is str:
-        return _parse_nonfinite(x)
-    return _unescape(x)
+        return parse_nonfinite(x)
+    return unescape(x)
 
 
 def _enc_decimal(v: Any) -> Any:
     if type(v) is Decimal:
         return str(v)
-    return None if v is None else _escape(v)
+    return None if v is None else escape(v)
 
 
 def _dec_decimal(x: Any) -> Any:
     if type(x) is str:
-        return _parse_decimal(x)
-    return None if x is None else _unescape(x)
+        return parse_decimal(x)
+    return None if x is None else unescape(x)
 
 
 def _enc_bytes(v: Any) -> Any:
     if type(v) is bytes:
-        return _b64(v)
-    return None if v is None else _escape(v)
+        return b64(v)
+    return None if v is None else escape(v)
 
 
 def _dec_bytes(x: Any) -> Any:
     if type(x) is str:
-        return _parse_b64(x)
-    return None if x is None else _unescape(x)
+        return parse_b64(x)
+    return None if x is None else unescape(x)
 
 
 def _enc_date(v: Any) -> Any:
     if type(v) is date:
         return v.isoformat()
-    return None if v is None else _escape(v)
+    return None if v is None else escape(v)
 
 
 def _dec_date(x: Any) -> Any:
     if type(x) is str:
-        return _parse_date(x)
-    return None if x is None else _unescape(x)
+        return parse_date(x)
+    return None if x is None else unescape(x)
 
 
 def _enc_time(v: Any) -> Any:
     if type(v) is time:
-        return _time_str(v)
-    return None if v is None else _escape(v)
+        return time_str(v)
+    return None if v is None else escape(v)
 
 
 def _dec_time(x: Any) -> Any:
     if type(x) is str:
-        return _parse_time(x)
-    return None if x is None else _unescape(x)
+        return parse_time(x)
+    return None if x is None else unescape(x)
 
 
 def _enc_datetime(v: Any) -> Any:
     if type(v) is datetime:
-        return _datetime_str(v)
-    return None if v is None else _escape(v)
+        return datetime_str(v)
+    return None if v is None else escape(v)
 
 
 def _dec_datetime(x: Any) -> Any:
     if type(x) is str:
-        return _parse_datetime(x)
-    return None if x is None else _unescape(x)
+        return parse_datetime(x)
+    return None if x is None else unescape(x)
 
 
 def _enc_interval(v: Any) -> Any:
     if type(v) is timedelta:
-        return _timedelta_int(v)
-    return None if v is None else _escape(v)
+        return timedelta_int(v)
+    return None if v is None else escape(v)
 
 
 def _dec_interval(x: Any) -> Any:
     if type(x) is int or type(x) is str:
-        return _parse_timedelta(x)
-    return None if x is None else _unescape(x)
+        return parse_timedelta(x)
+    return None if x is None else unescape(x)
 
 
 def _enc_uuid(v: Any) -> Any:
@@ -587,35 +241,35 @@ def _enc_uuid(v: Any) -> Any:
         return v.hex
     if v is None:
         return None
-    if _is_asyncpg_uuid(type(v)):
+    if is_asyncpg_uuid(type(v)):
         return str(v)
-    return _escape(v)
+    return escape(v)
 
 
 def _dec_uuid(x: Any) -> Any:
     if type(x) is str:
-        return _parse_uuid(x)
-    return None if x is None else _unescape(x)
+        return parse_uuid(x)
+    return None if x is None else unescape(x)
 
 
 def _json_check(v: Any, depth: int) -> None:
     t = type(v)
     if t is str:
         if not v.isascii():
-            _check_utf8(v)
+            check_utf8(v)
         return
     if t is bool or v is None:
         return
     if t is int:
-        if not _I64_MIN <= v <= _U64_MAX:
+        if not I64_MIN <= v <= U64_MAX:
             raise CodecError("JSON document holds an integer beyond 64 bits")
         return
     if t is float:
         # orjson would silently write NaN/Infinity as null.
-        if not _isfinite(v):
+        if not isfinite(v):
             raise CodecError("JSON document holds a non-finite float")
         return
-    if depth >= _MAX_DEPTH:
+    if depth >= MAX_DEPTH:
         raise CodecError("JSON document nested too deeply")
     depth += 1
     if t is dict:
@@ -623,7 +277,7 @@ def _json_check(v: Any, depth: int) -> None:
             if type(k) is not str:
                 raise CodecError(f"JSON object key of type {type(k).__name__} is not a str")
             if not k.isascii():
-                _check_utf8(k)
+                check_utf8(k)
             _json_check(x, depth)
     elif t is list:
         for x in v:
@@ -635,7 +289,7 @@ def _json_check(v: Any, depth: int) -> None:
 
 def _enc_json(v: Any) -> Any:
     # A document that is itself {"!": ...} is escaped too, so the escape shape stays unambiguous.
-    if not _is_escape_shaped(v):
+    if not is_escape_shaped(v):
         try:
             _json_check(v, 0)
             return v
@@ -643,12 +297,12 @@ def _enc_json(v: Any) -> Any:
             pass
     # Big ints and NaN/Infinity (Python's json module reads and writes both), tuples or Decimals
     # from a custom deserializer: the generic form may still carry them exactly.
-    return _escape(v)
+    return escape(v)
 
 
 def _dec_json(x: Any) -> Any:
     # Whatever orjson.loads produced is a JSON document, and every one is a valid value.
-    return _unescape(x) if _is_escape_shaped(x) else x
+    return unescape(x) if is_escape_shaped(x) else x
 
 
 _INT: Final = ValueCodec(_enc_int, _dec_int)
@@ -671,7 +325,7 @@ def _enum_codec(enum_class: Any) -> ValueCodec:
     def encode(v: Any) -> Any:
         if type(v) is enum_class:
             return v.name
-        return None if v is None else _escape(v)
+        return None if v is None else escape(v)
 
     def decode(x: Any) -> Any:
         if type(x) is str:
@@ -679,7 +333,7 @@ def _enum_codec(enum_class: Any) -> ValueCodec:
             if member is None:
                 raise CodecError(f"{x[:40]!r} is not a member of {enum_class.__qualname__}")
             return member
-        return None if x is None else _unescape(x)
+        return None if x is None else unescape(x)
 
     return ValueCodec(encode, decode)
 
@@ -706,13 +360,13 @@ def _structural_array_codec(item: ValueCodec, as_tuple: bool) -> ValueCodec:
             try:
                 return enc_nested(v, 1)
             except CodecError:
-                return _escape(v)
-        return None if v is None else _escape(v)
+                return escape(v)
+        return None if v is None else escape(v)
 
     def decode(x: Any) -> Any:
         if type(x) is list:
             return dec_nested(x, 1)
-        return None if x is None else _unescape(x)
+        return None if x is None else unescape(x)
 
     return ValueCodec(encode, decode)
 
@@ -738,7 +392,7 @@ def _leveled_array_codec(item: ValueCodec, as_tuple: bool, dims: int | None) -> 
 
     def dec_levels(x: Any, levels: int) -> Any:
         if type(x) is not list:
-            raise CodecError(f"invalid array payload: {_describe(x)}")
+            raise CodecError(f"invalid array payload: {describe(x)}")
         if levels == 1:
             out = [item_decode(i) for i in x]
         else:
@@ -764,8 +418,8 @@ def _leveled_array_codec(item: ValueCodec, as_tuple: bool, dims: int | None) -> 
                 levels = infer_levels(v)
                 return [levels, enc_levels(v, levels)]
             except CodecError:
-                return _escape(v)
-        return None if v is None else _escape(v)
+                return escape(v)
+        return None if v is None else escape(v)
 
     def decode(x: Any) -> Any:
         if type(x) is list:
@@ -773,8 +427,8 @@ def _leveled_array_codec(item: ValueCodec, as_tuple: bool, dims: int | None) -> 
                 return dec_levels(x, dims)
             if len(x) == 2 and type(x[0]) is int and 1 <= x[0] <= _MAX_ARRAY_LEVELS:
                 return dec_levels(x[1], x[0])
-            raise CodecError(f"invalid array payload: {_describe(x)}")
-        return None if x is None else _unescape(x)
+            raise CodecError(f"invalid array payload: {describe(x)}")
+        return None if x is None else unescape(x)
 
     return ValueCodec(encode, decode)
 
