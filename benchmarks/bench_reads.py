@@ -884,7 +884,7 @@ async def bench_async(
             async with BgCaching() as s:
                 obj = await s.get(User, i)
             t1 = time.perf_counter_ns()
-            await bg_cache.await_stores()
+            await bg_cache.await_for_stores()
             check(sql.n == before + 1, "async get miss (background store): expected 1 statement")
             check(snapshot(obj) == expected[i], "async get miss (background store): wrong values")
             check(bg_cache.stats()["stores"] == stores + 1, "async background store did not land")

@@ -9,18 +9,13 @@ evictions that can never be delivered.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Engine, event
-from sqlalchemy.engine import Connection
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-if TYPE_CHECKING:
-    from sqlacache.cache import Cache
-
-_bound: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
+from sqlacache.cache import Cache, bound_caches, bound_to
 
 
 class CacheClosedError(RuntimeError):
@@ -33,28 +28,6 @@ class CacheClosedError(RuntimeError):
             "close the cache at shutdown, after the sessions using it, or create a new Cache and a "
             "sessionmaker(..., cache=new_cache)"
         )
-
-
-def engine_of(bind: Any) -> Engine | None:
-    engine = bind.engine if isinstance(bind, Connection) else bind
-    return engine if isinstance(engine, Engine) else None
-
-
-def bind(engine: Engine, cache: Cache) -> None:
-    _bound[engine] = cache
-
-
-def unbind(engine: Engine | None, cache: Cache | None = None) -> None:
-    """Forget ``engine`` (only if it is bound to ``cache``, when given); every engine of ``cache``
-    when ``engine`` is None."""
-    for bound, owner in list(_bound.items()):
-        if (bound is engine or engine is None) and (cache is None or owner is cache):
-            _bound.pop(bound, None)
-
-
-def bound_to(bind: Any) -> Cache | None:
-    engine = engine_of(bind)
-    return _bound.get(engine) if engine is not None else None
 
 
 def binds_of(session: Session) -> Mapping[Any, Any]:
@@ -86,11 +59,12 @@ def _reachable(session: Session) -> Iterator[Any]:
 def bound_cache(session: Session) -> Cache | None:
     """The cache a plain ``Session`` uses because an engine it reaches was passed to ``Cache.bind``."""
     cache: Cache | None = None
-    if _bound:
+    caches = bound_caches()
+    if caches:
         cache = next((c for c in map(bound_to, _reachable(session)) if c is not None), None)
-        if cache is None and routes_itself(session) and len(set(_bound.values())) == 1:
+        if cache is None and routes_itself(session) and len(caches) == 1:
             # It may route some statements to the one bound engine: each read is checked anyway.
-            cache = next(iter(_bound.values()))
+            cache = next(iter(caches))
     session.__dict__["_sqlacache_cache"] = cache or False
     return cache
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import uuid
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from sqlacache import binding
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
 from sqlacache.backends import Backend, MemoryBackend
@@ -31,9 +31,9 @@ from sqlacache.fill.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
 from sqlacache.resilience.breaker import Breaker
+from sqlacache.resilience.outbox import Outbox
 from sqlacache.resilience.resilient import Resilient
 from sqlacache.resilience.stats import Counters
-from sqlacache.write.outbox import Outbox
 
 log = logging.getLogger("sqlacache")
 
@@ -54,6 +54,25 @@ def _number(name: str, value: Any, unit: str, positive: bool = False) -> float:
 _database_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 # database → the caches holding reads of it: a commit there, by any session, invalidates them all.
 _watchers: dict[str, weakref.WeakSet[Cache]] = {}
+
+
+# engine → the cache ``Cache.bind`` gave it to: plain sessions reaching it read through that cache.
+_bound: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
+
+
+def engine_of(bind: Any) -> Engine | None:
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    return engine if isinstance(engine, Engine) else None
+
+
+def bound_to(bind: Any) -> Cache | None:
+    """The cache ``bind``'s engine was given to with ``Cache.bind``, if any."""
+    engine = engine_of(bind)
+    return _bound.get(engine) if engine is not None else None
+
+
+def bound_caches() -> set[Cache]:
+    return set(_bound.values())
 
 
 def database_id(engine: Engine) -> str:
@@ -288,9 +307,16 @@ class Cache:
         """Block until background stores queued so far are done (for tests and shutdown)."""
         self.io.wait_for_stores(timeout)
 
-    async def await_stores(self) -> None:
+    async def await_for_stores(self, timeout: float = 5.0) -> None:
         """Async twin of :meth:`wait_for_stores`."""
-        await self.io.await_stores()
+        await self.io.await_for_stores(timeout)
+
+    async def await_stores(self) -> None:
+        """Deprecated spelling of :meth:`await_for_stores` (async twins are named ``a`` + the sync name)."""
+        warnings.warn(
+            "Cache.await_stores() is deprecated: use await cache.await_for_stores()", DeprecationWarning, 2
+        )
+        await self.await_for_stores()
 
     # -- manual control ---------------------------------------------------------------------
 
@@ -379,19 +405,21 @@ class Cache:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         if not isinstance(sync_engine, Engine):
             raise ConfigurationError(f"bind: {engine!r} is not an Engine or AsyncEngine")
-        binding.bind(sync_engine, self)
+        _bound[sync_engine] = self
         self.internal.watch(sync_engine)
         return _Bound(self)
 
     def unbind(self, engine: Engine | AsyncEngine) -> None:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        binding.unbind(sync_engine)
+        _bound.pop(sync_engine, None)
 
     def close(self) -> None:
         """Stop: sessions made from this cache raise ``CacheClosedError`` from now on, and plain
         sessions on engines it was bound to are no longer cached."""
         self.closed = True
-        binding.unbind(None, self)
+        for engine, owner in list(_bound.items()):
+            if owner is self:
+                _bound.pop(engine, None)
         for watching in _watchers.values():
             watching.discard(self)
         if self.refresh_pool is not None:
@@ -403,7 +431,7 @@ class Cache:
             self.backend.close()
 
     async def aclose(self) -> None:
-        await self.await_stores()
+        await self.await_for_stores()
         await greenlet_spawn(self.close)
 
     # 0.1 spelling

@@ -1,8 +1,8 @@
 """Public path of the outbox table (``sqlacache.outbox.table``, documented).
 
-The outbox itself is :mod:`sqlacache.write.outbox`.
+The outbox itself is :mod:`sqlacache.resilience.outbox`.
 """
 
-from sqlacache.write.outbox import table
+from sqlacache.resilience.outbox import table
 
 __all__ = ["table"]

@@ -20,8 +20,8 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import EMPTY_DICT
 
 from sqlacache import listeners as _listeners  # noqa: F401  (installs the event listeners)
-from sqlacache.binding import CacheClosedError, engine_of
-from sqlacache.cache import Cache, default_cache
+from sqlacache.binding import CacheClosedError
+from sqlacache.cache import Cache, default_cache, engine_of
 from sqlacache.context import context_of
 from sqlacache.policy import ConfigurationError, ttl_value
 from sqlacache.read.execute import set_ttl

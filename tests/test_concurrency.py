@@ -226,12 +226,15 @@ async def test_async_background_stores(aworld):
     for _ in range(2):
         async with Session() as s:
             assert (await s.get(User, 3)).name == "u3"
-        await cache.await_stores()
+        await cache.await_for_stores()
     before = aworld.statements()
     async with Session() as s:
         assert (await s.get(User, 3)).name == "u3"
     assert aworld.statements() == before
     assert cache.stats()["stores"] >= 1
+    await cache.await_for_stores(timeout=0.5)  # the sync twin's timeout, same name
+    with pytest.warns(DeprecationWarning, match=r"await cache\.await_for_stores\(\)"):
+        await cache.await_stores()  # the 0.x spelling still works, and says what to write instead
 
 
 async def test_async_repeatable_read_uses_the_transaction_start(

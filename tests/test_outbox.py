@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession, ConfigurationError
-from sqlacache.write.outbox import table as outbox_table
+from sqlacache.resilience.outbox import table as outbox_table
 from tests.conftest import _pg_schema_url, _truncate_sync
 from tests.helpers import until
 from tests.models import Base, User

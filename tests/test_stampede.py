@@ -381,12 +381,12 @@ async def test_async_refresh_ahead(aworld, kind):
     await asyncio.sleep(0.7)
     before = aworld.statements()
     assert await asyncio.gather(*(read() for _ in range(10))) == [expected] * 10
-    await cache.await_stores()
+    await cache.await_for_stores()
     for _ in range(100):
         if _user_selects(aworld, before):
             break
         await asyncio.sleep(0.02)
-    await cache.await_stores()
+    await cache.await_for_stores()
     assert _user_selects(aworld, before) == 1
     assert cache.stats()["refreshes"] == 1
     await asyncio.sleep(1.0)  # past the first entry's TTL: the refreshed one serves

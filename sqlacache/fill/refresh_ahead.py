@@ -15,21 +15,19 @@ import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from sqlacache.fill import stampede
-
-if TYPE_CHECKING:
-    from sqlacache.cache import Cache
+from sqlacache.fill.stampede import Owner
 
 log = logging.getLogger("sqlacache.refresh")
 
 
-def claim(cache: Cache, key: str, since: float) -> stampede.Fill | None:
+def claim(cache: Owner, key: str, since: float) -> stampede.Fill | None:
     """The right to refresh ``key`` (whose lookup began at ``since``), unless a reader here or
     elsewhere is at it, or has just done it."""
     flight = cache.flights.try_lead(key, since)
@@ -44,7 +42,7 @@ def claim(cache: Cache, key: str, since: float) -> stampede.Fill | None:
     return fill
 
 
-def start(cache: Cache, fill: stampede.Fill, bind: Any, run: Callable[[Session], Any]) -> None:
+def start(cache: Owner, fill: stampede.Fill, bind: Any, run: Callable[[Session], Any]) -> None:
     """Run ``run`` in a fresh session on ``bind``, away from the reader: a thread, or a task of the
     running event loop for an async engine. ``run`` must pass ``_sqlacache_refresh=fill``."""
     if not isinstance(bind, Engine):  # bound to a Connection: its transaction is the caller's
@@ -69,7 +67,7 @@ def start(cache: Cache, fill: stampede.Fill, bind: Any, run: Callable[[Session],
         stampede.end(cache, fill)
 
 
-def _run(cache: Cache, fill: stampede.Fill, engine: Engine, run: Callable[[Session], Any]) -> None:
+def _run(cache: Owner, fill: stampede.Fill, engine: Engine, run: Callable[[Session], Any]) -> None:
     try:
         with Session(engine) as session:
             session.__dict__["_sqlacache_cache"] = cache
@@ -80,7 +78,7 @@ def _run(cache: Cache, fill: stampede.Fill, engine: Engine, run: Callable[[Sessi
         stampede.end(cache, fill)
 
 
-async def _arun(cache: Cache, fill: stampede.Fill, engine: Engine, run: Callable[[Session], Any]) -> None:
+async def _arun(cache: Owner, fill: stampede.Fill, engine: Engine, run: Callable[[Session], Any]) -> None:
     try:
         async with AsyncSession(AsyncEngine._retrieve_proxy_for_target(engine)) as session:
             session.sync_session.__dict__["_sqlacache_cache"] = cache
@@ -91,6 +89,6 @@ async def _arun(cache: Cache, fill: stampede.Fill, engine: Engine, run: Callable
         stampede.end(cache, fill)
 
 
-def _failed(cache: Cache, exc: BaseException) -> None:
+def _failed(cache: Owner, exc: BaseException) -> None:
     cache.count("refresh_failures")
     cache.io.warn("refresh", "sqlacache: a refresh-ahead read failed: %s", exc, level=logging.INFO)

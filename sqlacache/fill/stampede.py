@@ -12,15 +12,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlacache._greenlet import await_, in_greenlet
 from sqlacache.backends import Lookup
-from sqlacache.fill.flight import Flight
+from sqlacache.fill.flight import Flight, Flights
+from sqlacache.resilience.resilient import Resilient
+from sqlacache.resilience.stats import Counters
 
-if TYPE_CHECKING:
-    from sqlacache.cache import Cache
+
+class Owner(Protocol):
+    """What filling needs of the cache it fills (``Cache`` is one; fill/ stands below it)."""
+
+    io: Resilient
+    count: Counters
+    flights: Flights
+    fill_timeout: float
+    refresh_pool: ThreadPoolExecutor | None
 
 
 @dataclass(slots=True)
@@ -39,7 +49,7 @@ def _sleep(seconds: float) -> None:
         time.sleep(seconds)
 
 
-def begin(cache: Cache, key: str, hint: Sequence[str], since: float) -> tuple[Lookup | None, Fill | None]:
+def begin(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lookup | None, Fill | None]:
     """After a miss: wait for another reader's fill, or get the right to fill (``Fill``).
 
     ``since``: when the lookup that missed began. Returns the newest lookup made meanwhile (a hit
@@ -90,7 +100,7 @@ def begin(cache: Cache, key: str, hint: Sequence[str], since: float) -> tuple[Lo
     return latest, fill
 
 
-def end(cache: Cache, fill: Fill | None) -> None:
+def end(cache: Owner, fill: Fill | None) -> None:
     """Let the waiting readers look again; give the lease back unless a store took it over."""
     if fill is None:
         return

@@ -23,7 +23,8 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis.codec import CodecError
 from sqlacache.backends import Lookup
-from sqlacache.binding import CacheClosedError, bound_to
+from sqlacache.binding import CacheClosedError
+from sqlacache.cache import bound_to
 from sqlacache.context import Frame, SessionContext, context_of
 from sqlacache.fill import refresh_ahead, stampede
 from sqlacache.fill.stampede import Fill

@@ -143,7 +143,7 @@ class Resilient:
         )
 
     def track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a background task alive until it is done (``await_stores`` waits for them)."""
+        """Keep a background task alive until it is done (``await_for_stores`` waits for them)."""
         self._stores.track(task)
 
     # -- invalidations that could not be delivered (pending.py) --------------------------------
@@ -343,8 +343,8 @@ class Resilient:
     def wait_for_stores(self, timeout: float = 5.0) -> None:
         self._stores.wait(timeout)
 
-    async def await_stores(self) -> None:
-        await self._stores.await_all()
+    async def await_for_stores(self, timeout: float = 5.0) -> None:
+        await self._stores.await_all(timeout)
 
     # -- writes ---------------------------------------------------------------------------------
 

@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy.util.concurrency import greenlet_spawn
-
 from sqlacache.resilience.stats import Counters
 
 
@@ -76,10 +74,12 @@ class BackgroundStores:
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.001)
 
-    async def await_all(self) -> None:
+    async def await_all(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await greenlet_spawn(self.wait)
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self._queue.unfinished_tasks:  # the worker thread's: waited for off the event loop
+            await asyncio.to_thread(self.wait, max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         if self._worker is not None:

@@ -26,8 +26,8 @@ from sqlalchemy import Engine, event
 
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.cache import database_id, watched, watchers
+from sqlacache.resilience import outbox
 from sqlacache.write import executed as executed_mod
-from sqlacache.write import outbox
 
 log = logging.getLogger("sqlacache.tracker")
 

@@ -29,8 +29,9 @@ from sqlacache.analysis import dml, rowtokens
 from sqlacache.cache import database_id, watchers
 from sqlacache.context import SessionContext, TxFrame, any_context, write_context
 from sqlacache.layout import KNOWN, layout_of
+from sqlacache.resilience import outbox
 from sqlacache.write import connections as connection_writes
-from sqlacache.write import executed, outbox
+from sqlacache.write import executed
 
 log = logging.getLogger("sqlacache.tracker")
 
