@@ -17,6 +17,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from sqlacache import _sa
+
 if TYPE_CHECKING:
     from sqlacache.cache import Cache
 
@@ -59,7 +61,7 @@ def bound_to(bind: Any) -> Cache | None:
 
 def binds_of(session: Session) -> Mapping[Any, Any]:
     """A session's ``binds=`` (SQLAlchemy 2.1 keeps them as ``binds``, 2.0 as a private attribute)."""
-    found = session.__dict__.get("binds") or session.__dict__.get("_Session__binds")
+    found = _sa.session_binds(session)
     return found if isinstance(found, Mapping) else {}
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlacache._greenlet import await_, in_greenlet
+from sqlacache._sa import await_, in_greenlet
 from sqlacache.backends import Lookup
 from sqlacache.fill.flight import Flight
 
