@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from sqlacache import _sa
 from sqlacache.cache import Cache, bound_caches, bound_to
 
 
@@ -32,7 +33,7 @@ class CacheClosedError(RuntimeError):
 
 def binds_of(session: Session) -> Mapping[Any, Any]:
     """A session's ``binds=`` (SQLAlchemy 2.1 keeps them as ``binds``, 2.0 as a private attribute)."""
-    found = session.__dict__.get("binds") or session.__dict__.get("_Session__binds")
+    found = _sa.session_binds(session)
     return found if isinstance(found, Mapping) else {}
 
 

@@ -21,8 +21,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper
-from sqlalchemy.util.concurrency import greenlet_spawn
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
 from sqlacache.backends import Backend, MemoryBackend
@@ -135,12 +135,12 @@ class Internal:
         if ns is None:
             ns = database_id(engine)
             self.watch(engine)
-            translate = engine._execution_options.get("schema_translate_map")
+            translate = engine.get_execution_options().get("schema_translate_map")
             if translate:
                 ns = f"{ns}|{translation_token(translate)}"
             self.namespaces[engine] = ns
         if isinstance(bind, Connection):
-            translate = bind._execution_options.get("schema_translate_map")
+            translate = bind.get_execution_options().get("schema_translate_map")
             if translate:
                 return f"{ns}|{translation_token(translate)}"
         return ns
@@ -300,7 +300,7 @@ class Cache:
         return self.io.deliver_pending(force=True)
 
     async def aretry_pending(self) -> bool:
-        delivered: bool = await greenlet_spawn(self.retry_pending)
+        delivered: bool = await _sa.greenlet_spawn(self.retry_pending)
         return delivered
 
     def wait_for_stores(self, timeout: float = 5.0) -> None:
@@ -393,10 +393,10 @@ class Cache:
         self, model: Any = None, pks: Iterable[Any] | None = None, *, tables: Iterable[str] | None = None
     ) -> None:
         """Async twin of :meth:`invalidate` (works with asyncio Redis clients)."""
-        await greenlet_spawn(self.invalidate, model, pks, tables=tables)
+        await _sa.greenlet_spawn(self.invalidate, model, pks, tables=tables)
 
     async def ainvalidate_all(self) -> None:
-        await greenlet_spawn(self.invalidate_all)
+        await _sa.greenlet_spawn(self.invalidate_all)
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -432,7 +432,7 @@ class Cache:
 
     async def aclose(self) -> None:
         await self.await_for_stores()
-        await greenlet_spawn(self.close)
+        await _sa.greenlet_spawn(self.close)
 
     # 0.1 spelling
     async def disconnect(self) -> None:

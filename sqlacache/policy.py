@@ -16,6 +16,8 @@ from sqlalchemy.sql.elements import BindParameter, ColumnClause, Label, TextClau
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Exists, Select
 
+from sqlacache import _sa
+
 OPS = frozenset({"get", "fetch", "count", "exists"})
 
 # Functions whose result changes between two identical executions: caching them would freeze time.
@@ -171,7 +173,7 @@ def op_of(statement: Any) -> str:
     """'count', 'exists' or 'fetch' for a SELECT (``get`` is decided by the caller)."""
     if isinstance(statement, Select):
         # The columns as written: selected_columns would adapt ORM entities (and may warn).
-        cols = statement._raw_columns
+        cols = _sa.raw_columns(statement)
         if len(cols) == 1:
             col: Any = cols[0]
             if isinstance(col, Label):
@@ -188,7 +190,7 @@ def never_cached_reason(statement: Any) -> str | None:
     for element in visitors.iterate(statement):
         if isinstance(element, TextClause):
             return "contains text()"
-        if isinstance(element, Select) and element._for_update_arg is not None:
+        if isinstance(element, Select) and _sa.for_update_arg(element) is not None:
             return "uses FOR UPDATE"
         if isinstance(element, FunctionElement):
             name = getattr(element, "name", "") or ""

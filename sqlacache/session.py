@@ -19,6 +19,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import EMPTY_DICT
 
+from sqlacache import _sa
 from sqlacache import listeners as _listeners  # noqa: F401  (installs the event listeners)
 from sqlacache.binding import CacheClosedError
 from sqlacache.cache import Cache, default_cache, engine_of
@@ -216,12 +217,12 @@ class CachingSession(Session):
         if (
             not self._sqlacache_async
             and getattr(statement, "is_select", False)
-            and "_sa_orm_load_options" not in options
+            and _sa.ORM_LOAD_OPTIONS not in options
             and "cache" not in options
             and not self._configured_to_cache(statement)
         ):
             if options.get("autoflush", True):
-                self._autoflush()
+                _sa.autoflush(self)
             deferred = DeferredResult(self, statement, params, dict(kw))
             self._sqlacache_deferred.append(weakref.ref(deferred))
             return deferred  # type: ignore[return-value]
@@ -232,7 +233,7 @@ class CachingSession(Session):
         cache = self.cache
         if not cache.enabled:
             return True  # nothing to defer for: .cached() can't serve anything either
-        ck = statement._generate_cache_key()
+        ck = _sa.cache_key(statement)
         if ck is None:
             return True
         info = shape_info(cache, statement, ck.key)

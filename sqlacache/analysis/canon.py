@@ -56,6 +56,8 @@ from sqlalchemy.types import (
     Uuid,
 )
 
+from sqlacache import _sa
+
 __all__ = ["NULL_TOKEN", "comparable", "token"]
 
 # A value's canonical text, tagged with its kind ("i:1", "s:abc"), or None when it has no safe token.
@@ -119,12 +121,12 @@ def _resolve(type_: TypeEngine[Any], dialect: Dialect) -> tuple[list[TypeDecorat
     decorators: list[TypeDecorator[Any]] = []
     for _ in range(8):  # decorators may wrap decorators; this bounds a pathological chain
         # A with_variant() type replaces the whole type on its dialect, decorator included.
-        type_ = type_._variant_mapping.get(dialect.name, type_)
+        type_ = _sa.variant_mapping(type_).get(dialect.name, type_)
         if not isinstance(type_, TypeDecorator):
             break
         # bind_processor overrides (PickleType, Interval) and SQL-side bind expressions change the value in
         # ways process_bind_param does not show us.
-        if type(type_).bind_processor is not TypeDecorator.bind_processor or type_._has_bind_expression:
+        if type(type_).bind_processor is not TypeDecorator.bind_processor or _sa.has_bind_expression(type_):
             return None
         decorators.append(type_)
         try:
@@ -134,7 +136,7 @@ def _resolve(type_: TypeEngine[Any], dialect: Dialect) -> tuple[list[TypeDecorat
     else:
         return None
     # A subclass of String & co. outside SQLAlchemy may process values in its own bind_processor.
-    if not _ours(type_) or type_._has_bind_expression:
+    if not _ours(type_) or _sa.has_bind_expression(type_):
         return None
     canon = _canon(type_, dialect)
     return None if canon is None else (decorators, canon)
@@ -182,7 +184,7 @@ def _canon(t: TypeEngine[Any], dialect: Dialect) -> _Canon | None:
         if isinstance(t, Enum):
             # What SQLAlchemy sends for a member or a string (the member name unless values_callable says
             # otherwise); values outside the enum are passed through or refused, so they get no token.
-            lookup = t._valid_lookup
+            lookup = _sa.enum_lookup(t)
             return lambda v: _string(lookup[v], fold, t.length, mysql) if v in lookup else None
         return lambda v: _string(v, fold, t.length, mysql)
     if isinstance(t, DateTime):
@@ -355,7 +357,7 @@ def _datetime_canon(t: DateTime, dialect: Dialect) -> _Canon | None:
 
 def _custom_sqlite_format(t: TypeEngine[Any]) -> bool:
     # storage_format / truncate_microseconds may drop fields, making different values store equal.
-    return getattr(t, "_storage_format", None) != getattr(type(t), "_storage_format", None)
+    return _sa.custom_sqlite_format(t)
 
 
 def _wall(v: dt.datetime) -> str:

@@ -59,10 +59,11 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
-from sqlalchemy.dialects.postgresql import INTERVAL as _PG_INTERVAL
+from sqlalchemy.dialects.postgresql import INTERVAL as PG_INTERVAL
 from sqlalchemy.sql import sqltypes
 from sqlalchemy.types import TypeEngine
 
+from sqlacache import _sa
 from sqlacache.analysis import generic
 from sqlacache.analysis.generic import MAX_DEPTH, check_utf8, describe, escape, is_escape_shaped, unescape
 from sqlacache.analysis.scalars import (
@@ -437,13 +438,11 @@ def _leveled_array_codec(item: ValueCodec, as_tuple: bool, dims: int | None) -> 
 # Dispatch on the column type.
 
 _INTERVAL_TYPES: Final[tuple[type, ...]] = tuple(
-    t
-    for t in (getattr(sqltypes, "_AbstractInterval", None), sqltypes.Interval, _PG_INTERVAL)
-    if isinstance(t, type)
+    t for t in (*_sa.INTERVAL_BASES, sqltypes.Interval, PG_INTERVAL) if isinstance(t, type)
 )
 _BINARY_TYPES: Final[tuple[type, ...]] = tuple(
     t
-    for t in (getattr(sqltypes, "_Binary", None), sqltypes.LargeBinary, sqltypes.BINARY, sqltypes.VARBINARY)
+    for t in (*_sa.BINARY_BASES, sqltypes.LargeBinary, sqltypes.BINARY, sqltypes.VARBINARY)
     if isinstance(t, type)
 )
 

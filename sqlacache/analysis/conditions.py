@@ -37,6 +37,7 @@ from sqlalchemy.sql.schema import Column, Table
 from sqlalchemy.sql.selectable import Alias, Join, Select, Subquery
 from sqlalchemy.sql.sqltypes import NullType
 
+from sqlacache import _sa
 from sqlacache.analysis.canon import NULL_TOKEN, token
 from sqlacache.analysis.dependencies import column_nameable
 
@@ -164,7 +165,7 @@ class _Analyser:
         return [self._propagate(c, edges_inner, outer) for c in dnf]
 
     def _occurrence(self, element: Any, nullable: bool) -> int | None:
-        plain = element._deannotate() if hasattr(element, "_deannotate") else element
+        plain = _sa.deannotate(element)
         table = plain.element if isinstance(plain, Alias) and not isinstance(plain, Subquery) else plain
         if not isinstance(table, Table):
             return None
@@ -204,7 +205,7 @@ class _Analyser:
             return set()
         if index is not None:
             return {index}
-        plain = element._deannotate() if hasattr(element, "_deannotate") else element
+        plain = _sa.deannotate(element)
         inner = getattr(plain, "element", None)
         if isinstance(plain, Subquery) and isinstance(inner, Select) and not nullable:
             # A derived table: its rows come from its own FROM under its own WHERE.
@@ -283,7 +284,7 @@ class _Analyser:
         if not isinstance(element, Column) or not column_nameable(element.name):
             raise _Unprovable
         table = element.table
-        plain = table._deannotate() if hasattr(table, "_deannotate") else table
+        plain = _sa.deannotate(table)
         index = self.by_from.get(id(plain))
         if index is None:
             raise _Unprovable  # a column of an outer query (correlation) or of something unanalysed
@@ -295,7 +296,7 @@ class _Analyser:
             raise _Unprovable  # not in the cache key: we cannot know its value per execution
         bind_type = bind.type
         if not isinstance(bind_type, NullType) and (
-            bind_type._type_affinity is not column.type._type_affinity
+            _sa.type_affinity(bind_type) is not _sa.type_affinity(column.type)
         ):
             raise _Unprovable  # the database may compare after a conversion we don't model
         return index
@@ -389,7 +390,7 @@ class _Analyser:
 def _plain(element: Any) -> Any:
     while isinstance(element, Grouping):
         element = element.element
-    return element._deannotate() if hasattr(element, "_deannotate") else element
+    return _sa.deannotate(element)
 
 
 def _dedupe(dnf: list[Conjunction]) -> list[Conjunction]:

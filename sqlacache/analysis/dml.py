@@ -18,6 +18,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.schema import Column, Table
 
+from sqlacache import _sa
 from sqlacache._lru import LRU
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis.canon import NULL_TOKEN, token
@@ -38,7 +39,7 @@ def effects(
     names = compiled.bind_names
     # Also key every value by its bind's own key, which is what the analysis refers to.
     parameters = [{**p, **{b.key: p[n] for b, n in names.items() if n in p}} for p in parameters]
-    table = statement.table._deannotate() if hasattr(statement.table, "_deannotate") else statement.table
+    table = _sa.deannotate(statement.table)
     if not isinstance(table, Table):
         return None
     name = deps_mod.table_name(table)
@@ -57,7 +58,7 @@ def effects(
             keyless[0] = True
 
     if isinstance(statement, Insert):
-        if statement.select is not None or statement._multi_values:
+        if statement.select is not None or _sa.multi_values(statement):
             return None
         for params in parameters:
             image = _tokens(table, _insert_values(statement, params, table), dialect)
@@ -122,7 +123,7 @@ def _column(table: Table, key: Any) -> Column[Any] | None:
 
 def _insert_values(statement: Insert, params: Mapping[str, Any], table: Table) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    values = statement._values
+    values = _sa.dml_values(statement)
     if values:
         for key, value in values.items():
             column = _column(table, key)
@@ -139,8 +140,9 @@ def _set_values(
 ) -> dict[str, Any]:
     """Column name → the value it is SET to, or _UNKNOWN (an expression, a server-side onupdate)."""
     out: dict[str, Any] = {}
-    if statement._values:
-        for key, value in statement._values.items():
+    values = _sa.dml_values(statement)
+    if values:
+        for key, value in values.items():
             column = _column(table, key)
             if column is None:
                 continue

@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any
 
-from sqlacache._greenlet import await_, in_greenlet
 from sqlacache._lru import LRU
+from sqlacache._sa import await_, in_greenlet
 
 
 class Flight:

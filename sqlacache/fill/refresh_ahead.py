@@ -18,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from sqlacache import _sa
 from sqlacache.fill import stampede
 from sqlacache.fill.stampede import Owner
 
@@ -80,7 +81,7 @@ def _run(cache: Owner, fill: stampede.Fill, engine: Engine, run: Callable[[Sessi
 
 async def _arun(cache: Owner, fill: stampede.Fill, engine: Engine, run: Callable[[Session], Any]) -> None:
     try:
-        async with AsyncSession(AsyncEngine._retrieve_proxy_for_target(engine)) as session:
+        async with AsyncSession(_sa.async_engine(engine)) as session:
             session.sync_session.__dict__["_sqlacache_cache"] = cache
             await session.run_sync(run)
     except Exception as exc:

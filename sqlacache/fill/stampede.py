@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlacache._greenlet import await_, in_greenlet
+from sqlacache._sa import await_, in_greenlet
 from sqlacache.backends import Lookup
 from sqlacache.fill.flight import Flight, Flights
 from sqlacache.resilience.resilient import Resilient

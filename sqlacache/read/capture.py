@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import event
-from sqlalchemy.orm import Mapper, strategies
+from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.relationships import RelationshipProperty
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Table
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
 from sqlacache.analysis.codec import ValueCodec
@@ -32,11 +33,6 @@ if TYPE_CHECKING:
 
 
 PAYLOAD_FORMAT = 1
-
-
-_DEFERRED_LOADERS = tuple(
-    c for c in (getattr(strategies, n, None) for n in ("LoadDeferredColumns", "_LoadDeferredColumns")) if c
-)
 
 
 class Unstorable(Exception):
@@ -133,7 +129,7 @@ def _encode_entities(
         for key, fn in state.callables.items():
             # defer()/load_only() loaders are reproduced on a hit (the attribute is expired);
             # anything else (raiseload, per-query lazy options) is not.
-            if not isinstance(fn, _DEFERRED_LOADERS) or getattr(fn, "raiseload", False):
+            if not isinstance(fn, _sa.DEFERRED_COLUMN_LOADERS) or getattr(fn, "raiseload", False):
                 raise Unstorable(f"a loader option installed a per-object loader on {key!r}")
         layout = layout_of(state.mapper)
         graph.row(state, layout, loaded, related)

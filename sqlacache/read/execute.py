@@ -20,6 +20,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis.codec import CodecError
 from sqlacache.backends import Lookup
@@ -45,7 +46,7 @@ from sqlacache.read.plan import (
     tables_written,
 )
 from sqlacache.read.rebuild import decode_result, propagating
-from sqlacache.read.results import ResultTemplate, mode_of, result_from_rows, tap, template_from
+from sqlacache.read.results import ResultTemplate, result_from_rows, tap, template_from
 from sqlacache.resilience.stores import StoreJob
 
 if TYPE_CHECKING:
@@ -58,9 +59,9 @@ log = logging.getLogger("sqlacache.reads")
 def _run_remaining(state: ORMExecuteState) -> Result[Any] | None:
     """Run the do_orm_execute hooks registered after ours first, so that what they change in the
     statement (tenant criteria, soft-delete filters…) is part of the key."""
-    hooks: list[Any] = list(state._remaining_events())
+    hooks: list[Any] = list(_sa.remaining_events(state))
     for fn in hooks:
-        state._starting_event_idx += 1
+        _sa.mark_event_run(state)
         result = fn(state)
         if result:
             return result  # type: ignore[no-any-return]
@@ -86,7 +87,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         return None
     if ctx.routed and bound_to(session.get_bind(**state.bind_arguments)) is not ctx.cache:
         return None  # a session that routes statements itself, to an engine not bound to this cache
-    ran_others = bool(state._remaining_events())
+    ran_others = bool(_sa.remaining_events(state))
     if ran_others:
         early = _run_remaining(state)
         if early is not None:
@@ -120,16 +121,11 @@ def invoke(state: ORMExecuteState) -> Result[Any]:
     # What the ORM already turned into load options (and, for a post-load, merged in from the
     # enclosing query) must not be read again as if the caller had passed it: the enclosing query's
     # yield_per or autoflush would leak into its relationship loads. A hook's own settings stay.
-    again = [k for k in _LOAD_OPTION_KEYS if k in options and k not in state._update_execution_options]
+    hooked = _sa.hook_execution_options(state)
+    again = [k for k in _LOAD_OPTION_KEYS if k in options and k not in hooked]
     if again:
         options = util.immutabledict({k: v for k, v in options.items() if k not in again})
-    result: Result[Any] = state.session._execute_internal(
-        state.statement,
-        state.parameters,
-        execution_options=options,
-        bind_arguments=dict(state.bind_arguments),
-        _parent_execute_state=state,
-    )
+    result: Result[Any] = _sa.execute_as_hook(state, options)
     return result
 
 
@@ -144,25 +140,19 @@ class Guard:
     def begin(self, session: Session) -> None:
         """Autobegin, as a database read would (an error if the session was made autobegin=False)."""
         self.passthrough = True
-        session._autobegin_t()
+        _sa.autobegin(session)
         self.passthrough = False
 
     def autoflush(self, session: Session) -> None:
         """The flush the database path would do before reading; a failure in it is the caller's."""
         self.passthrough = True
-        session._autoflush()
+        _sa.autoflush(session)
         self.passthrough = False
 
 
 def _plain_read(state: ORMExecuteState) -> bool:
     """False for loads that must reach the database: refresh, populate_existing, streaming…"""
-    lo = state.load_options
-    if (
-        lo._populate_existing
-        or lo._refresh_state is not None
-        or lo._yield_per
-        or lo._identity_token is not None
-    ):
+    if _sa.must_reach_database(state.load_options):
         return False
     opts = state.execution_options
     return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
@@ -184,7 +174,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     if shaped is not None and not shaped.used:  # (nested loads inherit the get's options)
         shaped.used, op = True, "get"
     statement: Any = state.statement
-    ck = statement._generate_cache_key()
+    ck = _sa.cache_key(statement)
     if ck is None:
         return None
     info = shape_info(cache, statement, ck.key)
@@ -204,7 +194,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     # flushes before it reads; so must we, or a hit would hide pending writes.
     guard.begin(session)
     # A hook may have turned it off with update_execution_options(autoflush=False).
-    if state._update_execution_options.get("autoflush", state.load_options._autoflush):
+    if _sa.hook_execution_options(state).get("autoflush", _sa.load_autoflush(state.load_options)):
         guard.autoflush(session)
     statement_tables = info.table_names
     if tables_written(ctx, statement_tables):
@@ -252,7 +242,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         lookup = None if refresh is not None else cache.io.lookup(key, hint)
     fill = refresh
     filling = False  # from the moment _fill runs, it lands the fill (when its rows are stored)
-    mode = mode_of(state.load_options)
+    mode = _sa.result_mode(state.load_options)
     template = info.templates.get(mode)
     try:
         if refresh is not None:
@@ -332,7 +322,7 @@ def _fill(state: ORMExecuteState, capture: _Capture, guard: Guard) -> Result[Any
     """A miss: run the statement and return SQLAlchemy's own result; its rows are stored when the
     caller consumes it (see ``_Capture``)."""
     ctx, frame = capture.ctx, capture.frame
-    top = capture.top = state.load_options._sa_top_level_orm_context
+    top = capture.top = _sa.top_level_context(state.load_options)
     if top is not None:  # (the ORM registers the eager loads beneath it when the statement runs)
         capture.later_before = set(getattr(top, "post_load_paths", ()))
     ctx.frames.append(frame)
@@ -344,7 +334,7 @@ def _fill(state: ORMExecuteState, capture: _Capture, guard: Guard) -> Result[Any
         raise
     finally:
         _pop(ctx, frame)
-    mode = mode_of(state.load_options)
+    mode = _sa.result_mode(state.load_options)
     if isinstance(result, ChunkedIteratorResult):
         capture.watch(result, mode)
     if isinstance(result, ChunkedIteratorResult) and not state.execution_options.get("prebuffer_rows"):
@@ -418,11 +408,11 @@ class _Capture:
         self.done = False
 
     def watch(self, result: Any, mode: tuple[bool, bool]) -> None:
-        self.mode, self.single = mode, bool(result._source_supports_scalars)
+        self.mode, self.single = mode, _sa.supports_scalars(result)
         if mode not in self.info.templates:
             self.result = weakref.ref(result)
             # Read now: the caller's .unique() replaces it.
-            self.requires_unique = result._unique_filter_state is not None
+            self.requires_unique = _sa.unique_filter_state(result) is not None
 
     def end(self) -> None:
         if not self.done:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
 from sqlacache.analysis.codec import CodecError
@@ -101,7 +102,7 @@ def plan_get(
     identity = mapper.identity_key_from_primary_key(pk)
     if identity in session.identity_map:
         return None  # the identity map answers, as it does without a cache
-    if session._new or session._deleted or session.identity_map._modified:
+    if _sa.has_pending_changes(session):
         if guard is None:  # no way to flush here (async, outside the greenlet): the ORM path will
             return None
         guard.autoflush(session)
@@ -109,10 +110,10 @@ def plan_get(
             return None
     if tables_written(ctx, layout.tables):
         return None
-    if session._transaction is None:
+    if _sa.current_transaction(session) is None:
         if not session.autobegin:
             return None  # the ORM path raises what a database read raises
-        session._autobegin_t()  # as the database read would
+        _sa.autobegin(session)  # as the database read would
     bind = session.get_bind(mapper)
     try:
         key = cache.keys.get_key(cache.internal.namespace(bind), mapper, pk)

@@ -17,6 +17,7 @@ from sqlalchemy.orm.util import LoaderCriteriaOption
 from sqlalchemy.sql.schema import Table
 from sqlalchemy.sql.type_api import TypeEngine
 
+from sqlacache import _sa
 from sqlacache._lru import LRU
 from sqlacache.analysis import conditions
 from sqlacache.analysis import dependencies as deps_mod
@@ -42,7 +43,9 @@ class ShapeInfo:
     op: str
     lead: type | None
     columns: list[ValueCodec | None] | None  # per result column; None entries are entities
-    # How its result looks, per mode (see results.mode_of); learnt from its first execution here.
+    # How its result looks, per mode (_sa.result_mode: Query.tuples() / only_return_tuples, and
+    # legacy uniquing, the only things besides the statement that decide the shape of a result);
+    # learnt from its first execution here.
     templates: dict[tuple[bool, bool], ResultTemplate] = field(default_factory=dict)
     hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
     table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
@@ -195,7 +198,7 @@ def deps_of_statement(
     if info.criteria_tables is None:
         # with_loader_criteria() adds conditions (and maybe subqueries) when the ORM compiles the
         # statement, out of the analysis' sight: every table the shape names is then read whole.
-        options = getattr(statement, "_with_options", ())
+        options = _sa.statement_options_if_any(statement)
         info.criteria_tables = (
             info.table_names if any(isinstance(o, LoaderCriteriaOption) for o in options) else frozenset()
         )

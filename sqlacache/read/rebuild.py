@@ -14,6 +14,7 @@ import orjson
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes
 from sqlalchemy.orm.base import instance_state
 
+from sqlacache import _sa
 from sqlacache.analysis.codec import CodecError
 from sqlacache.layout import MapperLayout, layout_of, mapper_for_path, remember
 from sqlacache.read.capture import PAYLOAD_FORMAT
@@ -91,7 +92,7 @@ def attach(
                 dict_ = state.dict
                 for k in to_load:
                     dict_[k] = values[k]
-                state._commit(dict_, to_load)
+                _sa.commit_loaded(state, dict_, to_load)
                 remember(state, {k: values[k] for k in to_load}, generation)
         else:
             obj = mapper.class_manager.new_instance()
@@ -101,11 +102,11 @@ def attach(
             state.key = ikey
             state.identity_token = None
             state.session_id = session.hash_key
-            identity_map._add_unpresent(state, ikey)
+            _sa.add_to_identity_map(identity_map, state, ikey)
             missing = () if layout.eager_expire.issubset(values) else layout.eager_expire.difference(values)
             if missing:
                 # The query left these out (load_only/defer): load them on access, like the ORM does.
-                state._expire_attributes(dict_, missing)
+                _sa.expire_attributes(state, dict_, missing)
             new_states.append(state)
             remember(state, values, generation)
         objs.append(obj)
@@ -133,7 +134,7 @@ def attach(
         for state in new_states:
             state.load_options = load_options
             slot = states[id(state)]
-            state.load_path = paths.get(slot) or decoded[slot][0]._path_registry
+            state.load_path = paths.get(slot) or _sa.mapper_path(decoded[slot][0])
 
     # New states hold only committed values (nothing to _commit_all); fire what a load fires.
     context = _HitContext(session)
@@ -149,7 +150,7 @@ def _load_paths(decoded: Sequence[Any], roots: Sequence[Any]) -> dict[int, Any]:
     """Each object's path in the query: roots at their mapper, related objects under the
     relationship they were reached through (the shallowest path wins, as in the ORM)."""
     paths: dict[int, Any] = {}
-    todo = [(r, decoded[r][0]._path_registry) for r in roots if type(r) is int and 0 <= r < len(decoded)]
+    todo = [(r, _sa.mapper_path(decoded[r][0])) for r in roots if type(r) is int and 0 <= r < len(decoded)]
     while todo:
         nxt: list[tuple[Any, Any]] = []
         for slot, path in todo:
@@ -167,7 +168,9 @@ def _load_paths(decoded: Sequence[Any], roots: Sequence[Any]) -> dict[int, Any]:
 
 def propagating(state: ORMExecuteState) -> tuple[Any, ...]:
     """The statement's options that a database load would leave on its objects (state.load_options)."""
-    return tuple(o for o in state.statement._with_options if getattr(o, "propagate_to_loaders", False))
+    return tuple(
+        o for o in _sa.statement_options(state.statement) if getattr(o, "propagate_to_loaders", False)
+    )
 
 
 def load_payload(payload: bytes) -> tuple[Any, list[Any]]:

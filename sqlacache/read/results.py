@@ -18,6 +18,8 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import ChunkedIteratorResult, SimpleResultMetaData
 
+from sqlacache import _sa
+
 
 def _require_unique(obj: Any) -> Any:
     # The ORM's own message (sqlalchemy.orm.loading.instances), for a result that must be uniqued.
@@ -25,12 +27,6 @@ def _require_unique(obj: Any) -> Any:
         "The unique() method must be invoked on this Result, as it contains results that include "
         "joined eager loads against collections"
     )
-
-
-class _NotYieldingPer:
-    """Stands in for a result when asking the ORM's metadata for its uniquing functions."""
-
-    _yield_per = None
 
 
 @dataclass(slots=True)
@@ -43,31 +39,16 @@ class ResultTemplate:
     requires_unique: bool
 
 
-def mode_of(load_options: Any) -> tuple[bool, bool]:
-    """What, besides the statement, decides a result's shape: ``Query.tuples()`` / only_return_tuples
-    and legacy uniquing. One template per mode."""
-    return bool(load_options._only_return_tuples), bool(load_options._legacy_uniquing)
-
-
 def template_from(result: Result[Any], requires_unique: bool) -> ResultTemplate | None:
     """The template of an ORM result just produced (None for results of another kind)."""
-    md = result._metadata
+    md = _sa.result_metadata(result)
     if not isinstance(md, SimpleResultMetaData):
         return None
-    uniquing: dict[str, Any] = {}
-    create = getattr(md, "_create_unique_filters", None)
-    if create is not None:
-        # SQLAlchemy 2.1: a closure over the query context (and so the session): call it once, now.
-        filters = tuple(create(_NotYieldingPer()))
-        uniquing["_create_unique_filters"] = lambda _result: filters
-    elif getattr(md, "_unique_filters", None) is not None:  # SQLAlchemy 2.0: the list itself
-        uniquing["_unique_filters"] = getattr(md, "_unique_filters")  # noqa: B009
-    keys = list(md._keys)
-    metadata = SimpleResultMetaData(
-        keys, extra=[md._keymap[k][2] for k in keys], _ambiguous_keys=md._ambiguous_keys, **uniquing
-    )
     return ResultTemplate(
-        metadata, bool(result._source_supports_scalars), result._attributes, requires_unique
+        _sa.session_free_metadata(md),
+        _sa.supports_scalars(result),
+        _sa.result_attributes(result),
+        requires_unique,
     )
 
 
@@ -87,9 +68,9 @@ def result_from_rows(template: ResultTemplate, make: Callable[[], Sequence[Any]]
     result: ChunkedIteratorResult[Any] = ChunkedIteratorResult(
         template.metadata, chunks, source_supports_scalars=single
     )
-    result._attributes = template.attributes
+    _sa.set_result_attributes(result, template.attributes)
     if template.requires_unique:
-        result._unique_filter_state = (set(), _require_unique)
+        _sa.set_unique_filter_state(result, (set(), _require_unique))
     return result
 
 

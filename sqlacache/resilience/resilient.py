@@ -26,9 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy.util.concurrency import greenlet_spawn
-
-from sqlacache._greenlet import in_greenlet
+from sqlacache._sa import greenlet_spawn, in_greenlet
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup
 from sqlacache.backends.base import BackendUnavailable, Entry, Leases, LoopBound, NativeAsyncio

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.cache import database_id, watched, watchers
 from sqlacache.resilience import outbox
@@ -102,8 +103,7 @@ def _record(conn: Any, statement: str, context: Any) -> None:
 
 def _autocommits(conn: Any) -> bool:
     """Whether the statement that just ran is already committed."""
-    is_autocommit = getattr(conn, "_is_autocommit_isolation", None)
-    if is_autocommit is not None and is_autocommit():
+    if _sa.autocommit_isolation(conn):
         return True  # isolation_level="AUTOCOMMIT" on the engine or the connection
     dbapi = conn.connection.dbapi_connection
     # Autocommit set on the driver itself (psycopg, asyncpg); sqlite3 outside any transaction.

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
+from sqlacache import _sa
 from sqlacache._lru import LRU
 from sqlacache.analysis import canon, dml
 from sqlacache.analysis import dependencies as deps_mod
@@ -51,7 +52,7 @@ def written(statement: str, context: Any) -> Written | None:
     """What the statement ``context`` ran writes; None if it writes nothing."""
     compiled = context.compiled
     if compiled is not None and (context.isinsert or context.isupdate or context.isdelete):
-        table = compiled.statement.table._deannotate()  # ORM statements carry annotated copies
+        table = _sa.deannotate(compiled.statement.table)  # ORM statements carry annotated copies
         tables = {deps_mod.table_name(table)}
         if not context.isinsert and isinstance(table, Table):
             tables |= deps_mod.cascade_closure(table, "delete" if context.isdelete else "update")

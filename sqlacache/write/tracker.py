@@ -24,6 +24,7 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql.schema import Column
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import dml, rowtokens
 from sqlacache.cache import database_id, watchers
@@ -51,7 +52,7 @@ def _never_raise(listener: Callable[..., None]) -> Callable[..., None]:
             log.exception("sqlacache: failed to record a write; the commit will evict everything")
             session = next((a for a in args if isinstance(a, Session)), None)
             if session is None:
-                state = next((instance_state(a) for a in args if hasattr(a, "_sa_instance_state")), None)
+                state = next((instance_state(a) for a in args if _sa.has_instance_state(a)), None)
                 session = state.session if state is not None else None
             ctx = any_context(session) if session is not None else None
             if session is not None and ctx is not None:
@@ -64,7 +65,7 @@ def _never_raise(listener: Callable[..., None]) -> Callable[..., None]:
 
 def _owner(session: Session) -> SessionTransaction | None:
     """The transaction whose commit publishes a write made now: the innermost savepoint or the root."""
-    t = session._transaction
+    t = _sa.current_transaction(session)
     while t is not None and not (t.nested or t.parent is None):
         t = t.parent
     return t
@@ -181,7 +182,7 @@ def _after_cursor_execute(
     if found is None:
         return
     tables = found.tables
-    if session._flushing and tables is not None:
+    if _sa.is_flushing(session) and tables is not None:
         # Rows of mapped tables are recorded by the mapper events; the others (association
         # tables of many-to-many) are settled after the flush, from the statements kept here.
         own = deps_mod.table_name(found.table) if found.compiled is not None else None
@@ -226,7 +227,9 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     ctx.engines.add(connection.engine)
     if ctx.reads and ctx.tx_generation is None:
         level = (
-            connection._execution_options.get("isolation_level") or connection.default_isolation_level or ""
+            connection.get_execution_options().get("isolation_level")
+            or connection.default_isolation_level
+            or ""
         ).upper()
         if level in _SNAPSHOT_LEVELS:
             # The database snapshot may be taken at the first statement of this transaction: a
@@ -274,7 +277,7 @@ def _before_commit(session: Session) -> None:
     Not guarded like the other listeners: a commit whose invalidation can't be recorded must fail,
     that is what the outbox is for."""
     ctx = any_context(session)
-    transaction = session._transaction
+    transaction = _sa.current_transaction(session)
     if ctx is None or ctx.cache.outbox is None or transaction is None or transaction.nested:
         return
     session.flush()  # the commit's own flush would come after this listener
@@ -297,7 +300,7 @@ def _after_commit(session: Session) -> None:
     ctx = any_context(session)
     if ctx is None:
         return
-    committing = session._transaction
+    committing = _sa.current_transaction(session)
     frame = ctx.tx.pop(committing, None)
     if committing is None or frame is None:
         return

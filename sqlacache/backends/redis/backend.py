@@ -15,8 +15,8 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
 from redis.retry import Retry
 
-from sqlacache._greenlet import await_ as _await
-from sqlacache._greenlet import in_greenlet as _in_greenlet
+from sqlacache._sa import await_ as _await
+from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, Entry, Lookup
 from sqlacache.backends.redis import scripts
 from sqlacache.backends.redis.errors import FAILURES, failure

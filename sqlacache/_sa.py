@@ -1,0 +1,366 @@
+"""The only module that touches SQLAlchemy's private API; on a SQLAlchemy upgrade, check this file.
+
+Every other module of sqlacache goes through the functions
+here, and ``tests/test_sa_seam.py`` holds them to it: it fails on a private SQLAlchemy name used
+anywhere else, and on a name below that the installed SQLAlchemy no longer has. Each function says
+which private it wraps, and how the 2.0 and 2.1 lines differ where they do. The names:
+
+=================================  ===================================================================
+SQLAlchemy object                  private names
+=================================  ===================================================================
+ORMExecuteState                    ``_remaining_events``, ``_starting_event_idx``,
+                                   ``_update_execution_options``
+Session                            ``_execute_internal`` (``_parent_execute_state=``),
+                                   ``_autobegin_t``, ``_autoflush``, ``_transaction``, ``_flushing``,
+                                   ``_new``, ``_deleted``; ``binds`` (2.1) / ``_Session__binds`` (2.0)
+IdentityMap                        ``_modified``, ``_add_unpresent``
+InstanceState                      ``_commit``, ``_expire_attributes``; ``_sa_instance_state``
+                                   (the attribute instrumented objects carry)
+Mapper                             ``_path_registry``
+ORM load options                   ``_populate_existing``, ``_refresh_state``, ``_yield_per``,
+(``ORMExecuteState.load_options``) ``_identity_token``, ``_autoflush``, ``_only_return_tuples``,
+                                   ``_legacy_uniquing``, ``_sa_top_level_orm_context``;
+                                   the ``_sa_orm_load_options`` execution option
+Result                             ``_metadata``, ``_source_supports_scalars``, ``_attributes``,
+                                   ``_unique_filter_state``, ``_yield_per``
+SimpleResultMetaData               ``_keys``, ``_keymap``, ``_ambiguous_keys``;
+                                   ``_create_unique_filters`` (2.1) / ``_unique_filters`` (2.0)
+statements                         ``_generate_cache_key``, ``_with_options``, ``_raw_columns``,
+                                   ``_for_update_arg``, ``_values``, ``_multi_values``, ``_deannotate``
+types                              ``_variant_mapping``, ``_has_bind_expression``, ``_type_affinity``,
+                                   ``Enum._valid_lookup``, SQLite's ``_storage_format``
+Connection, AsyncEngine            ``_is_autocommit_isolation``, ``_retrieve_proxy_for_target``
+sqlalchemy.orm.strategies          ``_LoadDeferredColumns`` (2.1) / ``LoadDeferredColumns`` (2.0)
+sqlalchemy.sql.sqltypes            ``_AbstractInterval``, ``_Binary`` (type bases)
+sqlalchemy.util.concurrency        ``await_`` (2.1) / ``await_only`` (2.0), ``in_greenlet``,
+                                   ``greenlet_spawn`` (not documented API either)
+=================================  ===================================================================
+
+The functions are plain wrappers, kept as cheap as the attribute access they replace: the read
+path calls several per read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, strategies
+from sqlalchemy.sql import sqltypes
+from sqlalchemy.sql.base import Executable, ExecutableOption
+from sqlalchemy.sql.selectable import Select
+from sqlalchemy.types import Enum, TypeEngine
+from sqlalchemy.util import concurrency
+
+# -- the greenlet bridge (sqlalchemy.util.concurrency) ---------------------------------------------
+
+#: Wait for an awaitable from inside an AsyncSession's sync core. SQLAlchemy 2.1 renamed
+#: ``await_only`` to ``await_`` (the old name goes away in 2.2).
+await_: Callable[[Awaitable[Any]], Any] = getattr(concurrency, "await_", None) or concurrency.await_only
+
+#: Run a sync function in a greenlet that may ``await_`` (``sqlalchemy.util.concurrency.greenlet_spawn``).
+greenlet_spawn = concurrency.greenlet_spawn
+
+
+def in_greenlet() -> bool:
+    """True inside an AsyncSession's sync core, where ``await_`` may be called
+    (``concurrency.in_greenlet``)."""
+    try:
+        return bool(concurrency.in_greenlet())
+    except (ImportError, ValueError):  # greenlet not installed: nothing can be running in one
+        return False
+
+
+# -- ORMExecuteState (the do_orm_execute hook) -----------------------------------------------------
+
+
+def remaining_events(state: ORMExecuteState) -> Sequence[Any]:
+    """The do_orm_execute hooks registered after the running one (``state._remaining_events()``)."""
+    return state._remaining_events()
+
+
+def mark_event_run(state: ORMExecuteState) -> None:
+    """Have the session skip the next hook, run already (``state._starting_event_idx += 1``)."""
+    state._starting_event_idx += 1
+
+
+def hook_execution_options(state: ORMExecuteState) -> Mapping[str, Any]:
+    """What hooks set with ``state.update_execution_options()`` (``state._update_execution_options``)."""
+    return state._update_execution_options
+
+
+def execute_as_hook(state: ORMExecuteState, execution_options: Mapping[str, Any]) -> Any:
+    """Run the state's statement as ``invoke_statement()`` does, without its ``_sa_skip_events``
+    bind argument (``Session._execute_internal(..., _parent_execute_state=state)``)."""
+    return state.session._execute_internal(
+        state.statement,
+        state.parameters,
+        execution_options=execution_options,
+        bind_arguments=dict(state.bind_arguments),
+        _parent_execute_state=state,
+    )
+
+
+# -- ORM load options (state.load_options) ---------------------------------------------------------
+
+
+def must_reach_database(load_options: Any) -> bool:
+    """True for a populate_existing, refresh, yield_per or identity_token load (the load options'
+    ``_populate_existing``, ``_refresh_state``, ``_yield_per``, ``_identity_token``)."""
+    return bool(
+        load_options._populate_existing
+        or load_options._refresh_state is not None
+        or load_options._yield_per
+        or load_options._identity_token is not None
+    )
+
+
+def load_autoflush(load_options: Any) -> Any:
+    """Whether the load autoflushes (``load_options._autoflush``)."""
+    return load_options._autoflush
+
+
+def result_mode(load_options: Any) -> tuple[bool, bool]:
+    """(``Query.tuples()``/only_return_tuples, legacy Query uniquing): the load options'
+    ``_only_return_tuples`` and ``_legacy_uniquing``."""
+    return bool(load_options._only_return_tuples), bool(load_options._legacy_uniquing)
+
+
+def top_level_context(load_options: Any) -> Any:
+    """The enclosing query's context, for a relationship load run for it, else None
+    (``load_options._sa_top_level_orm_context``)."""
+    return load_options._sa_top_level_orm_context
+
+
+#: The execution option the ORM passes its load options in to the loads it runs itself (lazy loads…).
+ORM_LOAD_OPTIONS = "_sa_orm_load_options"
+
+
+# -- Session ---------------------------------------------------------------------------------------
+
+
+def autobegin(session: Session) -> None:
+    """Begin the session's transaction as a database read would (``Session._autobegin_t()``)."""
+    session._autobegin_t()
+
+
+def autoflush(session: Session) -> None:
+    """The flush the ORM does before a read, when the session autoflushes (``Session._autoflush()``)."""
+    session._autoflush()
+
+
+def has_pending_changes(session: Session) -> bool:
+    """Objects added, deleted or modified since the last flush (``Session._new``, ``_deleted``,
+    ``identity_map._modified``)."""
+    return bool(session._new or session._deleted or session.identity_map._modified)
+
+
+def current_transaction(session: Session) -> SessionTransaction | None:
+    """The innermost transaction (``Session._transaction``; ``get_transaction()`` is the root)."""
+    return session._transaction
+
+
+def is_flushing(session: Session) -> bool:
+    """True during the session's flush (``Session._flushing``)."""
+    return session._flushing
+
+
+def session_binds(session: Session) -> Any:
+    """The session's ``binds=``, or None: SQLAlchemy 2.1 keeps them as ``binds``, 2.0 as the private
+    ``__binds`` (``_Session__binds``)."""
+    return session.__dict__.get("binds") or session.__dict__.get("_Session__binds")
+
+
+# -- identity map, instance states, mappers --------------------------------------------------------
+
+
+def add_to_identity_map(identity_map: Any, state: Any, key: Any) -> None:
+    """Put a new state into the identity map as a load does (``IdentityMap._add_unpresent``)."""
+    identity_map._add_unpresent(state, key)
+
+
+def commit_loaded(state: Any, dict_: dict[str, Any], keys: Iterable[str]) -> None:
+    """Mark attributes just loaded as committed (``InstanceState._commit``)."""
+    state._commit(dict_, keys)
+
+
+def expire_attributes(state: Any, dict_: dict[str, Any], keys: Iterable[str]) -> None:
+    """Leave these attributes to be loaded on access (``InstanceState._expire_attributes``)."""
+    state._expire_attributes(dict_, keys)
+
+
+def has_instance_state(obj: Any) -> bool:
+    """True for an instance of a mapped class (its ``_sa_instance_state`` attribute)."""
+    return hasattr(obj, "_sa_instance_state")
+
+
+def mapper_path(mapper: Mapper[Any]) -> Any:
+    """The root of the mapper's load paths (``Mapper._path_registry``)."""
+    return mapper._path_registry
+
+
+#: The ORM's loader of deferred columns: ``_LoadDeferredColumns`` in 2.1, ``LoadDeferredColumns`` in
+#: 2.0 (``sqlalchemy.orm.strategies``).
+DEFERRED_COLUMN_LOADERS: tuple[type, ...] = tuple(
+    c for c in (getattr(strategies, n, None) for n in ("LoadDeferredColumns", "_LoadDeferredColumns")) if c
+)
+
+
+#: Base classes of the interval and binary types: ``sqltypes._AbstractInterval`` and
+#: ``sqltypes._Binary`` (both lines), where present; the value codec dispatches on them.
+INTERVAL_BASES: tuple[type, ...] = tuple(
+    t for t in (getattr(sqltypes, "_AbstractInterval", None),) if isinstance(t, type)
+)
+BINARY_BASES: tuple[type, ...] = tuple(
+    t for t in (getattr(sqltypes, "_Binary", None),) if isinstance(t, type)
+)
+
+
+# -- Result ----------------------------------------------------------------------------------------
+
+
+def result_metadata(result: Result[Any]) -> Any:
+    """The result's metadata (``Result._metadata``)."""
+    return result._metadata
+
+
+def supports_scalars(result: Any) -> bool:
+    """Whether the result's rows are single entities (``Result._source_supports_scalars``)."""
+    return bool(result._source_supports_scalars)
+
+
+def result_attributes(result: Result[Any]) -> Any:
+    """The ORM's flags read by legacy Query: "filtered", "is_single_entity" (``Result._attributes``)."""
+    return result._attributes
+
+
+def set_result_attributes(result: Result[Any], attributes: Any) -> None:
+    """Set ``Result._attributes``."""
+    result._attributes = attributes
+
+
+def unique_filter_state(result: Any) -> Any:
+    """The result's uniquing, None until ``unique()`` (``Result._unique_filter_state``)."""
+    return result._unique_filter_state
+
+
+def set_unique_filter_state(result: Result[Any], state: Any) -> None:
+    """Set ``Result._unique_filter_state`` (a (seen set, key function) pair)."""
+    result._unique_filter_state = state
+
+
+class _NotYieldingPer:
+    """Stands in for a result when asking the ORM's metadata for its uniquing functions (which read
+    ``result._yield_per``)."""
+
+    _yield_per = None
+
+
+def session_free_metadata(md: SimpleResultMetaData) -> SimpleResultMetaData:
+    """A copy of an ORM result's metadata holding nothing of its query context (nor so its session):
+    the keys (``_keys``, ``_keymap``, ``_ambiguous_keys``) and the ORM's uniquing functions.
+
+    SQLAlchemy 2.1 keeps those as ``_create_unique_filters``, a closure over the query context: it is
+    called once, now; 2.0 as ``_unique_filters``, the list itself."""
+    uniquing: dict[str, Any] = {}
+    create = getattr(md, "_create_unique_filters", None)
+    if create is not None:
+        filters = tuple(create(_NotYieldingPer()))
+        uniquing["_create_unique_filters"] = lambda _result: filters
+    elif getattr(md, "_unique_filters", None) is not None:
+        uniquing["_unique_filters"] = getattr(md, "_unique_filters")  # noqa: B009
+    keys = list(md._keys)
+    return SimpleResultMetaData(
+        keys, extra=[md._keymap[k][2] for k in keys], _ambiguous_keys=md._ambiguous_keys, **uniquing
+    )
+
+
+# -- statements ------------------------------------------------------------------------------------
+
+
+def cache_key(statement: Any) -> Any:
+    """The statement's cache key, or None when it can't be cached (``_generate_cache_key()``)."""
+    return statement._generate_cache_key()
+
+
+def statement_options(statement: Executable) -> Sequence[ExecutableOption]:
+    """The options given to the statement (``Executable._with_options``)."""
+    return statement._with_options
+
+
+def statement_options_if_any(statement: Any) -> Any:
+    """``statement_options``, or () for a statement without options (``_with_options``)."""
+    return getattr(statement, "_with_options", ())
+
+
+def raw_columns(select: Select[Any]) -> Sequence[Any]:
+    """The columns and entities of a SELECT as written (``Select._raw_columns``)."""
+    return select._raw_columns
+
+
+def for_update_arg(select: Select[Any]) -> Any:
+    """The SELECT's FOR UPDATE clause, or None (``Select._for_update_arg``)."""
+    return select._for_update_arg
+
+
+def dml_values(statement: Any) -> Any:
+    """An INSERT's or UPDATE's ``values()`` (``ValuesBase._values``)."""
+    return statement._values
+
+
+def multi_values(statement: Any) -> Any:
+    """An INSERT's multi-row ``values([...])`` (``ValuesBase._multi_values``)."""
+    return statement._multi_values
+
+
+def deannotate(element: Any) -> Any:
+    """The element without the ORM's annotations (``_deannotate()``), or itself if it has none."""
+    return element._deannotate() if hasattr(element, "_deannotate") else element
+
+
+# -- types -----------------------------------------------------------------------------------------
+
+
+def variant_mapping(type_: TypeEngine[Any]) -> Mapping[str, TypeEngine[Any]]:
+    """The type's ``with_variant()`` types by dialect name (``TypeEngine._variant_mapping``)."""
+    return type_._variant_mapping
+
+
+def has_bind_expression(type_: TypeEngine[Any]) -> bool:
+    """Whether the type wraps bound values in SQL (``TypeEngine._has_bind_expression``)."""
+    return type_._has_bind_expression
+
+
+def type_affinity(type_: TypeEngine[Any]) -> Any:
+    """The generic type the type compares as (``TypeEngine._type_affinity``)."""
+    return type_._type_affinity
+
+
+def enum_lookup(enum_type: Enum) -> Mapping[Any, str | None]:
+    """What an ``Enum`` sends for each member or string it accepts (``Enum._valid_lookup``)."""
+    return enum_type._valid_lookup
+
+
+def custom_sqlite_format(type_: Any) -> bool:
+    """Whether a SQLite date/time type was given its own storage_format (or truncate_microseconds):
+    its ``_storage_format`` differs from its class's."""
+    custom: bool = getattr(type_, "_storage_format", None) != getattr(type(type_), "_storage_format", None)
+    return custom
+
+
+# -- engines and connections -----------------------------------------------------------------------
+
+
+def autocommit_isolation(conn: Any) -> bool:
+    """Whether the connection runs with isolation_level="AUTOCOMMIT", on itself or its engine
+    (``Connection._is_autocommit_isolation()``; False where there is no such method)."""
+    is_autocommit = getattr(conn, "_is_autocommit_isolation", None)
+    return is_autocommit is not None and bool(is_autocommit())
+
+
+def async_engine(engine: Engine) -> AsyncEngine:
+    """The AsyncEngine whose sync engine this is (``AsyncEngine._retrieve_proxy_for_target``)."""
+    return AsyncEngine._retrieve_proxy_for_target(engine)
