@@ -24,6 +24,7 @@ from sqlacache import listeners as _listeners  # noqa: F401  (installs the event
 from sqlacache.binding import CacheClosedError
 from sqlacache.cache import Cache, default_cache, engine_of
 from sqlacache.context import context_of
+from sqlacache.fill import stampede
 from sqlacache.policy import ConfigurationError, ttl_value
 from sqlacache.read.execute import set_ttl
 from sqlacache.read.get import NOT_HANDLED, fast_get, finish_get, plan_get, reshaped_by_hooks
@@ -129,6 +130,15 @@ class DeferredResult:
         self._resolve().__exit__(*exc)
 
 
+def _end_unused(session: Session, execution_options: Mapping[str, Any]) -> None:
+    """A get's fill that no statement took (the ORM raised before running it): land it, so that
+    the readers waiting for it don't wait in vain."""
+    ticket = execution_options.get("_sqlacache_get")
+    if ticket is not None and ticket.fill is not None:
+        fill, ticket.fill = ticket.fill, None
+        stampede.end(session.__dict__["_sqlacache_cache"], fill)
+
+
 class CachingSession(Session):
     """A ``Session`` whose reads are cached. ``cache=`` defaults to the one from ``configure()``."""
 
@@ -200,16 +210,19 @@ class CachingSession(Session):
                         return cast("_O | None", found)
         if populate_existing is not None:  # else SQLAlchemy 2.1 takes it from execution_options
             kw["populate_existing"] = populate_existing
-        return super().get(  # type: ignore[arg-type]
-            entity,
-            ident,
-            options=options,
-            with_for_update=with_for_update,
-            identity_token=identity_token,
-            execution_options=execution_options,
-            bind_arguments=bind_arguments,
-            **kw,
-        )
+        try:
+            return super().get(  # type: ignore[arg-type]
+                entity,
+                ident,
+                options=options,
+                with_for_update=with_for_update,
+                identity_token=identity_token,
+                execution_options=execution_options,
+                bind_arguments=bind_arguments,
+                **kw,
+            )
+        finally:
+            _end_unused(self, execution_options)
 
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> _CachedResult:  # type: ignore[override]
         self._run_deferred()
@@ -339,7 +352,8 @@ class CachingAsyncSession(AsyncSession):
                 plan = plan_get(sync, ctx, entity, ident, execution_options)
                 found = None
                 if plan is not None:
-                    found = finish_get(sync, ctx, plan, await ctx.cache.io.alookup(plan.key, plan.hint))
+                    lookup, fill, coordinated = await stampede.alookup(ctx.cache, plan.key, plan.hint)
+                    found = finish_get(sync, ctx, plan, lookup, fill, coordinated)
             except Exception as exc:
                 ctx.cache.internal.error(exc, "on the get path")
                 plan = None
@@ -349,15 +363,18 @@ class CachingAsyncSession(AsyncSession):
                 execution_options = {**execution_options, "_sqlacache_get": found}
         if populate_existing is not None:  # else SQLAlchemy 2.1 takes it from execution_options
             kw["populate_existing"] = populate_existing
-        return await super().get(  # type: ignore[arg-type]
-            entity,
-            ident,
-            options=options,
-            with_for_update=with_for_update,
-            identity_token=identity_token,
-            execution_options=execution_options,
-            **kw,
-        )
+        try:
+            return await super().get(  # type: ignore[arg-type]
+                entity,
+                ident,
+                options=options,
+                with_for_update=with_for_update,
+                identity_token=identity_token,
+                execution_options=execution_options,
+                **kw,
+            )
+        finally:
+            _end_unused(sync, execution_options)
 
     def execute(  # type: ignore[override]
         self, statement: Executable, params: Any = None, **kw: Any

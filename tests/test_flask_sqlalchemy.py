@@ -128,7 +128,7 @@ def test_caching_session_passes_positional_arguments_up_the_mro(tmp_path, sessio
     for _ in range(3):
         with session_class("bob", bind=engine, cache=cache) as s:
             assert s.get(User, 1).name == "u1"
-    assert len(sql) == 2
+    assert len(sql) == 1  # the first read is stored, the others hit
 
 
 def test_caching_sessions_still_take_the_bind_positionally(tmp_path):
@@ -165,7 +165,7 @@ def test_plain_session_with_binds_is_cached_for_the_bound_engine_only(tmp_path):
             with Session(binds={User: users, Order: orders}) as s:
                 assert s.get(User, 1).name == "u1"
                 assert s.get(Order, 1).total == 5
-        assert sum("FROM users" in q for q in sql) == 2  # cached after its first two misses
+        assert sum("FROM users" in q for q in sql) == 1  # cached by its first miss
         assert sum("FROM orders" in q for q in sql) == 3  # an engine nobody bound: never cached
         with Session(binds={User: users, Order: orders}) as s:
             s.get(User, 1).name = "renamed"
@@ -190,7 +190,9 @@ def test_plain_session_with_a_get_bind_override_is_cached(tmp_path):
         for _ in range(3):
             with Routing() as s:
                 assert s.get(User, 1).name == "u1" and s.get(Order, 1).total == 5
-        assert sum("FROM users" in q for q in sql) == 2
+        assert sum("FROM users" in q for q in sql) == 1
+        # SQLite is snapshot-isolated: the orders read comes later in a transaction that began
+        # before the (cold) cache knew the orders table, so only its second read is stored.
         assert sum("FROM orders" in q for q in sql) == 2
         with Routing() as s:
             s.get(Order, 1).total = 7

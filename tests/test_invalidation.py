@@ -228,8 +228,8 @@ def test_stats_count_what_happened(world):
     cached(world, lambda s: s.get(User, 1))
     stats = world.cache.stats()
     assert stats["hits"] == 1
-    assert stats["misses"] == 2
-    assert stats["stores"] >= 1
+    assert stats["misses"] == 1
+    assert stats["stores"] == 1
     assert stats["errors"] == 0
     with world.Session() as s:
         s.get(User, 1).name = "x"

@@ -77,7 +77,7 @@ def test_concurrent_gets_in_one_process_query_once(world):
     for t in threads:
         t.join(30)
     assert names == ["u3"] * READERS
-    assert _user_selects(world, before) == 1
+    assert _user_selects(world, before) == 1, world.cache.stats()
 
 
 def test_a_cold_start_costs_a_few_queries_not_one_per_reader(world):

@@ -19,7 +19,12 @@ The algorithm, stated once (the Redis backend's ``backends/redis/lua/*.lua`` is 
 ``sqlacache.analysis.dependencies``):
 
 * **lookup**: the entry is valid when every dependency it names has a version, no newer than the
-  entry's generation; otherwise it is a miss (and may be deleted).
+  entry's generation; otherwise it is a miss (and may be deleted). A miss makes the *roots* of the
+  dependencies the reader expects (``hint``) exist: ``t:<table>`` for a ``r:``/``c:``/``a:``/``s:``
+  of the table, the dependency itself for ``t:``, ``d:`` and ``*``. A missing root is created
+  "bumped now", at a new generation, which the lookup returns: entries that depended on a lost
+  root stay outdated, and the store after the first read of a table on a fresh backend finds a
+  floor no newer than its reader and is accepted; any write from then on moves the roots past it.
 * **store**: refused when a dependency's version is newer than the reader's generation, or missing.
   A missing ``r:``/``c:``/``a:``/``s:`` version of a table starts at the *floor*, the table's own
   ``t:`` version, when that exists and is no newer than the reader (every write to the table moves
@@ -151,9 +156,9 @@ class Leases(Protocol):
     ``lease=token`` (keyword) and gives that lease back in the same atomic step.
     """
 
-    def lease(self, key: str, ttl: float) -> tuple[Lookup, str | bool | None]:
-        """``lookup``, and on a miss take the key's lease for ``ttl`` seconds: (lookup, token);
-        (lookup, False) when another process holds it; (hit, None)."""
+    def lease(self, key: str, ttl: float, hint: Sequence[str] = ()) -> tuple[Lookup, str | bool | None]:
+        """``lookup(key, hint)``, and on a miss take the key's lease for ``ttl`` seconds, in one
+        step: (lookup, token); (lookup, False) when another process holds it; (hit, None)."""
         ...
 
     def claim(self, key: str, ttl: float) -> str | None:

@@ -110,7 +110,7 @@ class MemoryBackend:
             self._check_open()
             stored = self._entries.get(key)
             if stored is None:
-                return Lookup(None, self._generation)
+                return self._miss(hint)
             valid = stored.expires_at > now
             if valid:
                 versions = self._versions
@@ -121,12 +121,24 @@ class MemoryBackend:
                         break
             if not valid:
                 del self._entries[key]
-                return Lookup(None, self._generation)
+                return self._miss(hint)
             self._entries.move_to_end(key)
             for dep in stored.deps:
                 # Versions that live entries use are worth keeping longer than idle ones.
                 self._versions.move_to_end(dep)
             return Lookup(Entry(stored.payload, stored.deps), self._generation)
+
+    def _miss(self, hint: Sequence[str]) -> Lookup:
+        """A miss makes the roots of the hinted dependencies exist at the current generation (see
+        the contract), so that the store after a first read is accepted. Caller holds the lock."""
+        fresh: int | None = None
+        for dep in hint:
+            root = f"t:{dep.split(':', 2)[1]}" if dep[:2] in ("c:", "r:", "a:", "s:") else dep
+            if root not in self._versions:
+                if fresh is None:
+                    fresh = self._next_generation()  # "bumped now": entries depending on it are out
+                self._set_version(root, fresh)
+        return Lookup(None, self._generation)
 
     def generation(self) -> int:
         with self._lock:

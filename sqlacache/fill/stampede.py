@@ -49,6 +49,57 @@ def _sleep(seconds: float) -> None:
         time.sleep(seconds)
 
 
+def lookup(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lookup | None, Fill | None]:
+    """The one backend round trip before the database: the lookup and, for a reader that is to fill
+    the key, its ``Fill`` (with a backend that has leases, the lease is taken by the same call
+    that looked the key up). A reader that serves a hit ``end``s the ``Fill`` it may have got.
+
+    ``since``: when this read began. Waits, as :func:`begin`, when another reader fills the key."""
+    io = cache.io
+    if cache.fill_timeout <= 0 or not io.leases:
+        found = io.lookup(key, hint)
+        if found is not None and found.entry is not None:
+            return found, None
+        return _waited(cache, found, *begin(cache, key, hint, since))
+    found, held = io.lease(key, cache.fill_timeout, hint)
+    if found is not None and found.entry is not None:
+        return found, None
+    if held is False:  # another reader, here or elsewhere, fills it: wait for its entry
+        return _waited(cache, found, *begin(cache, key, hint, since))
+    token = held if isinstance(held, str) else None
+    flight, leading, _ = cache.flights.join(key, since)
+    if leading:
+        return found, Fill(key, flight, token)
+    # Another reader here leads this key's flight (it found the lease taken a moment ago, maybe by
+    # us): the lease goes to it, and we wait for it as the other readers here do.
+    end(cache, Fill(key, None, token))
+    return _waited(cache, found, *begin(cache, key, hint, since))
+
+
+def _waited(
+    cache: Owner, found: Lookup | None, again: Lookup | None, fill: Fill | None
+) -> tuple[Lookup | None, Fill | None]:
+    """What :func:`begin` left: the newest lookup, and the ``Fill`` of a reader that leads — even
+    with a hit, which a process that has never run the statement's shape can't rebuild yet (it
+    queries, and the readers waiting for it wait for that); a reader that serves it ``end``s it."""
+    return (again if again is not None else found), fill
+
+
+async def alookup(cache: Owner, key: str, hint: Sequence[str]) -> tuple[Lookup | None, Fill | None, bool]:
+    """:func:`lookup` awaited on the event loop, without waiting for other readers (that needs the
+    greenlet): (lookup, fill, whether the miss is settled — else :func:`begin` is still to run)."""
+    io = cache.io
+    if cache.fill_timeout <= 0 or not io.leases:
+        return await io.alookup(key, hint), None, False
+    found, held = await io.alease(key, cache.fill_timeout, hint)
+    if found is None or found.entry is not None:
+        return found, None, True
+    if held is False:
+        return found, None, False
+    # No flight in this process (it belongs to a task in a greenlet): readers here wait on the lease.
+    return found, Fill(key, None, held if isinstance(held, str) else None), True
+
+
 def begin(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lookup | None, Fill | None]:
     """After a miss: wait for another reader's fill, or get the right to fill (``Fill``).
 
@@ -82,7 +133,7 @@ def begin(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lo
         return latest, fill
     # Across processes: take the lease (looking the key up again in the same step: a fill may
     # have landed since), or wait for its holder's entry; if the holder stores nothing, take over.
-    latest, held = cache.io.lease(key, timeout)
+    latest, held = cache.io.lease(key, timeout, hint)
     if held is False:
         cache.count("lease_waits")
     delay = 0.002
@@ -92,7 +143,7 @@ def begin(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lo
             return latest, fill
         _sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.05)
-        latest, held = cache.io.lease(key, timeout)
+        latest, held = cache.io.lease(key, timeout, hint)
     # A hit (still leading: if this process can't rebuild it yet — a shape it has never run — the
     # caller queries, and the readers waiting here wait for that), or the lease (a token, or None
     # when the backend can't say: go ahead).

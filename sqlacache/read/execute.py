@@ -239,7 +239,6 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         statement_deps = plan.deps
         hint = hint_for(plan, info.hint)
         began = time.monotonic()
-        lookup = None if refresh is not None else cache.io.lookup(key, hint)
     fill = refresh
     filling = False  # from the moment _fill runs, it lands the fill (when its rows are stored)
     mode = _sa.result_mode(state.load_options)
@@ -248,14 +247,23 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         if refresh is not None:
             lookup = Lookup(None, cache.io.generation() or -1)
         else:
+            if ticket is None:
+                lookup, fill = stampede.lookup(cache, key, hint, began)
+            else:  # Session.get looked it up (and took the fill) already: the fill is ours now
+                fill, ticket.fill = ticket.fill, None
+                if not ticket.coordinated:
+                    ticket.coordinated = True
+                    if lookup is not None and lookup.entry is None:
+                        again, fill = stampede.begin(cache, key, hint, began)
+                        lookup = again if again is not None else lookup
             hit = _serve(ctx, state, info, template, key, lookup, plan if ticket is None else None)
             if hit is not None:
                 if lookup is not None and lookup.refresh_due and ticket is None:
                     _refresh_statement(cache, state, key, began)
                 return hit
-            if lookup is not None and (lookup.entry is None or template is None):
-                # A miss (or a shape this process has never run, so it can't rebuild the result
-                # yet): if another reader is filling this key, wait for it instead.
+            if fill is None and lookup is not None and lookup.entry is not None and template is None:
+                # A shape this process has never run, so it can't rebuild the result yet: if
+                # another reader is filling this key, wait for it instead.
                 again, fill = stampede.begin(cache, key, hint, began)
                 if again is not None:
                     template = info.templates.get(mode)  # the leader we waited for may have made it

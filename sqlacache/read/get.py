@@ -15,7 +15,8 @@ from sqlacache.analysis import rowtokens
 from sqlacache.analysis.codec import CodecError
 from sqlacache.backends import Lookup
 from sqlacache.context import SessionContext
-from sqlacache.fill import refresh_ahead
+from sqlacache.fill import refresh_ahead, stampede
+from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Uncacheable
 from sqlacache.layout import MapperLayout, layout_of
 from sqlacache.read.execute import Guard
@@ -135,8 +136,17 @@ def plan_get(
     return GetPlan(key, mapper, layout, plan, hint, ttl, dialect, pk, time.monotonic())
 
 
-def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Lookup | None) -> Any:
-    """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss."""
+def finish_get(
+    session: Session,
+    ctx: SessionContext,
+    plan: GetPlan,
+    lookup: Lookup | None,
+    fill: Fill | None = None,
+    coordinated: bool = True,
+) -> Any:
+    """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss, which
+    carries ``fill`` (the right to fill it); ``coordinated``: False while a miss has not yet waited
+    for another reader filling it (the statement's hook then does)."""
     entry = lookup.entry if lookup is not None else None
     if lookup is not None and entry is not None:
         learn(plan.plan, entry.deps, plan.layout.get_hint)
@@ -146,12 +156,16 @@ def finish_get(session: Session, ctx: SessionContext, plan: GetPlan, lookup: Loo
             except Exception as exc:
                 ctx.cache.io.drop(plan.key, "corrupt", exc)
                 lookup = Lookup(None, lookup.generation)
+                coordinated = fill is not None
             else:
                 ctx.cache.count("hits")
+                stampede.end(ctx.cache, fill)
                 if lookup.refresh_due:
                     _refresh_get(session, ctx.cache, plan)
                 return objs[0] if objs else None
-    return GetTicket(plan.key, plan.mapper, plan.plan, lookup, plan.ttl, plan.dialect, plan.began)
+    ticket = GetTicket(plan.key, plan.mapper, plan.plan, lookup, plan.ttl, plan.dialect, plan.began)
+    ticket.fill, ticket.coordinated = fill, coordinated
+    return ticket
 
 
 def _refresh_get(session: Session, cache: Cache, plan: GetPlan) -> None:
@@ -177,7 +191,8 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
         plan = plan_get(session, ctx, entity, ident, execution_options, guard=guard)
         if plan is None:
             return NOT_HANDLED
-        return finish_get(session, ctx, plan, ctx.cache.io.lookup(plan.key, plan.hint))
+        lookup, fill = stampede.lookup(ctx.cache, plan.key, plan.hint, plan.began)
+        return finish_get(session, ctx, plan, lookup, fill)
     except Exception as exc:
         if guard.passthrough:
             raise

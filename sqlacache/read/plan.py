@@ -25,6 +25,7 @@ from sqlacache.analysis.codec import ValueCodec, codec_for
 from sqlacache.analysis.conditions import Analysis
 from sqlacache.backends import Lookup
 from sqlacache.context import SessionContext
+from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Shape, Uncacheable
 from sqlacache.policy import never_cached_reason, op_of
 from sqlacache.read.results import ResultTemplate
@@ -123,6 +124,8 @@ class GetTicket:
     dialect: Any
     began: float = 0.0  # when its lookup began
     used: bool = False
+    fill: Fill | None = None  # the right to fill it, taken with the lookup; ended by whoever has it
+    coordinated: bool = True  # False: a miss whose wait for another filler is still to be done
 
 
 @dataclass(slots=True)

@@ -253,7 +253,9 @@ class Resilient:
 
     # -- leases ---------------------------------------------------------------------------------
 
-    def lease(self, key: str, ttl: float) -> tuple[Lookup | None, str | bool | None]:
+    def lease(
+        self, key: str, ttl: float, hint: Sequence[str] = ()
+    ) -> tuple[Lookup | None, str | bool | None]:
         """Look ``key`` up and take its fill lease if it is missing, in one round trip: (a miss,
         token); (a miss, False) if another process holds the lease; (a hit, None); (None, None)
         if the backend can't say (then fill anyway)."""
@@ -261,12 +263,29 @@ class Resilient:
             return None, None  # nothing is served while an eviction waits
         began = time.monotonic()
         try:
-            found, held = self._call("lease", self.backend.lease, key, ttl)  # type: ignore[attr-defined]
+            found, held = self._call("lease", self.backend.lease, key, ttl, hint)  # type: ignore[attr-defined]
         except (BackendError, _Skipped):
             return None, None
         checked = self._checked(key, found, began)
         if checked is None or (checked.entry is None and found.entry is not None):
             return checked, None  # lost data, or an entry we dropped: fill, without a lease
+        return checked, held
+
+    async def alease(
+        self, key: str, ttl: float, hint: Sequence[str] = ()
+    ) -> tuple[Lookup | None, str | bool | None]:
+        """``lease`` for async callers: native when the backend offers it, else in a greenlet."""
+        native = getattr(self.native, "alease", None) if self.native is not None else None
+        if native is None or self._pending:
+            return await greenlet_spawn(self.lease, key, ttl, hint)
+        began = time.monotonic()
+        try:
+            found, held = await self._acall("lease", native, key, ttl, hint)
+        except (BackendError, _Skipped):
+            return None, None
+        checked = self._checked(key, found, began)
+        if checked is None or (checked.entry is None and found.entry is not None):
+            return checked, None
         return checked, held
 
     def claim(self, key: str, ttl: float) -> str | bool | None:

@@ -159,6 +159,12 @@ class BackendTests:
     def test_closed_backend_raises_backend_error(self) -> None:
         self.run(closed_backend_raises_backend_error)
 
+    def test_a_first_read_is_stored(self) -> None:
+        self.run(a_first_read_is_stored)
+
+    def test_a_lost_root_recreated_by_a_miss_still_outdates_its_entries(self) -> None:
+        self.run(a_lost_root_recreated_by_a_miss_still_outdates_its_entries)
+
     def test_hinted_lookup_agrees_with_plain_lookup(self) -> None:
         self.run(hinted_lookup_agrees_with_plain_lookup)
 
@@ -374,6 +380,34 @@ def closed_backend_raises_backend_error(h: Harness) -> None:
         h.backend.lookup("k")
     with pytest.raises(BackendError):
         h.backend.bump(["t:a"])
+
+
+def a_first_read_is_stored(h: Harness) -> None:
+    """A miss's lookup with the reader's dependencies as ``hint`` makes their roots exist, so the
+    store of that first read is accepted — on a fresh backend too."""
+    for deps in (["*", "d:db", "r:users:1"], ["*", "d:db", "t:orders"], ["*", "s:items", "c:items:a:x"]):
+        key = f"first-{deps[-1]}"
+        g = h.backend.lookup(key, deps).generation
+        assert h.backend.store(key, b"v", deps, g, TTL) is True, deps
+        assert h.backend.lookup(key).entry == Entry(b"v", tuple(deps))
+    # A write between the lookup and the store still refuses it.
+    g = h.backend.lookup("late", ["t:late"]).generation
+    h.backend.bump(["t:late"])
+    assert h.backend.store("late", b"v", ["t:late"], g, TTL) is False
+
+
+def a_lost_root_recreated_by_a_miss_still_outdates_its_entries(h: Harness) -> None:
+    """A root the backend lost (evicted, or deleted by an invalidation it could not write) is
+    recreated by the next miss as "bumped now": entries stored before stay outdated."""
+    g = ready(h, ["t:a", "r:a:1"])
+    assert h.backend.store("old", b"v", ["r:a:1", "t:a"], g, TTL)
+    h.evict_version("t:a")
+    h.evict_version("r:a:1")
+    fresh = h.backend.lookup("new", ["r:a:1"]).generation  # recreates t:a
+    assert fresh > g
+    assert h.backend.lookup("old").entry is None
+    assert h.backend.store("new", b"w", ["r:a:1"], fresh, TTL) is True
+    assert h.backend.store("old", b"v", ["r:a:1", "t:a"], g, TTL) is False
 
 
 def hinted_lookup_agrees_with_plain_lookup(h: Harness) -> None:

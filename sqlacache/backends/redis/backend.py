@@ -264,11 +264,11 @@ class RedisBackend:
             answer = self._hinted_answer((yield lambda s: s.client.mget(keys)), hint, len(keys))
             if answer is not None:
                 return answer, False
-        if lease is None:
-            reply = yield lambda s: s.lookup(keys=[entry_key], args=[self.prefix])
-        else:
-            keys = [entry_key, self._lease_key(key)]
-            reply = yield lambda s: s.lookup(keys=keys, args=[self.prefix, lease[0], lease[1]])
+        # The script: on a miss it also makes the hinted dependencies' roots exist (lookup.lua), so
+        # that the store that follows a first read is accepted.
+        args = [self.prefix, *(lease or ("", "")), self._version_ttl_ms, *hint]
+        keys = [entry_key] if lease is None else [entry_key, self._lease_key(key)]
+        reply = yield lambda s: s.lookup(keys=keys, args=args)
         if not isinstance(reply, list) or len(reply) < 2:
             raise BackendError(f"Redis lookup returned a malformed reply: {reply!r}", "protocol")
         status = reply[0]
@@ -305,7 +305,7 @@ class RedisBackend:
             return None
         raw = reply[0]
         if raw is None:
-            return Lookup(None, current)
+            return None  # a miss: the script's, which also readies the store (see lookup.lua)
         header, sep, payload = raw.partition(b"\n")
         fields = header.split(b"\x1f")
         try:
@@ -416,15 +416,39 @@ class RedisBackend:
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:l:{key}"
 
-    def lease(self, key: str, ttl: float) -> tuple[Lookup, str | bool | None]:
+    def lease(self, key: str, ttl: float, hint: Sequence[str] = ()) -> tuple[Lookup, str | bool | None]:
         """Look ``key`` up and, if it is missing, take the lease to fill it for ``ttl`` seconds, in
         one step: (lookup, its token) — or (lookup, False) if another process holds the lease, or
-        (a hit, None).
+        (a hit, None). ``hint``: the dependencies the reader expects, as for ``lookup``.
 
         A holder that dies releases nothing; the lease expires after ``ttl`` on its own.
         """
         token = secrets.token_hex(8)
-        found, taken = self._drive("lease", self._lookup_steps(key, (), (token, _ttl_ms(ttl))))
+        found, taken = self._drive("lease", self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
+        if found.entry is not None:
+            return found, None
+        return found, token if taken else False
+
+    async def alease(
+        self, key: str, ttl: float, hint: Sequence[str] = ()
+    ) -> tuple[Lookup, str | bool | None]:
+        """``lease`` awaited on the event loop with the asyncio client."""
+        side = self._async_side()
+        if side is None:
+            return self.lease(key, ttl, hint)
+        token = secrets.token_hex(8)
+        steps = self._lookup_steps(key, hint, (token, _ttl_ms(ttl)))
+        op = next(steps)
+        while True:
+            try:
+                reply = await op(side)
+            except FAILURES as exc:
+                raise failure("lease", exc) from exc
+            try:
+                op = steps.send(reply)
+            except StopIteration as done:
+                found, taken = done.value
+                break
         if found.entry is not None:
             return found, None
         return found, token if taken else False

@@ -1,10 +1,36 @@
 -- KEYS[1] entry key, KEYS[2] (optional) its lease; ARGV[1] prefix, ARGV[2] lease token, ARGV[3]
--- lease ms. Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value}
--- for a hit; with a lease key, a miss also tries to take the lease: {0|2, gen, 1 taken | 0 held}.
+-- lease ms, ARGV[4] version ttl ms (or ''), ARGV[5..] the dependencies the reader expects.
+-- Returns {0, gen} for a miss, {2, gen} for a corrupt entry (deleted), {1, gen, value} for a hit;
+-- with a lease key, a miss also tries to take the lease: {0|2, gen, 1 taken | 0 held}.
 -- Runs after prelude.lua (scripts.py joins them).
 local prefix = ARGV[1]
+-- A miss makes the roots of the expected dependencies exist (each table's "t:", "d:" and "*"):
+-- created missing, as "bumped now" (a new generation, which this reader then gets), so that the
+-- store that follows a first read is accepted, while a root that was lost (or deleted by an
+-- invalidation under OOM) still outdates every entry that depended on it. Any write from now on
+-- moves the roots past this reader.
+local function materialize(g)
+  local vttl = ARGV[4]
+  if not vttl or vttl == '' or #ARGV < 5 then
+    return g
+  end
+  local fresh = nil
+  for i = 5, #ARGV do
+    local dep = ARGV[i]
+    local tbl = string.match(dep, '^[cras]:([^:]*)')
+    local key = prefix .. ':v:' .. (tbl and ('t:' .. tbl) or dep)
+    if not num((get(key))) then
+      if not fresh then
+        local _, s = next_generation(prefix)
+        fresh = s
+      end
+      redis.call('SET', key, fresh, 'PX', vttl)
+    end
+  end
+  return fresh or g
+end
 local function miss(status)
-  local reply = {status, current_generation(prefix)}
+  local reply = {status, materialize(current_generation(prefix))}
   if KEYS[2] then
     reply[3] = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) and 1 or 0
   end

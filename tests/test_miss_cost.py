@@ -1,0 +1,153 @@
+"""What a read costs when the cache can't serve it: one Redis round trip before the database, and
+the first read of anything stored, so that the second is a hit.
+
+The round trips are counted by Redis itself (``MONITOR``), between markers a second client sends:
+what the server received from the application's connections, not what a spy thinks was sent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import event, select
+
+from tests.helpers import aseed, seed
+from tests.models import User
+
+
+class RedisTrace:
+    """Every command Redis receives, in the order it runs them, with markers sent by our own client."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.prefix = prefix
+        self.marker = redis.Redis.from_url(url)
+        self.me = self.marker.client_id()
+        self.commands: list[dict[str, Any]] = []
+        self._monitor = redis.Redis.from_url(url).monitor()
+        self._monitor.__enter__()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+        self.mark("ready")
+        assert self._wait_for("mark:ready")
+
+    def _listen(self) -> None:
+        for command in self._monitor.listen():
+            self.commands.append(command)
+            if command["command"] == "ECHO mark:stop":
+                return
+
+    def _wait_for(self, text: str) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if any(c["command"] == f"ECHO {text}" for c in list(self.commands)):
+                return True
+            time.sleep(0.005)
+        return False
+
+    def mark(self, name: str) -> None:
+        self.marker.echo(f"mark:{name}")
+
+    def between(self, start: str, end: str) -> list[str]:
+        """The application's round trips (not a script's own commands) between two markers."""
+        assert self._wait_for(f"mark:{end}")
+        seen = list(self.commands)
+        names = [c["command"] for c in seen]
+        i, j = names.index(f"ECHO mark:{start}"), names.index(f"ECHO mark:{end}")
+        return [
+            c["command"]
+            for c in seen[i + 1 : j]
+            if c.get("client_type") != "lua" and self.prefix in c["command"]
+        ]
+
+    def close(self) -> None:
+        self.mark("stop")
+        self._thread.join(5)
+        self._monitor.__exit__(None, None, None)
+        self.marker.close()
+
+
+@pytest.fixture
+def trace(redis_url: str, key_prefix: str) -> Any:
+    t = RedisTrace(redis_url, key_prefix)
+    yield t
+    t.close()
+
+
+def _mark_queries(trace: RedisTrace, sync_engine: Any) -> None:
+    event.listen(sync_engine, "before_cursor_execute", lambda *a: trace.mark("db"))
+
+
+READS = {
+    "get": lambda s: s.get(User, 2).name,
+    "select": lambda s: [u.name for u in s.scalars(select(User).where(User.name == "u2"))],
+}
+
+
+@pytest.mark.parametrize("world", ["postgres+redis"], indirect=True)
+@pytest.mark.parametrize("read", sorted(READS))
+def test_a_miss_makes_one_round_trip_before_the_database(world, trace, read):
+    seed(world)
+    _mark_queries(trace, world.engine)
+    for attempt in ("cold", "warm"):  # a cold Redis (no metadata yet), then a key evicted by a write
+        trace.mark(f"start-{attempt}")
+        with world.Session() as s:
+            READS[read](s)
+        trace.mark(f"end-{attempt}")
+        before = trace.between(f"start-{attempt}", "db")
+        assert len(before) == 1, before  # the lookup, which also takes the fill lease
+        assert before[0].startswith("EVALSHA")
+        after = trace.between("db", f"end-{attempt}") if attempt == "cold" else None
+        assert after is None or len(after) == 1, after  # the store, which gives the lease back
+        with world.Session() as s:
+            s.get(User, 2, execution_options={"cache": False}).name = "u2"  # a write: evicts
+            s.commit()
+        trace.commands.clear()
+
+
+@pytest.mark.parametrize("aworld", ["asyncpg+redis"], indirect=True)
+@pytest.mark.parametrize("read", ["get", "select"])
+async def test_an_async_miss_makes_one_round_trip_before_the_database(aworld, trace, read):
+    await aseed(aworld)
+    _mark_queries(trace, aworld.engine.sync_engine)
+    trace.mark("start")
+    async with aworld.Session() as s:
+        if read == "get":
+            (await s.get(User, 2)).name
+        else:
+            (await s.scalars(select(User).where(User.name == "u2"))).all()
+    trace.mark("end")
+    before = trace.between("start", "db")
+    assert len(before) == 1, before
+    assert len(trace.between("db", "end")) <= 1
+
+
+def test_every_first_read_is_stored(world):
+    """On a cache that has never seen the table (a fresh Redis, the quick start): one miss, then hits."""
+    seed(world)
+    for read in READS.values():
+        before = world.statements()
+        with world.Session() as s:
+            first = read(s)
+        assert world.statements() == before + 1
+        world.cache.wait_for_stores()
+        with world.Session() as s:
+            assert read(s) == first
+        assert world.statements() == before + 1, world.sql[before:]
+
+
+async def test_every_first_async_read_is_stored(aworld):
+    await aseed(aworld)
+    for read in ("get", "select"):
+        before = aworld.statements()
+        for _ in range(2):
+            async with aworld.Session() as s:
+                if read == "get":
+                    assert (await s.get(User, 3)).name == "u3"
+                else:
+                    assert [u.name for u in await s.scalars(select(User).where(User.id == 3))] == ["u3"]
+            await aworld.cache.await_for_stores()
+        assert aworld.statements() == before + 1, aworld.sql[before:]
