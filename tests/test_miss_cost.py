@@ -116,9 +116,9 @@ async def test_an_async_miss_makes_one_round_trip_before_the_database(aworld, tr
     trace.mark("start")
     async with aworld.Session() as s:
         if read == "get":
-            (await s.get(User, 2)).name
+            assert (await s.get(User, 2)).name == "u2"
         else:
-            (await s.scalars(select(User).where(User.name == "u2"))).all()
+            assert [u.name for u in await s.scalars(select(User).where(User.name == "u2"))] == ["u2"]
     trace.mark("end")
     before = trace.between("start", "db")
     assert len(before) == 1, before
