@@ -280,6 +280,7 @@ class Cache:
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (see README, "Observability"), the breaker's state and what is pending."""
+        self.io.settle_stores()  # the stores sent without waiting: count what they answered
         out = self.count.snapshot()
         corrupt = getattr(self.backend, "corrupt_entries", 0)  # found and deleted inside the backend
         if isinstance(corrupt, int) and corrupt:

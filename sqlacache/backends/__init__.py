@@ -9,6 +9,7 @@ from sqlacache.backends.base import (
     Lookup,
     LoopBound,
     NativeAsyncio,
+    SendsStores,
 )
 from sqlacache.backends.memory import MemoryBackend
 from sqlacache.backends.redis import RedisBackend
@@ -24,4 +25,5 @@ __all__ = [
     "MemoryBackend",
     "NativeAsyncio",
     "RedisBackend",
+    "SendsStores",
 ]

@@ -192,6 +192,33 @@ class NativeAsyncio(Protocol):
 
 
 @runtime_checkable
+class SendsStores(Protocol):
+    """``store`` without waiting for its reply: a miss's store leaves the reader's path.
+
+    Without it, a sync reader waits for the store's reply (or ``background_stores`` hands the store
+    to a thread).
+    """
+
+    def send_store(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool:
+        """Send what ``store`` does and return: True once sent, False if it can't be sent this way
+        now (the caller then calls ``store``)."""
+        ...
+
+    def store_replies(self) -> list[bool | BackendError]:
+        """The replies of the stores sent so far, in order: stored, refused, or the failure."""
+        ...
+
+
+@runtime_checkable
 class LoopBound(Protocol):
     """A backend that may be unusable from plain threads (an asyncio client only).
 

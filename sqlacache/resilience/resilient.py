@@ -29,7 +29,14 @@ from typing import Any, TypeVar
 from sqlacache._sa import greenlet_spawn, in_greenlet
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.backends import Backend, BackendError, Lookup
-from sqlacache.backends.base import BackendUnavailable, Entry, Leases, LoopBound, NativeAsyncio
+from sqlacache.backends.base import (
+    BackendUnavailable,
+    Entry,
+    Leases,
+    LoopBound,
+    NativeAsyncio,
+    SendsStores,
+)
 from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.pending import Pending
 from sqlacache.resilience.stats import Counters, RateLimitedLog
@@ -77,6 +84,7 @@ class Resilient:
         self.leases = isinstance(backend, Leases)
         self.native: NativeAsyncio | None = backend if isinstance(backend, NativeAsyncio) else None
         self._loop_bound: LoopBound | None = backend if isinstance(backend, LoopBound) else None
+        self.sender: SendsStores | None = backend if isinstance(backend, SendsStores) else None
         self._lock = threading.Lock()
         self._pending = Pending(self._send, self._threads_allowed, count, self.internal_error, retry_interval)
         # The highest generation this process has been given, and when its answer arrived: only a
@@ -334,9 +342,11 @@ class Resilient:
         return stored
 
     def submit_store(self, job: StoreJob) -> None:
-        """``store`` now, or in the background with ``background_stores``."""
+        """``store`` off the reader's path: sent without waiting for its reply where the backend can
+        (a sync client), else now; with ``background_stores`` by a thread or the event loop."""
         if not self.background_stores:
-            self.store(job)
+            if self.sender is None or not self._send_store(job):
+                self.store(job)
             return
         astore = self.native.astore if self.native is not None else None
         if astore is not None and in_greenlet():
@@ -344,6 +354,39 @@ class Resilient:
             self.track(asyncio.get_running_loop().create_task(self._astore(astore, job)))
             return
         self._stores.put(job)
+
+    def _send_store(self, job: StoreJob) -> bool:
+        """Send the store and return; its reply is read with the next one's. False: store inline."""
+        if not self._storable(job):
+            return True
+        self.settle_stores()
+        try:
+            sent: bool = self._call(
+                "store",
+                self._with_lease(self.sender.send_store, job),  # type: ignore[union-attr]
+                job.key,
+                self._wrap(job),
+                job.deps,
+                job.generation,
+                job.ttl,
+            )
+        except (BackendError, _Skipped):
+            return True  # counted; its lease expires on its own
+        return sent
+
+    def settle_stores(self) -> None:
+        """Count what the stores sent so far answered (stored, refused, failed)."""
+        if self.sender is None:
+            return
+        try:
+            replies = self._call("store", self.sender.store_replies)
+        except (BackendError, _Skipped):
+            return
+        for reply in replies:
+            if isinstance(reply, BackendError):
+                self._failed("store", reply)
+            else:
+                self.count("stores" if reply else "stores_refused")
 
     async def _astore(self, astore: Any, job: StoreJob) -> None:
         if not await greenlet_spawn(self._storable, job):
@@ -359,6 +402,7 @@ class Resilient:
 
     def wait_for_stores(self, timeout: float = 5.0) -> None:
         self._stores.wait(timeout)
+        self.settle_stores()
 
     async def await_for_stores(self, timeout: float = 5.0) -> None:
         await self._stores.await_all(timeout)
@@ -395,5 +439,6 @@ class Resilient:
             self._keep([deps_mod.ALL])
 
     def close(self) -> None:
+        self.settle_stores()
         self._pending.close()  # pending evictions die with the cache: a closed backend can't take them
         self._stores.close()

@@ -20,6 +20,7 @@ from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, Entry, Lookup
 from sqlacache.backends.redis import scripts
 from sqlacache.backends.redis.errors import FAILURES, failure
+from sqlacache.backends.redis.sender import Sender, can_send
 
 __all__ = ["RedisBackend"]
 
@@ -63,6 +64,13 @@ class _Side:
         self.store: Script | AsyncScript = client.register_script(scripts.STORE)
         self.bump: Script | AsyncScript = client.register_script(scripts.BUMP)
         self.release: Script | AsyncScript = client.register_script(scripts.RELEASE)
+
+
+def _root(dep: str) -> str:
+    """The version a missing ``dep`` starts from (see the contract): its table's ``t:``, or itself."""
+    if dep[:2] in ("r:", "c:", "a:", "s:"):
+        return "t:" + dep[2:].split(":", 1)[0]
+    return dep
 
 
 def _identity(value: _T) -> _T:
@@ -110,6 +118,7 @@ class RedisBackend:
         self.corrupt_entries = 0
         self._version_ttl_ms = str(_ttl_ms(version_ttl))
         self._sync = _Side(client, _identity) if client is not None else None
+        self._sender = Sender(client) if client is not None and can_send(client) else None
         self._async = _Side(async_client, _await) if async_client is not None else None
         self._async_factory: Callable[[], redis.asyncio.Redis] | None = None
         self._owns_clients = False
@@ -260,8 +269,10 @@ class RedisBackend:
         With ``lease`` (token, ms), a miss also tries to take the key's lease: (lookup, taken)."""
         entry_key = self._entry_key(key)
         if hint and lease is None:
-            keys = [entry_key, f"{self.prefix}:gen", *(f"{self.prefix}:v:{d}" for d in hint)]
-            answer = self._hinted_answer((yield lambda s: s.client.mget(keys)), hint, len(keys))
+            # The roots a miss must find (see lookup.lua) are read too: a miss is then answered here.
+            looked = [*hint, *(r for r in dict.fromkeys(map(_root, hint)) if r not in hint)]
+            keys = [entry_key, f"{self.prefix}:gen", *(f"{self.prefix}:v:{d}" for d in looked)]
+            answer = self._hinted_answer((yield lambda s: s.client.mget(keys)), looked, len(keys))
             if answer is not None:
                 return answer, False
         # The script: on a miss it also makes the hinted dependencies' roots exist (lookup.lua), so
@@ -305,7 +316,10 @@ class RedisBackend:
             return None
         raw = reply[0]
         if raw is None:
-            return None  # a miss: the script's, which also readies the store (see lookup.lua)
+            # A miss: answered here when the roots exist; else the script creates them (lookup.lua).
+            roots = set(map(_root, hint))
+            ready = all(v is not None for d, v in zip(hint, reply[2:]) if d in roots)
+            return Lookup(None, current) if ready else None
         header, sep, payload = raw.partition(b"\n")
         fields = header.split(b"\x1f")
         try:
@@ -410,6 +424,48 @@ class RedisBackend:
         except FAILURES as exc:
             raise failure("store", exc) from exc
         return self._int(reply, "store reply") == 1
+
+    # -- stores sent now, answered later (sender.py) ----------------------------------------------
+
+    def send_store(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool:
+        """``store`` without waiting for its reply (read by :meth:`store_replies`): False when it
+        can't be sent that way (no plain sync client, or called inside an ``AsyncSession``)."""
+        sender = self._sender
+        if sender is None or self._closed or self._sync is None or _in_greenlet():
+            return False
+        call = self._store_call(key, payload, deps, generation, ttl, lease)
+        if call is None:
+            return False
+        try:
+            sender.send(self._sync.store.sha, call)
+        except FAILURES as exc:
+            raise failure("store", exc) from exc
+        return True
+
+    def store_replies(self) -> list[bool | BackendError]:
+        """What the stores sent so far answered, in order: stored, refused, or why it failed."""
+        sender, side = self._sender, self._sync
+        if sender is None or side is None or not sender.pending:
+            return []
+        out: list[bool | BackendError] = []
+        for reply in sender.replies(lambda call: side.store(keys=call[0], args=call[1])):
+            if isinstance(reply, BaseException):
+                out.append(failure("store", reply))
+                continue
+            try:
+                out.append(self._int(reply, "store reply") == 1)
+            except BackendError as exc:
+                out.append(exc)
+        return out
 
     # -- leases: one process fills a missing key while the others wait a bounded time -------------
 
@@ -517,6 +573,8 @@ class RedisBackend:
         event loop): from async code prefer :meth:`aclose`.
         """
         self._closed = True
+        if self._sender is not None:
+            self._sender.close()
         if not self._owns_clients:
             return
         try:
@@ -531,6 +589,8 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Like :meth:`close`, from async code on the event loop the asyncio client is bound to."""
         self._closed = True
+        if self._sender is not None:
+            self._sender.close()
         if not self._owns_clients:
             return
         try:

@@ -1,0 +1,105 @@
+"""Stores sent now, answered later: a miss's store leaves the reader's path.
+
+A reader that missed has its rows; the store's reply (stored, or refused because a commit came
+first) changes nothing for it. So the store script is written to a connection of its own and the
+reader returns; the reply is read when the next store is sent, or when someone asks for the
+counters. The script itself is unchanged: the same atomic, generation-checked step, which Redis
+runs as soon as the bytes arrive — a late store still cannot install stale data.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from sqlacache.backends.redis.errors import FAILURES
+
+Call = tuple[Sequence[str], Sequence[Any]]  # a store script's keys and arguments
+
+
+def can_send(client: Any) -> bool:
+    """Whether ``client`` is a redis-py client on a plain connection pool (not a fake, a cluster…)."""
+    pool = getattr(client, "connection_pool", None)
+    connection_class = getattr(pool, "connection_class", None)
+    return (
+        type(client) is redis.Redis
+        and type(pool) is redis.ConnectionPool
+        and isinstance(connection_class, type)
+        and issubclass(connection_class, redis.connection.AbstractConnection)
+        and connection_class.__module__.startswith("redis.")
+    )
+
+
+class Sender:
+    """One connection, taken from ``client``'s pool for good, that only carries stores."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._pid = os.getpid()
+        self._sent: deque[Call] = deque()
+
+    @property
+    def pending(self) -> int:
+        return len(self._sent)
+
+    def _ready(self) -> Any:
+        if self._pid != os.getpid():  # a forked child: the socket is the parent's, leave it be
+            self._connection, self._pid = None, os.getpid()
+            self._sent.clear()
+        if self._connection is None:
+            self._connection = self._pool.make_connection()
+        return self._connection
+
+    def send(self, sha: str, call: Call) -> None:
+        """Write the store script's call; raises the client's error if it could not be written."""
+        keys, args = call
+        with self._lock:
+            connection = self._ready()
+            try:
+                connection.send_packed_command(
+                    connection.pack_command("EVALSHA", sha, len(keys), *keys, *args), check_health=False
+                )
+            except BaseException:
+                self._drop()
+                raise
+            self._sent.append(call)
+
+    def replies(self, rerun: Callable[[Call], Any]) -> list[Any]:
+        """The replies of the stores sent so far, in order: each the script's reply, or the exception
+        that stands for it. ``rerun`` runs a call again through the client (after NOSCRIPT: a Redis
+        that restarted or flushed its scripts), which loads the script."""
+        out: list[Any] = []
+        with self._lock:
+            while self._sent:
+                call = self._sent.popleft()
+                try:
+                    out.append(self._connection.read_response())
+                except NoScriptError:
+                    try:
+                        out.append(rerun(call))
+                    except FAILURES as exc:
+                        out.append(exc)
+                except ResponseError as exc:  # an error reply (OOM, READONLY…): this store's only
+                    out.append(exc)
+                except FAILURES as exc:  # the connection is gone, and the replies it owed with it
+                    out.extend([exc] * (1 + len(self._sent)))
+                    self._drop()
+        return out
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        self._sent.clear()
+        if connection is not None and self._pid == os.getpid():
+            connection.disconnect()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
