@@ -123,6 +123,7 @@ async def test_async_reader_paused_between_read_and_store(aworld):
         await writer.commit()
     resume.set()
     assert await task == "u2"
+    await aworld.cache.await_for_stores()  # the store is a task of the event loop, after the read
     assert aworld.cache.stats()["stores_refused"] == refused + 1
     for _ in range(2):
         async with aworld.Session() as s:

@@ -342,18 +342,17 @@ class Resilient:
         return stored
 
     def submit_store(self, job: StoreJob) -> None:
-        """``store`` off the reader's path: sent without waiting for its reply where the backend can
-        (a sync client), else now; with ``background_stores`` by a thread or the event loop."""
-        if not self.background_stores:
-            if self.sender is None or not self._send_store(job):
-                self.store(job)
-            return
+        """``store`` off the reader's path: inside an ``AsyncSession``, a task of the event loop;
+        else sent without waiting for its reply where the backend can (a sync client), or with
+        ``background_stores`` by a thread; otherwise now."""
         astore = self.native.astore if self.native is not None else None
         if astore is not None and in_greenlet():
-            # Inside an AsyncSession: the event loop runs the store as a task.
             self.track(asyncio.get_running_loop().create_task(self._astore(astore, job)))
             return
-        self._stores.put(job)
+        if self.background_stores:
+            self._stores.put(job)
+        elif self.sender is None or not self._send_store(job):
+            self.store(job)
 
     def _send_store(self, job: StoreJob) -> bool:
         """Send the store and return; its reply is read with the next one's. False: store inline."""
