@@ -197,6 +197,7 @@ class CachingSession(Session):
             or identity_token
             or bind_arguments
             or "_sqlacache_get" in execution_options  # CachingAsyncSession.get looked it up already
+            or execution_options.get("cache") is False  # bypassed: nothing of ours to do
         ):
             ctx = context_of(self)
             if ctx is not None:
@@ -346,7 +347,8 @@ class CachingAsyncSession(AsyncSession):
         # The lookup is awaited here, on the event loop: no greenlet for a hit. Anything that might
         # need I/O beyond it (a flush, the miss) goes through AsyncSession.get as usual.
         sync = self.sync_session
-        ctx = context_of(sync)
+        bypassed = execution_options.get("cache") is False
+        ctx = None if bypassed else context_of(sync)
         if ctx is not None and not (options or populate_existing or with_for_update or identity_token or kw):
             try:  # no guard: nothing of the application's runs here (no flush), so any failure is ours
                 plan = plan_get(sync, ctx, entity, ident, execution_options)
