@@ -1,0 +1,34 @@
+"""What ``pip install`` gets: the wheel built from this tree ships the Lua scripts, the backend test
+kit and the type marker, and the scripts load from the installed package, not from the tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_ships_the_lua_scripts_the_test_kit_and_py_typed(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("sqlacache-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    lua = {p.name for p in (ROOT / "sqlacache" / "backends" / "redis" / "lua").glob("*.lua")}
+    assert lua, "no Lua scripts in the tree"
+    assert {f"sqlacache/backends/redis/lua/{n}" for n in lua} <= names
+    assert {"sqlacache/testing/__init__.py", "sqlacache/testing/backends.py", "sqlacache/py.typed"} <= names
+    assert not any(n.startswith("tests/") for n in names)
+    # The scripts are read with importlib.resources: from the wheel, on its own, they load.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from sqlacache.backends.redis import scripts; "
+        "assert scripts.__file__.startswith(sys.argv[1]), scripts.__file__; "
+        "assert 'redis.call' in scripts.LOOKUP and 'redis.call' in scripts.STORE"
+    )
+    subprocess.run([sys.executable, "-c", code, str(wheel)], check=True, timeout=60, cwd=tmp_path)
