@@ -683,3 +683,39 @@ async def test_alookup_on_the_event_loop_agrees_with_lookup(h: Harness) -> None:
         assert hit.entry is not None and hit.entry.payload == b"v\n1"
     await h.run(lambda h: h.backend.bump(["t:a"]))
     assert (await backend.alookup("k", ["t:a", "*"])).entry is None
+
+
+def _lookup_in_child(backend: RedisBackend, out: Any) -> None:
+    out.put(backend.lookup("k").entry is not None)
+
+
+def test_redis_own_connections_survive_a_server_close_and_a_fork(redis_url: str, key_prefix: str) -> None:
+    """The read path's lookup and the stores sent without waiting use connections of their own
+    (backends/redis/own.py): one the server closed is reconnected; a forked child makes its own."""
+    import multiprocessing
+
+    client = redis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=key_prefix)
+    killer = redis.Redis.from_url(redis_url)
+    try:
+        g = backend.lookup("k", ["t:a"]).generation
+        assert backend.send_store("k", b"v", ["t:a"], g, TTL)
+        assert backend.store_replies() == [True]
+        assert backend.lookup("k").entry == Entry(b"v", ("t:a",))
+        killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert backend.lookup("k").entry == Entry(b"v", ("t:a",))  # reconnected, no error
+        killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert backend.send_store("k2", b"w", ["t:a"], g, TTL) in (True, False)
+        replies = backend.store_replies()  # the store's connection was closed: a failure, not a hang
+        assert all(r is True or isinstance(r, BackendError) for r in replies), replies
+        out = multiprocessing.get_context("fork").Queue()
+        child = multiprocessing.get_context("fork").Process(target=_lookup_in_child, args=(backend, out))
+        child.start()
+        assert out.get(timeout=20) is True
+        child.join(20)
+        assert backend.lookup("k").entry == Entry(b"v", ("t:a",))  # the parent's own still works
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()
+        killer.close()

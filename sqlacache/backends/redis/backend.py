@@ -20,7 +20,7 @@ from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, Entry, Lookup
 from sqlacache.backends.redis import scripts
 from sqlacache.backends.redis.errors import FAILURES, failure
-from sqlacache.backends.redis.sender import Sender, can_send
+from sqlacache.backends.redis.own import OwnScript, Sender, can_own
 
 __all__ = ["RedisBackend"]
 
@@ -59,7 +59,7 @@ class _Side:
         self.client: Any = client
         # Sync clients return results, asyncio clients coroutines; resolve turns either into a result.
         self.resolve = resolve
-        self.lookup: Script | AsyncScript = client.register_script(scripts.LOOKUP)
+        self.lookup: Script | AsyncScript | OwnScript = client.register_script(scripts.LOOKUP)
         self.generation: Script | AsyncScript = client.register_script(scripts.GENERATION)
         self.store: Script | AsyncScript = client.register_script(scripts.STORE)
         self.bump: Script | AsyncScript = client.register_script(scripts.BUMP)
@@ -118,7 +118,11 @@ class RedisBackend:
         self.corrupt_entries = 0
         self._version_ttl_ms = str(_ttl_ms(version_ttl))
         self._sync = _Side(client, _identity) if client is not None else None
-        self._sender = Sender(client) if client is not None and can_send(client) else None
+        self._sender: Sender | None = None
+        if client is not None and self._sync is not None and can_own(client):
+            # Stores sent without waiting, and the read path's lookup, on connections of our own.
+            self._sender = Sender(client)
+            self._sync.lookup = OwnScript(client, scripts.LOOKUP, self._sync.lookup.sha)
         self._async = _Side(async_client, _await) if async_client is not None else None
         self._async_factory: Callable[[], redis.asyncio.Redis] | None = None
         self._owns_clients = False
@@ -425,7 +429,7 @@ class RedisBackend:
             raise failure("store", exc) from exc
         return self._int(reply, "store reply") == 1
 
-    # -- stores sent now, answered later (sender.py) ----------------------------------------------
+    # -- stores sent now, answered later (own.py) -------------------------------------------------
 
     def send_store(
         self,
@@ -565,6 +569,12 @@ class RedisBackend:
         rest = key[len(ours) :]
         return rest.startswith((b"e:", b"v:", b"l:", b"r:")) or rest == b"gen"
 
+    def _close_own(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+        if self._sync is not None and isinstance(self._sync.lookup, OwnScript):
+            self._sync.lookup.close()
+
     def close(self) -> None:
         """Close the clients this backend built (see :meth:`from_url`); further calls fail.
 
@@ -573,8 +583,7 @@ class RedisBackend:
         event loop): from async code prefer :meth:`aclose`.
         """
         self._closed = True
-        if self._sender is not None:
-            self._sender.close()
+        self._close_own()
         if not self._owns_clients:
             return
         try:
@@ -589,8 +598,7 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Like :meth:`close`, from async code on the event loop the asyncio client is bound to."""
         self._closed = True
-        if self._sender is not None:
-            self._sender.close()
+        self._close_own()
         if not self._owns_clients:
             return
         try:

@@ -1,21 +1,27 @@
-"""Stores sent now, answered later: a miss's store leaves the reader's path.
+"""Connections of our own, out of the client's connection pool, for the two calls every read makes.
 
-A reader that missed has its rows; the store's reply (stored, or refused because a commit came
-first) changes nothing for it. So the store script is written to a connection of its own and the
-reader returns; the reply is read when the next store is sent, or when someone asks for the
-counters. The script itself is unchanged: the same atomic, generation-checked step, which Redis
-runs as soon as the bytes arrive — a late store still cannot install stale data.
+On loopback, a redis-py client call spends about as long in its pool, retry and event machinery as
+the round trip itself takes. The read path's lookup therefore writes its script call on a
+connection of its own (one per thread), and a miss's store is written on another and not waited
+for (``Sender``): a reader that missed has its rows, and the store's reply — stored, or refused
+because a commit came first — changes nothing for it. The reply is read with the next store's, or
+when someone asks for the counters. The scripts are unchanged: the same atomic, generation-checked
+steps, which Redis runs as soon as the bytes arrive — a late store still cannot install stale data.
+The connections are the client's own kind, made by its pool with its settings (timeouts, TLS, auth,
+database).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import ConnectionError as _Dropped
 from redis.exceptions import NoScriptError, ResponseError
 
 from sqlacache.backends.redis.errors import FAILURES
@@ -23,7 +29,7 @@ from sqlacache.backends.redis.errors import FAILURES
 Call = tuple[Sequence[str], Sequence[Any]]  # a store script's keys and arguments
 
 
-def can_send(client: Any) -> bool:
+def can_own(client: Any) -> bool:
     """Whether ``client`` is a redis-py client on a plain connection pool (not a fake, a cluster…)."""
     pool = getattr(client, "connection_pool", None)
     connection_class = getattr(pool, "connection_class", None)
@@ -34,6 +40,57 @@ def can_send(client: Any) -> bool:
         and issubclass(connection_class, redis.connection.AbstractConnection)
         and connection_class.__module__.startswith("redis.")
     )
+
+
+class OwnScript:
+    """A Lua script called on this thread's own connection: ``script(keys=…, args=…)``, as redis-py's
+    ``Script`` is called."""
+
+    def __init__(self, client: redis.Redis, text: str, sha: str) -> None:
+        self._client = client
+        self._pool = client.connection_pool
+        self._text = text
+        self.sha = sha
+        self._local = threading.local()
+        self._made: weakref.WeakSet[Any] = weakref.WeakSet()  # for close(): every thread's
+
+    def _connection(self) -> Any:
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None or local.pid != os.getpid():  # (a forked child leaves the parent's be)
+            connection = local.connection = self._pool.make_connection()
+            local.pid = os.getpid()
+            self._made.add(connection)
+        return connection
+
+    def close(self) -> None:
+        for connection in list(self._made):
+            connection.disconnect()
+
+    def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        connection = self._connection()
+        packed = connection.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        for attempt in range(2):
+            try:
+                connection.send_packed_command(packed, check_health=False)
+                return connection.read_response()
+            except NoScriptError:  # a Redis that restarted or flushed its scripts
+                if attempt:
+                    raise
+                self._client.script_load(self._text)
+            except ResponseError:  # an error reply: the connection is fine
+                raise
+            except _Dropped:
+                # A connection the server closed while idle: reconnect and try once more, as the
+                # client's own retry does (a timeout is not a _Dropped: a server that doesn't answer
+                # is not asked twice).
+                connection.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                connection.disconnect()  # a late reply must not be read as the next call's
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Sender:
