@@ -75,3 +75,36 @@ def until(condition: Callable[[], Any], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def _filter_signature(f: Any) -> Any:
+    """A uniquing function of a result's metadata, as a comparable value (without calling a stateful one)."""
+    if f is None or f is id:
+        return f
+    cells = dict(zip(f.__code__.co_freevars, [c.cell_contents for c in f.__closure__ or ()]))
+    if "datatype" not in cells:  # legacy uniquing of values that may not hash: hash(), else id()
+        return ("hash or id", *cells.values())
+    try:  # raises the ORM's error for a value that does not hash (stateless: safe to call)
+        f([])
+    except Exception as exc:
+        return ("raise", repr(cells["datatype"]), cells["uncertain"], type(exc), str(exc))
+    return ("no raise", repr(cells["datatype"]), cells["uncertain"])
+
+
+def template_signature(template: Any) -> dict[str, Any]:
+    """Everything a ResultTemplate decides about a result, comparable across two templates."""
+    md = template.metadata
+    create = getattr(md, "_create_unique_filters", None)
+    filters = create(None) if create is not None else md._unique_filters
+    return {
+        "keys": list(md._keys),
+        "keymap": [
+            (type(k).__name__, hash(k), v[0], v[1], tuple((type(x).__name__, hash(x)) for x in v[2]))
+            for k, v in md._keymap.items()
+        ],
+        "ambiguous": md._ambiguous_keys,
+        "filters": [_filter_signature(f) for f in filters or ()],
+        "single_entity": template.single_entity,
+        "attributes": dict(template.attributes),
+        "requires_unique": template.requires_unique,
+    }
