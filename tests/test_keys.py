@@ -200,6 +200,46 @@ def test_keys_are_identical_in_another_process():
     assert theirs == ours
 
 
+_TYPED_CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+from tests.test_keys import typed_keys
+print(json.dumps(typed_keys()))
+"""
+
+
+def typed_keys() -> list[str]:
+    """Keys of statements whose cache keys hold types of several arguments (Numeric(12, 2)…)."""
+    from sqlalchemy import String, cast, func, literal
+
+    return [
+        key_of(select(User.id, User.balance)),
+        key_of(select(User).where(User.balance > decimal.Decimal("1.50"))),
+        key_of(select(cast(User.name, String(20, collation="C")))),
+        key_of(select(func.coalesce(User.balance, literal(decimal.Decimal(0))))),
+    ]
+
+
+def test_keys_of_typed_statements_are_identical_whatever_the_hash_seed():
+    """A type's cache key lists its arguments in an order that depends on string hashing: the keys
+    must not (16 worker processes must find each other's entries)."""
+    import os
+    import pathlib
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    ours = typed_keys()
+    for seed in ("1", "2", "3", "4", "5", "6"):
+        child = subprocess.run(
+            [sys.executable, "-c", _TYPED_CHILD.format(root=root)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert json.loads(child.stdout) == ours, seed
+
+
 def test_get_keys_differ_by_class_and_pk():
     keys = {builder.get_key(NS, m.__mapper__, pk) for m in (User, Order) for pk in [(1,), (2,), ("1",)]}
     assert len(keys) == 6
