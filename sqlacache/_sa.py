@@ -25,6 +25,14 @@ Result                             ``_metadata``, ``_source_supports_scalars``, 
                                    ``_unique_filter_state``, ``_yield_per``
 SimpleResultMetaData               ``_keys``, ``_keymap``, ``_ambiguous_keys``;
                                    ``_create_unique_filters`` (2.1) / ``_unique_filters`` (2.0)
+CursorResultMetaData               ``_for_freeze``
+ORM compile state                  ``_ORMCompileState`` (2.1) / ``ORMCompileState`` (2.0);
+(``compiled.compile_state``)       ``_entities`` (each one's ``_label_name``, ``_extra_entities``,
+                                   ``_non_hashable_value``, ``_null_column_type``),
+                                   ``_has_mapper_entities``, ``compile_options._is_star``
+SQLCompiler                        ``_result_columns``, ``_ordered_columns``,
+                                   ``_textual_ordered_columns``, ``_ad_hoc_textual``,
+                                   ``_loose_column_name_matching``
 statements                         ``_generate_cache_key``, ``_with_options``, ``_raw_columns``,
                                    ``_for_update_arg``, ``_values``, ``_multi_values``, ``_deannotate``
 types                              ``_variant_mapping``, ``_has_bind_expression``, ``_type_affinity``,
@@ -47,6 +55,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine.cursor import CursorResultMetaData
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, strategies
@@ -328,25 +337,39 @@ def _not_hashable(datatype: Any, *, legacy: bool = False, uncertain: bool = Fals
     return go_legacy
 
 
-def orm_result_layout(
+def result_layout(
     statement: Any, dialect: Any, only_tuples: bool, legacy_uniquing: bool
 ) -> tuple[SimpleResultMetaData, bool, Any, bool] | None:
-    """What ``sqlalchemy.orm.loading.instances`` makes the ORM result of ``statement`` with, found
-    without running it: (its metadata, whether its rows are single entities, its ``_attributes``,
-    whether it must be uniqued), in the mode of the load options' ``_only_return_tuples`` and
-    ``_legacy_uniquing``. None for a statement whose result the ORM does not make (a Core statement's,
-    a compound select's, a ``select("*")``'s: ``compile_options._is_star``).
+    """How the result of ``statement`` executed in a session would look, found without running it:
+    (its metadata, whether its rows are single entities, its ``_attributes``, whether it must be
+    uniqued), for a result the ORM makes in the mode of the load options' ``_only_return_tuples``
+    and ``_legacy_uniquing``, else for the frozen copy of a Core result. None where that depends
+    on what the database sends (textual columns, ``select("*")``); the caller rules out the
+    ``driver_column_names`` execution option (2.1), which keys a Core result by the driver's names.
 
-    The statement is compiled for ``dialect`` as its execution compiles it, and the result's layout read
-    as ``instances()`` reads it, from the compile state (``compiled.compile_state``): its
-    ``_entities`` (each one's ``_label_name``, ``_extra_entities``, ``supports_single_entity``,
-    ``use_id_for_hash``, ``_non_hashable_value``, ``_null_column_type``, ``translate_raw_column``), the
-    statement's ``_raw_columns``, and the compile state's ``_has_mapper_entities``
-    and ``multi_row_eager_loaders``. The same on 2.0 and 2.1, but for how the metadata takes its
+    The statement is compiled for ``dialect`` as its execution compiles it; a select of ORM entities
+    or ORM columns (``compiled.compile_state`` an ``_ORMCompileState`` without
+    ``compile_options._is_star``) gets its result from ``sqlalchemy.orm.loading.instances``: see
+    ``_orm_result_layout``; any other statement (Core, compound selects) a ``CursorResult``: see
+    ``_core_result_layout``."""
+    compiled = statement.compile(dialect=dialect)
+    compile_state: Any = compiled.compile_state
+    if isinstance(compile_state, _ORM_RESULT_STATE):
+        if compile_state.compile_options._is_star:
+            return None
+        return _orm_result_layout(statement, compile_state, only_tuples, legacy_uniquing)
+    return _core_result_layout(compiled)
+
+
+def _orm_result_layout(
+    statement: Any, compile_state: Any, only_tuples: bool, legacy_uniquing: bool
+) -> tuple[SimpleResultMetaData, bool, Any, bool]:
+    """Read as ``loading.instances()`` reads it, from the compile state: its ``_entities`` (each one's
+    ``_label_name``, ``_extra_entities``, ``supports_single_entity``, ``use_id_for_hash``,
+    ``_non_hashable_value``, ``_null_column_type``, ``translate_raw_column``), the statement's
+    ``_raw_columns``, and the compile state's ``_has_mapper_entities`` and
+    ``multi_row_eager_loaders``. The same on 2.0 and 2.1, but for how the metadata takes its
     uniquing functions."""
-    compile_state: Any = statement.compile(dialect=dialect).compile_state
-    if not isinstance(compile_state, _ORM_RESULT_STATE) or compile_state.compile_options._is_star:
-        return None
     entities = compile_state._entities
     single = not only_tuples and len(entities) == 1 and bool(entities[0].supports_single_entity)
     filters = [
@@ -379,6 +402,42 @@ def orm_result_layout(
         {"filtered": compile_state._has_mapper_entities, "is_single_entity": single}
     )
     return metadata, single, attributes, bool(compile_state.multi_row_eager_loaders)
+
+
+class _CompiledColumns:
+    """Stands in for the ``CursorResult`` (and its execution context) a ``CursorResultMetaData`` is
+    made for: what the context takes from the compiled statement, its ``result_column_struct``
+    (``_result_columns``, ``_ordered_columns``, ``_textual_ordered_columns``, ``_ad_hoc_textual``,
+    ``_loose_column_name_matching``), and no result processors (which the frozen metadata drops)."""
+
+    __slots__ = ("context", "result_column_struct")
+
+    def __init__(self, compiled: Any) -> None:
+        self.context = self
+        self.result_column_struct = (
+            compiled._result_columns,
+            compiled._ordered_columns,
+            compiled._textual_ordered_columns,
+            compiled._ad_hoc_textual,
+            compiled._loose_column_name_matching,
+        )
+
+    def get_result_processor(self, type_: Any, colname: str, coltype: Any) -> None:
+        return None
+
+
+def _core_result_layout(compiled: Any) -> tuple[SimpleResultMetaData, bool, Any, bool] | None:
+    """The metadata SQLAlchemy makes for the cursor of a compiled statement whose columns it matches
+    to the cursor's by position (every non-textual select: a ``CursorResultMetaData`` that never
+    reads the names the database sends), frozen (``_for_freeze()``) as the cache's copy of such a
+    result is. None for a statement whose columns are matched by name."""
+    columns, ordered = compiled._result_columns, compiled._ordered_columns
+    textual_ordered = compiled._textual_ordered_columns
+    if not columns or not ordered or textual_ordered:
+        return None
+    description = [(entry[0], None) for entry in columns]  # the same number of columns, as they come
+    metadata = CursorResultMetaData(_CompiledColumns(compiled), description)  # type: ignore[arg-type]
+    return metadata._for_freeze(), False, immutabledict[str, Any](), False  # type: ignore[return-value]
 
 
 # -- statements ------------------------------------------------------------------------------------

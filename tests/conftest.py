@@ -287,8 +287,8 @@ def _derived_templates_match_learned(monkeypatch: pytest.MonkeyPatch) -> Iterato
             fills.append((state.statement, dialect, mode, capture.info))
         return fill(state, capture, guard)
 
-    def recording_derive(statement: Any, dialect: Any, mode: Any) -> Any:
-        template = derive(statement, dialect, mode)
+    def recording_derive(*args: Any) -> Any:
+        template = derive(*args)
         derived.add(id(template))
         return template
 

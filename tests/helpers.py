@@ -6,7 +6,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
+from sqlalchemy.orm.util import AliasedClass
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.selectable import Alias
 
 from tests.models import Order, Tag, User
 
@@ -91,16 +94,30 @@ def _filter_signature(f: Any) -> Any:
     return ("no raise", repr(cells["datatype"]), cells["uncertain"])
 
 
+def _lookup_key(key: Any) -> Any:
+    """A key of a result's keymap, comparable across two equal statements (which a process may have
+    compiled in either order): the labels a compiler makes (``_CompileLabel``) are new objects each
+    time, and so are an ``aliased()`` entity and its columns in each statement that makes one."""
+    if type(key).__name__ == "_CompileLabel":
+        return ("_CompileLabel", str(key.name), _lookup_key(key.element))
+    if isinstance(key, AliasedClass):
+        return ("AliasedClass", inspect(key).mapper.class_, inspect(key).name)
+    if isinstance(key, ClauseElement) and any(
+        isinstance(t, Alias) for t in getattr(key, "_from_objects", ())
+    ):
+        return (type(key).__name__, str(key))
+    return (type(key).__name__, hash(key))
+
+
 def template_signature(template: Any) -> dict[str, Any]:
     """Everything a ResultTemplate decides about a result, comparable across two templates."""
     md = template.metadata
     create = getattr(md, "_create_unique_filters", None)
-    filters = create(None) if create is not None else md._unique_filters
+    filters = create(None) if create is not None else getattr(md, "_unique_filters", None)
     return {
         "keys": list(md._keys),
         "keymap": [
-            (type(k).__name__, hash(k), v[0], v[1], tuple((type(x).__name__, hash(x)) for x in v[2]))
-            for k, v in md._keymap.items()
+            (_lookup_key(k), v[0], v[1], tuple(_lookup_key(x) for x in v[2])) for k, v in md._keymap.items()
         ],
         "ambiguous": md._ambiguous_keys,
         "filters": [_filter_signature(f) for f in filters or ()],

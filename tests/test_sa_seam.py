@@ -14,6 +14,7 @@ import sqlalchemy
 from sqlalchemy import Column, Enum, Integer, MetaData, Table, insert, literal, select
 from sqlalchemy.dialects.sqlite import DATETIME
 from sqlalchemy.engine import Connection
+from sqlalchemy.engine.cursor import CursorResultMetaData
 from sqlalchemy.engine.result import ChunkedIteratorResult, SimpleResultMetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import (
@@ -219,6 +220,7 @@ def _checks() -> dict[str, Callable[[str], bool]]:
     orm_context_source = inspect.getsource(orm_context)
     compile_state = _orm_compile_state()
     entities = list(compile_state._entities)
+    compiled = select(table.c.id).compile()
 
     def on_entities(name: str) -> bool:
         return len(entities) == 2 and all(hasattr(e, name) for e in entities)
@@ -281,6 +283,13 @@ def _checks() -> dict[str, Callable[[str], bool]]:
         "_null_column_type": on_entities,
         "_has_mapper_entities": _has(compile_state),
         "_is_star": _has(compile_state.compile_options),
+        # compiled statements (what an execution context takes for its result's metadata)
+        "_result_columns": _has(compiled),
+        "_ordered_columns": _has(compiled),
+        "_textual_ordered_columns": _has(compiled),
+        "_ad_hoc_textual": _has(compiled),
+        "_loose_column_name_matching": _has(compiled),
+        "_for_freeze": _has(CursorResultMetaData),
         # statements
         "_generate_cache_key": _has(query),
         "_with_options": _has(query),
@@ -322,6 +331,10 @@ def test_what_the_seam_relies_on_exists_in_this_sqlalchemy() -> None:
         assert hasattr(entity, "supports_single_entity") and hasattr(entity, "use_id_for_hash")
     assert column_entity.translate_raw_column and column_entity.raw_column_index == 1
     assert column_entity.column is not None
+    # a Core result's layout: SQLAlchemy's own metadata, made for the compiled columns
+    table = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("x", Integer))
+    layout = _sa.result_layout(select(table.c.id, table.c.x.label("y")), None, False, False)
+    assert layout is not None and list(layout[0].keys) == ["id", "y"]
 
 
 def test_sqlacache_defines_none_of_the_names_it_reads_from_sqlalchemy() -> None:

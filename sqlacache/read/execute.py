@@ -345,16 +345,20 @@ _deriving = threading.Lock()
 def _derive(state: ORMExecuteState, info: ShapeInfo, mode: tuple[bool, bool]) -> ResultTemplate | None:
     """The template of a shape this process has not run yet, derived from its statement (compiled,
     not run: see ``derive_template``) so that it can serve what another process stored. None for a
-    shape whose result the ORM does not make (a Core statement's): its first read here runs it."""
+    shape whose result layout depends on what the database sends: its first read here runs it."""
     if not info.derivable:
         return None
-    dialect = state.session.get_bind(**state.bind_arguments).dialect
+    bind = state.session.get_bind(**state.bind_arguments)
+    if state.execution_options.get("driver_column_names") or bind.get_execution_options().get(
+        "driver_column_names"
+    ):
+        return None  # (SQLAlchemy 2.1) a result keyed by the names the driver sends
     with _deriving:  # once per shape and mode, however many readers of it arrive at once
         template = info.templates.get(mode)
         if template is not None or not info.derivable:
             return template
         try:
-            template = derive_template(state.statement, dialect, mode)
+            template = derive_template(state.statement, bind.dialect, mode)
         except Exception as exc:  # whatever it is, the database path answers (and learns the template)
             log.debug("sqlacache: cannot derive the result layout of %s: %r", info.shape.digest, exc)
         if template is None:

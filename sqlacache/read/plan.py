@@ -48,7 +48,7 @@ class ShapeInfo:
     # legacy uniquing, the only things besides the statement that decide the shape of a result);
     # learnt from its first execution here, or derived from the statement for a hit that comes first.
     templates: dict[tuple[bool, bool], ResultTemplate] = field(default_factory=dict)
-    derivable: bool = True  # False: its template can only be learnt from an execution (Core results)
+    derivable: bool = True  # False: its template can only be learnt from an execution (select *)
     hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
     table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
     analysis: Analysis | None = None  # its conditions (built on first use)

@@ -53,10 +53,10 @@ def template_from(result: Result[Any], requires_unique: bool) -> ResultTemplate 
 
 
 def derive_template(statement: Any, dialect: Any, mode: tuple[bool, bool]) -> ResultTemplate | None:
-    """The template of the result the ORM would make of ``statement`` in ``mode`` (``_sa.result_mode``),
-    derived without running it: the same as ``template_from`` would take from that result. None when
-    the ORM would not make its result itself (Core statements, compound selects)."""
-    layout = _sa.orm_result_layout(statement, dialect, *mode)
+    """The template of the result a session would return for ``statement`` in ``mode``
+    (``_sa.result_mode``), derived without running it: the same as ``template_from`` would take from
+    that result. None when its layout depends on what the database sends (``select *``…)."""
+    layout = _sa.result_layout(statement, dialect, *mode)
     if layout is None:
         return None
     metadata, single_entity, attributes, requires_unique = layout
