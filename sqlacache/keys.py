@@ -183,6 +183,14 @@ def _expression(expr: Any) -> list[Any]:
     return ["x", text, _type(expr.type)]
 
 
+def _clause(expr: Any) -> str:
+    """A join condition, as SQL with its values in it."""
+    try:
+        return str(expr.compile(compile_kwargs={"literal_binds": True}))
+    except Exception:  # a value not renderable as a literal: this process's own, never shared
+        return f"{expr}@{id(expr):x}"
+
+
 def _describe(mapper: Mapper[Any]) -> list[Any]:
     """One mapper's configuration: whatever decides which values an entry holds and how they come back."""
     attrs = []
@@ -202,6 +210,14 @@ def _describe(mapper: Mapper[Any]) -> list[Any]:
                         [_expression(a), _expression(b)]
                         for a, b in getattr(prop, "local_remote_pairs", None) or ()
                     ),
+                    # what an entry of a read holds of it and in which order: its join conditions
+                    # (the rows in it), its default loading (eager ones are in the entry) and order
+                    _clause(prop.primaryjoin),
+                    _clause(prop.secondaryjoin) if prop.secondaryjoin is not None else "",
+                    repr(prop.lazy),
+                    [_expression(c) for c in prop.order_by or ()],
+                    repr(prop.innerjoin),
+                    repr(prop.join_depth),
                 ]
             )
         else:  # composites, synonyms…: their kind and key

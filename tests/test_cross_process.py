@@ -556,3 +556,56 @@ def test_concurrent_first_hits_of_a_shape_derive_its_layout_once(
     assert results == [stored] * 8
     assert world.sql[before:] == []
     assert len(derived) == 1
+
+
+class _Owner:
+    pass
+
+
+class _Item:
+    pass
+
+
+def test_a_class_mapped_anew_rebuilds_entries_with_its_new_mapping(tmp_path: Any) -> None:
+    """A class whose mapping was disposed of and made again in its registry (``clear_mappers()``, as
+    tests do): a hit on an entry of it builds objects of the new mapping, whose lazy loads work."""
+    from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
+    from sqlalchemy.orm import registry, relationship
+
+    metadata = MetaData()
+    owners = Table("owners", metadata, Column("id", Integer, primary_key=True), Column("name", String(20)))
+    items = Table(
+        "items",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("owner_id", ForeignKey("owners.id")),
+    )
+    reg = registry(metadata=metadata)
+
+    def mapped() -> None:
+        reg.map_imperatively(_Owner, owners)
+        reg.map_imperatively(_Item, items, properties={"owner": relationship(_Owner)})
+        reg.configure()
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'remap.db'}")
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(owners.insert(), [{"id": 1, "name": "o"}])
+        conn.execute(items.insert(), [{"id": 1, "owner_id": 1}])
+    cache = Cache(backend="memory://")
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    try:
+        mapped()
+        with Session() as s:
+            assert [i.id for i in s.scalars(select(_Item))] == [1]
+        reg.dispose()
+        mapped()
+        with Session() as s:
+            (item,) = s.scalars(select(_Item)).all()
+            assert cache.stats()["hits"] == 1
+            assert inspect(item).mapper is inspect(_Item)
+            assert item.owner.name == "o"  # type: ignore[attr-defined]
+    finally:
+        reg.dispose()
+        cache.close()
+        engine.dispose()
