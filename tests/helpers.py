@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import event, inspect
 from sqlalchemy.orm.util import AliasedClass
 from sqlalchemy.sql.elements import ClauseElement
-from sqlalchemy.sql.selectable import Alias
+from sqlalchemy.sql.schema import Column, Table
 
 from tests.models import Order, Tag, User
 
@@ -95,17 +95,19 @@ def _filter_signature(f: Any) -> Any:
 
 
 def _lookup_key(key: Any) -> Any:
-    """A key of a result's keymap, comparable across two equal statements (which a process may have
-    compiled in either order): the labels a compiler makes (``_CompileLabel``) are new objects each
-    time, and so are an ``aliased()`` entity and its columns in each statement that makes one."""
+    """A key of a result's keymap, comparable across two equal statements (a process may have compiled
+    either first, and a result's keys hold the objects of the one compiled first): objects of the
+    schema and the mappings compare by identity, the expressions each statement makes anew (labels,
+    ``exists()``, aliases and their columns, the labels a compiler makes) by what they render."""
     if type(key).__name__ == "_CompileLabel":
-        return ("_CompileLabel", str(key.name), _lookup_key(key.element))
+        return ("_CompileLabel", _lookup_key(key.element))
     if isinstance(key, AliasedClass):
         return ("AliasedClass", inspect(key).mapper.class_, inspect(key).name)
-    if isinstance(key, ClauseElement) and any(
-        isinstance(t, Alias) for t in getattr(key, "_from_objects", ())
-    ):
-        return (type(key).__name__, str(key))
+    if isinstance(key, ClauseElement) and not (isinstance(key, Column) and isinstance(key.table, Table)):
+        try:
+            return (type(key).__name__, str(key))
+        except Exception:
+            return (type(key).__name__,)
     return (type(key).__name__, hash(key))
 
 
