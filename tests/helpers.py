@@ -118,9 +118,11 @@ def template_signature(template: Any) -> dict[str, Any]:
     filters = create(None) if create is not None else getattr(md, "_unique_filters", None)
     return {
         "keys": list(md._keys),
-        "keymap": [
-            (_lookup_key(k), v[0], v[1], tuple(_lookup_key(x) for x in v[2])) for k, v in md._keymap.items()
-        ],
+        # (a set: one statement's expression and an equal statement's are one key here)
+        "keymap": {
+            (_lookup_key(k), v[0], v[1], frozenset(_lookup_key(x) for x in v[2]))
+            for k, v in md._keymap.items()
+        },
         "ambiguous": md._ambiguous_keys,
         "filters": [_filter_signature(f) for f in filters or ()],
         "single_entity": template.single_entity,
