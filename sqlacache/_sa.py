@@ -25,6 +25,14 @@ Result                             ``_metadata``, ``_source_supports_scalars``, 
                                    ``_unique_filter_state``, ``_yield_per``
 SimpleResultMetaData               ``_keys``, ``_keymap``, ``_ambiguous_keys``;
                                    ``_create_unique_filters`` (2.1) / ``_unique_filters`` (2.0)
+CursorResultMetaData               ``_for_freeze``
+ORM compile state                  ``_ORMCompileState`` (2.1) / ``ORMCompileState`` (2.0);
+(``compiled.compile_state``)       ``_entities`` (each one's ``_label_name``, ``_extra_entities``,
+                                   ``_non_hashable_value``, ``_null_column_type``),
+                                   ``_has_mapper_entities``, ``compile_options._is_star``
+SQLCompiler                        ``_result_columns``, ``_ordered_columns``,
+                                   ``_textual_ordered_columns``, ``_ad_hoc_textual``,
+                                   ``_loose_column_name_matching``
 statements                         ``_generate_cache_key``, ``_with_options``, ``_raw_columns``,
                                    ``_for_update_arg``, ``_values``, ``_multi_values``, ``_deannotate``
 types                              ``_variant_mapping``, ``_has_bind_expression``, ``_type_affinity``,
@@ -45,15 +53,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine.cursor import CursorResultMetaData
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, strategies
+from sqlalchemy.orm import context as orm_context
 from sqlalchemy.sql import sqltypes
 from sqlalchemy.sql.base import Executable, ExecutableOption
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import Enum, TypeEngine
-from sqlalchemy.util import concurrency
+from sqlalchemy.util import concurrency, immutabledict
 
 # -- the greenlet bridge (sqlalchemy.util.concurrency) ---------------------------------------------
 
@@ -276,6 +287,157 @@ def session_free_metadata(md: SimpleResultMetaData) -> SimpleResultMetaData:
     return SimpleResultMetaData(
         keys, extra=[md._keymap[k][2] for k in keys], _ambiguous_keys=md._ambiguous_keys, **uniquing
     )
+
+
+#: The compile state of the statements whose ORM results ``sqlalchemy.orm.loading.instances`` makes
+#: (selects and ``from_statement()`` of ORM entities): ``_ORMCompileState`` in 2.1, ``ORMCompileState``
+#: in 2.0 (``sqlalchemy.orm.context``). Compound selects and Core statements have others.
+_ORM_RESULT_STATE: Any = next(
+    c for c in (getattr(orm_context, n, None) for n in ("_ORMCompileState", "ORMCompileState")) if c
+)
+
+#: Whether ``SimpleResultMetaData`` takes the ORM's uniquing as ``_create_unique_filters`` (2.1) or as
+#: ``_unique_filters`` (2.0).
+_CREATES_UNIQUE_FILTERS = "_create_unique_filters" in SimpleResultMetaData.__slots__
+
+
+def _not_hashable(datatype: Any, *, legacy: bool = False, uncertain: bool = False) -> Callable[[Any], Any]:
+    """The uniquing function of a column of values that may not be hashable: the closure of that name
+    in ``loading.instances`` (the same on 2.0 and 2.1), its error message word for word."""
+    if not legacy:
+
+        def go(obj: Any) -> Any:
+            if uncertain:
+                try:
+                    return hash(obj)
+                except Exception:
+                    pass
+            raise sa_exc.InvalidRequestError(
+                "Can't apply uniqueness to row tuple containing value of "
+                f"""type {datatype!r}; {
+                    "the values returned appear to be" if uncertain else "this datatype produces"
+                } non-hashable values"""
+            )
+
+        return go
+    if not uncertain:
+        return id
+    use_id = False
+
+    def go_legacy(obj: Any) -> Any:
+        nonlocal use_id
+        if not use_id:
+            try:
+                return hash(obj)
+            except Exception:
+                pass
+            use_id = True
+        return id(obj)
+
+    return go_legacy
+
+
+def result_layout(
+    statement: Any, dialect: Any, only_tuples: bool, legacy_uniquing: bool
+) -> tuple[SimpleResultMetaData, bool, Any, bool] | None:
+    """How the result of ``statement`` executed in a session would look, found without running it:
+    (its metadata, whether its rows are single entities, its ``_attributes``, whether it must be
+    uniqued), for a result the ORM makes in the mode of the load options' ``_only_return_tuples``
+    and ``_legacy_uniquing``, else for the frozen copy of a Core result. None where that depends
+    on what the database sends (textual columns, ``select("*")``); the caller rules out the
+    ``driver_column_names`` execution option (2.1), which keys a Core result by the driver's names.
+
+    The statement is compiled for ``dialect`` as its execution compiles it; a select of ORM entities
+    or ORM columns (``compiled.compile_state`` an ``_ORMCompileState`` without
+    ``compile_options._is_star``) gets its result from ``sqlalchemy.orm.loading.instances``: see
+    ``_orm_result_layout``; any other statement (Core, compound selects) a ``CursorResult``: see
+    ``_core_result_layout``."""
+    compiled = statement.compile(dialect=dialect)
+    compile_state: Any = compiled.compile_state
+    if isinstance(compile_state, _ORM_RESULT_STATE):
+        if compile_state.compile_options._is_star:
+            return None
+        return _orm_result_layout(statement, compile_state, only_tuples, legacy_uniquing)
+    return _core_result_layout(compiled)
+
+
+def _orm_result_layout(
+    statement: Any, compile_state: Any, only_tuples: bool, legacy_uniquing: bool
+) -> tuple[SimpleResultMetaData, bool, Any, bool]:
+    """Read as ``loading.instances()`` reads it, from the compile state: its ``_entities`` (each one's
+    ``_label_name``, ``_extra_entities``, ``supports_single_entity``, ``use_id_for_hash``,
+    ``_non_hashable_value``, ``_null_column_type``, ``translate_raw_column``), the statement's
+    ``_raw_columns``, and the compile state's ``_has_mapper_entities`` and
+    ``multi_row_eager_loaders``. The same on 2.0 and 2.1, but for how the metadata takes its
+    uniquing functions."""
+    entities = compile_state._entities
+    single = not only_tuples and len(entities) == 1 and bool(entities[0].supports_single_entity)
+    filters = [
+        (
+            _not_hashable(ent.column.type, legacy=legacy_uniquing, uncertain=ent._null_column_type)
+            if not ent.use_id_for_hash and (ent._non_hashable_value or ent._null_column_type)
+            else id
+            if ent.use_id_for_hash
+            else None
+        )
+        for ent in entities
+    ]
+    labels = [ent._label_name for ent in entities]
+    # A column entity also answers to the statement's own column object (``translate_raw_column``:
+    # the compiled form may be a cached one of an equal statement, as ``row_processor()`` has it).
+    raw = statement._raw_columns
+    extra = [
+        (*ent._extra_entities, raw[ent.raw_column_index])
+        if getattr(ent, "translate_raw_column", False)
+        else ent._extra_entities
+        for ent in entities
+    ]
+    uniquing: dict[str, Any] = (
+        {"_create_unique_filters": lambda _result: filters}
+        if _CREATES_UNIQUE_FILTERS
+        else {"_unique_filters": filters}
+    )
+    metadata = SimpleResultMetaData(labels, extra, **uniquing)
+    attributes = immutabledict[str, Any]().union(
+        {"filtered": compile_state._has_mapper_entities, "is_single_entity": single}
+    )
+    return metadata, single, attributes, bool(compile_state.multi_row_eager_loaders)
+
+
+class _CompiledColumns:
+    """Stands in for the ``CursorResult`` (and its execution context) a ``CursorResultMetaData`` is
+    made for: what the context takes from the compiled statement, its ``result_column_struct``
+    (``_result_columns``, ``_ordered_columns``, ``_textual_ordered_columns``, ``_ad_hoc_textual``,
+    ``_loose_column_name_matching``), and no result processors (which the frozen metadata drops)."""
+
+    __slots__ = ("context", "result_column_struct")
+
+    def __init__(self, compiled: Any) -> None:
+        self.context = self
+        self.result_column_struct = (
+            compiled._result_columns,
+            compiled._ordered_columns,
+            compiled._textual_ordered_columns,
+            compiled._ad_hoc_textual,
+            compiled._loose_column_name_matching,
+        )
+
+    def get_result_processor(self, type_: Any, colname: str, coltype: Any) -> None:
+        return None
+
+
+def _core_result_layout(compiled: Any) -> tuple[SimpleResultMetaData, bool, Any, bool] | None:
+    """The metadata SQLAlchemy makes for the cursor of a compiled statement whose columns it matches
+    to the cursor's by position (every non-textual select: a ``CursorResultMetaData`` that never
+    reads the names the database sends), frozen (``_for_freeze()``) as the cache's copy of such a
+    result is. None for a statement whose columns are matched by name."""
+    columns, ordered = compiled._result_columns, compiled._ordered_columns
+    textual_ordered = compiled._textual_ordered_columns
+    if not columns or not ordered or textual_ordered:
+        return None
+    description = [(entry[0], None) for entry in columns]  # the same number of columns, as they come
+    metadata = CursorResultMetaData(_CompiledColumns(compiled), description)  # type: ignore[arg-type]
+    return metadata._for_freeze(), False, immutabledict[str, Any](), False  # type: ignore[return-value]
 
 
 # -- statements ------------------------------------------------------------------------------------

@@ -78,10 +78,19 @@ def _leaf(x: Any) -> Any:
     raise Uncacheable(f"cannot key a statement containing {type(x).__module__}.{type(x).__qualname__}")
 
 
+def _type_arguments(pairs: tuple[Any, ...]) -> bool:
+    """Whether these are the (name, value) pairs of a type's cache key (``TypeEngine._static_cache_key``)."""
+    return all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs)
+
+
 def _walk(x: Any, tables: set[Table], mappers: list[Mapper[Any]], mapped: set[Mapper[Any]]) -> Any:
     """The key structure as JSON; collects its tables, its mappers (in order) and every mapper it
     names in any way (an entity, an attribute's parent, a mapped class), whose mappings it depends on."""
     if isinstance(x, tuple):
+        if x and isinstance(x[0], type) and issubclass(x[0], TypeEngine) and _type_arguments(x[1:]):
+            # A type's key names its arguments in the order of a set of their names, which differs
+            # between processes (PYTHONHASHSEED): in name order, it is the same in every process.
+            x = (x[0], *sorted(x[1:], key=lambda kv: str(kv[0])))
         return [_walk(y, tables, mappers, mapped) for y in x]
     if isinstance(x, Table):
         tables.add(x)
@@ -174,6 +183,14 @@ def _expression(expr: Any) -> list[Any]:
     return ["x", text, _type(expr.type)]
 
 
+def _clause(expr: Any) -> str:
+    """A join condition, as SQL with its values in it."""
+    try:
+        return str(expr.compile(compile_kwargs={"literal_binds": True}))
+    except Exception:  # a value not renderable as a literal: this process's own, never shared
+        return f"{expr}@{id(expr):x}"
+
+
 def _describe(mapper: Mapper[Any]) -> list[Any]:
     """One mapper's configuration: whatever decides which values an entry holds and how they come back."""
     attrs = []
@@ -193,6 +210,14 @@ def _describe(mapper: Mapper[Any]) -> list[Any]:
                         [_expression(a), _expression(b)]
                         for a, b in getattr(prop, "local_remote_pairs", None) or ()
                     ),
+                    # what an entry of a read holds of it and in which order: its join conditions
+                    # (the rows in it), its default loading (eager ones are in the entry) and order
+                    _clause(prop.primaryjoin),
+                    _clause(prop.secondaryjoin) if prop.secondaryjoin is not None else "",
+                    repr(prop.lazy),
+                    [_expression(c) for c in prop.order_by or ()],
+                    repr(prop.innerjoin),
+                    repr(prop.join_depth),
                 ]
             )
         else:  # composites, synonyms…: their kind and key

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.relationships import RelationshipProperty
 from sqlalchemy.sql import visitors
@@ -74,6 +75,17 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
     _by_path[(mapper.registry, class_path(mapper.class_))] = mapper
     _by_path.setdefault((None, class_path(mapper.class_)), mapper)
     return found
+
+
+@event.listens_for(Mapper, "after_mapper_constructed")
+def _remapped(mapper: Mapper[Any], class_: type) -> None:
+    """A class mapped anew (its mapping disposed of, as ``clear_mappers()`` does, and made again):
+    entries naming it decode with its new mapper, found again in its registry on first use."""
+    path = class_path(class_)
+    _by_path.pop((mapper.registry, path), None)
+    anywhere = _by_path.get((None, path))
+    if anywhere is not None and anywhere.class_ is class_:
+        del _by_path[(None, path)]
 
 
 def mapper_for_path(path: str, near: Mapper[Any] | None) -> Mapper[Any]:

@@ -7,6 +7,8 @@ target, event              listener                             why
 =========================  ===================================  ====================================
 Session do_orm_execute     read/execute.py ``_on_execute``      the read path
 Mapper load                read/capture.py ``_on_load``         what a miss's objects were loaded with
+Mapper after_mapper_       layout.py ``_remapped``              a class mapped anew decodes entries
+constructed                                                     with its new mapper
 Session before_commit      binding.py ``_before_commit``        a closed cache refuses commits
 Mapper after_insert/       write/tracker.py ``_listener``       rows the unit of work wrote
 update/delete

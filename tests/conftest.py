@@ -259,3 +259,60 @@ def proxy(fresh_redis: RedisServer) -> Iterator[TcpProxy]:
     p.start()
     yield p
     p.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every result layout (ResultTemplate) the suite makes a process learn from a database execution is
+# checked against the one sqlacache derives from the statement alone, for a hit on a shape the
+# process has never run (read/execute.py _derive): they must be the same.
+
+from sqlacache import _sa  # noqa: E402
+from sqlacache.read import execute as _execute  # noqa: E402
+from sqlacache.read.results import derive_template  # noqa: E402
+from tests.helpers import template_signature  # noqa: E402
+
+_derivations = {"checked": 0, "not derivable": 0}
+
+
+@pytest.fixture(autouse=True)
+def _derived_templates_match_learned(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    fills: list[tuple[Any, Any, Any, Any]] = []
+    derived: set[int] = set()
+    fill, derive = _execute._fill, _execute.derive_template
+
+    def recording_fill(state: Any, capture: Any, guard: Any) -> Any:
+        mode = _sa.result_mode(state.load_options)
+        if mode not in capture.info.templates:
+            dialect = state.session.get_bind(**state.bind_arguments).dialect
+            fills.append((state.statement, dialect, mode, capture.info))
+        return fill(state, capture, guard)
+
+    def recording_derive(*args: Any) -> Any:
+        template = derive(*args)
+        derived.add(id(template))
+        return template
+
+    monkeypatch.setattr(_execute, "_fill", recording_fill)
+    monkeypatch.setattr(_execute, "derive_template", recording_derive)
+    yield
+    for statement, dialect, mode, info in fills:
+        learned = info.templates.get(mode)
+        if learned is None or id(learned) in derived:
+            continue
+        try:
+            made = derive_template(statement, dialect, mode)
+        except Exception:  # e.g. a warning the suite turns into an error: the shape falls back
+            made = None
+        if made is None:
+            _derivations["not derivable"] += 1
+            continue
+        _derivations["checked"] += 1
+        assert template_signature(made) == template_signature(learned), statement
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _derivations["checked"] or _derivations["not derivable"]:
+        terminalreporter.write_line(
+            f"result layouts derived and checked against the learnt ones: {_derivations['checked']}, "
+            f"not derivable: {_derivations['not derivable']}"
+        )

@@ -6,7 +6,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
+from sqlalchemy.orm.util import AliasedClass
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.schema import Column, Table
 
 from tests.models import Order, Tag, User
 
@@ -75,3 +78,54 @@ def until(condition: Callable[[], Any], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def _filter_signature(f: Any) -> Any:
+    """A uniquing function of a result's metadata, as a comparable value (without calling a stateful one)."""
+    if f is None or f is id:
+        return f
+    cells = dict(zip(f.__code__.co_freevars, [c.cell_contents for c in f.__closure__ or ()]))
+    if "datatype" not in cells:  # legacy uniquing of values that may not hash: hash(), else id()
+        return ("hash or id", *cells.values())
+    try:  # raises the ORM's error for a value that does not hash (stateless: safe to call)
+        f([])
+    except Exception as exc:
+        return ("raise", repr(cells["datatype"]), cells["uncertain"], type(exc), str(exc))
+    return ("no raise", repr(cells["datatype"]), cells["uncertain"])
+
+
+def _lookup_key(key: Any) -> Any:
+    """A key of a result's keymap, comparable across two equal statements (a process may have compiled
+    either first, and a result's keys hold the objects of the one compiled first): objects of the
+    schema and the mappings compare by identity, the expressions each statement makes anew (labels,
+    ``exists()``, aliases and their columns, the labels a compiler makes) by what they render."""
+    if type(key).__name__ == "_CompileLabel":
+        return ("_CompileLabel", _lookup_key(key.element))
+    if isinstance(key, AliasedClass):
+        return ("AliasedClass", inspect(key).mapper.class_, inspect(key).name)
+    if isinstance(key, ClauseElement) and not (isinstance(key, Column) and isinstance(key.table, Table)):
+        try:
+            return (type(key).__name__, str(key))
+        except Exception:
+            return (type(key).__name__,)
+    return (type(key).__name__, hash(key))
+
+
+def template_signature(template: Any) -> dict[str, Any]:
+    """Everything a ResultTemplate decides about a result, comparable across two templates."""
+    md = template.metadata
+    create = getattr(md, "_create_unique_filters", None)
+    filters = create(None) if create is not None else getattr(md, "_unique_filters", None)
+    return {
+        "keys": list(md._keys),
+        # (a set: one statement's expression and an equal statement's are one key here)
+        "keymap": {
+            (_lookup_key(k), v[0], v[1], frozenset(_lookup_key(x) for x in v[2]))
+            for k, v in md._keymap.items()
+        },
+        "ambiguous": md._ambiguous_keys,
+        "filters": [_filter_signature(f) for f in filters or ()],
+        "single_entity": template.single_entity,
+        "attributes": dict(template.attributes),
+        "requires_unique": template.requires_unique,
+    }

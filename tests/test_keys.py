@@ -8,10 +8,11 @@ import json
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import aliased, selectinload
 
 from sqlacache.keys import KeyBuilder, Uncacheable, value_token
@@ -200,9 +201,106 @@ def test_keys_are_identical_in_another_process():
     assert theirs == ours
 
 
+_TYPED_CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+from tests.test_keys import typed_keys
+print(json.dumps(typed_keys()))
+"""
+
+
+def typed_keys() -> list[str]:
+    """Keys of statements whose cache keys hold types of several arguments (Numeric(12, 2)…)."""
+    from sqlalchemy import String, cast, func, literal
+
+    return [
+        key_of(select(User.id, User.balance)),
+        key_of(select(User).where(User.balance > decimal.Decimal("1.50"))),
+        key_of(select(cast(User.name, String(20, collation="C")))),
+        key_of(select(func.coalesce(User.balance, literal(decimal.Decimal(0))))),
+    ]
+
+
+def test_keys_of_typed_statements_are_identical_whatever_the_hash_seed():
+    """A type's cache key lists its arguments in an order that depends on string hashing: the keys
+    must not (16 worker processes must find each other's entries)."""
+    import os
+    import pathlib
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    ours = typed_keys()
+    for seed in ("1", "2", "3", "4", "5", "6"):
+        child = subprocess.run(
+            [sys.executable, "-c", _TYPED_CHILD.format(root=root)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert json.loads(child.stdout) == ours, seed
+
+
 def test_get_keys_differ_by_class_and_pk():
     keys = {builder.get_key(NS, m.__mapper__, pk) for m in (User, Order) for pk in [(1,), (2,), ("1",)]}
     assert len(keys) == 6
     assert builder.get_key(NS, User.__mapper__, (uuid.UUID(int=1),)) != builder.get_key(
         NS, User.__mapper__, (1,)
     )
+
+
+# -- mappings that give an entry other contents -------------------------------------------------
+
+
+class _Parent:
+    pass
+
+
+class _Child:
+    pass
+
+
+def _fingerprint(**relationship_kw: Any) -> str:
+    """The mapping fingerprint of _Parent mapped with a ``children`` relationship configured so."""
+    from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
+    from sqlalchemy.orm import registry, relationship
+
+    from sqlacache.keys import mapping_fingerprint
+
+    metadata = MetaData()
+    parents = Table("parents", metadata, Column("id", Integer, primary_key=True))
+    children = Table(
+        "children",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("parent_id", ForeignKey("parents.id")),
+        Column("name", String(20)),
+    )
+    reg = registry(metadata=metadata)
+    kw = {k: (v(parents, children) if callable(v) else v) for k, v in relationship_kw.items()}
+    try:
+        reg.map_imperatively(_Parent, parents, properties={"children": relationship(_Child, **kw)})
+        reg.map_imperatively(_Child, children)
+        reg.configure()
+        return mapping_fingerprint(inspect(_Parent))
+    finally:
+        reg.dispose()
+
+
+def test_mappings_that_load_a_relationship_into_entries_differently_have_other_fingerprints():
+    """An entry holds what the mapping's relationship loaded (eagerly or not, which rows, in which
+    order): a mapping that would load it otherwise must not read it (one process remapping a class,
+    or a deploy changing a relationship)."""
+    default = _fingerprint()
+    assert _fingerprint() == default
+    variants = [
+        _fingerprint(lazy="joined"),
+        _fingerprint(lazy="selectin"),
+        _fingerprint(order_by=lambda p, c: c.c.name),
+        _fingerprint(order_by=lambda p, c: c.c.name.desc()),
+        _fingerprint(lazy="joined", innerjoin=True),
+        _fingerprint(lazy="joined", join_depth=2),
+        _fingerprint(primaryjoin=lambda p, c: (c.c.parent_id == p.c.id) & (c.c.name != "x")),
+        _fingerprint(primaryjoin=lambda p, c: (c.c.parent_id == p.c.id) & (c.c.name != "y")),
+    ]
+    assert len({default, *variants}) == len(variants) + 1

@@ -14,9 +14,19 @@ import sqlalchemy
 from sqlalchemy import Column, Enum, Integer, MetaData, Table, insert, literal, select
 from sqlalchemy.dialects.sqlite import DATETIME
 from sqlalchemy.engine import Connection
+from sqlalchemy.engine.cursor import CursorResultMetaData
 from sqlalchemy.engine.result import ChunkedIteratorResult, SimpleResultMetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Mapper, ORMExecuteState, QueryContext, Session, strategies
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Mapper,
+    ORMExecuteState,
+    QueryContext,
+    Session,
+    mapped_column,
+    strategies,
+)
 from sqlalchemy.orm import base as orm_base
 from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm.state import InstanceState
@@ -184,6 +194,20 @@ def _parameter(function: Any) -> Callable[[str], bool]:
     return lambda name: name in inspect.signature(function).parameters
 
 
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Thing(_Base):
+    __tablename__ = "things"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def _orm_compile_state() -> Any:
+    """The compile state of an ORM select of an entity and an expression, as its execution makes it."""
+    return select(_Thing, _Thing.id + 1).compile().compile_state
+
+
 def _checks() -> dict[str, Callable[[str], bool]]:
     """How each private name ``_sa.py`` relies on is found on the installed SQLAlchemy."""
     session = Session()
@@ -194,6 +218,13 @@ def _checks() -> dict[str, Callable[[str], bool]]:
     ins = insert(table)
     query = select(literal(1))
     orm_context_source = inspect.getsource(orm_context)
+    compile_state = _orm_compile_state()
+    entities = list(compile_state._entities)
+    compiled = select(table.c.id).compile()
+
+    def on_entities(name: str) -> bool:
+        return len(entities) == 2 and all(hasattr(e, name) for e in entities)
+
     return {
         # ORMExecuteState
         "_remaining_events": _has(ORMExecuteState),
@@ -243,6 +274,22 @@ def _checks() -> dict[str, Callable[[str], bool]]:
             _parameter(SimpleResultMetaData.__init__)(name)
             or _parameter(SimpleResultMetaData.__init__)("_create_unique_filters")
         ),
+        # ORM compile state (what loading.instances reads)
+        "_ORMCompileState": _has(orm_context, "ORMCompileState"),
+        "_entities": _has(compile_state),
+        "_label_name": on_entities,
+        "_extra_entities": on_entities,
+        "_non_hashable_value": on_entities,
+        "_null_column_type": on_entities,
+        "_has_mapper_entities": _has(compile_state),
+        "_is_star": _has(compile_state.compile_options),
+        # compiled statements (what an execution context takes for its result's metadata)
+        "_result_columns": _has(compiled),
+        "_ordered_columns": _has(compiled),
+        "_textual_ordered_columns": _has(compiled),
+        "_ad_hoc_textual": _has(compiled),
+        "_loose_column_name_matching": _has(compiled),
+        "_for_freeze": _has(CursorResultMetaData),
         # statements
         "_generate_cache_key": _has(query),
         "_with_options": _has(query),
@@ -275,6 +322,19 @@ def test_what_the_seam_relies_on_exists_in_this_sqlalchemy() -> None:
     missing = sorted(name for name, check in checks.items() if not check(name))
     assert not missing, f"SQLAlchemy {sqlalchemy.__version__} lacks what sqlacache/_sa.py uses: {missing}"
     assert _sa.DEFERRED_COLUMN_LOADERS
+    # the public names orm_result_layout reads on the compile state and its entities
+    compile_state = _orm_compile_state()
+    assert isinstance(compile_state, _sa._ORM_RESULT_STATE)
+    assert isinstance(compile_state.multi_row_eager_loaders, bool)
+    mapper_entity, column_entity = compile_state._entities
+    for entity in (mapper_entity, column_entity):
+        assert hasattr(entity, "supports_single_entity") and hasattr(entity, "use_id_for_hash")
+    assert column_entity.translate_raw_column and column_entity.raw_column_index == 1
+    assert column_entity.column is not None
+    # a Core result's layout: SQLAlchemy's own metadata, made for the compiled columns
+    table = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("x", Integer))
+    layout = _sa.result_layout(select(table.c.id, table.c.x.label("y")), None, False, False)
+    assert layout is not None and list(layout[0].keys) == ["id", "y"]
 
 
 def test_sqlacache_defines_none_of_the_names_it_reads_from_sqlalchemy() -> None:

@@ -8,6 +8,7 @@ its own fast path (get.py); the memos both consult are in plan.py.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ from sqlacache.read.plan import (
     tables_written,
 )
 from sqlacache.read.rebuild import decode_result, propagating
-from sqlacache.read.results import ResultTemplate, result_from_rows, tap, template_from
+from sqlacache.read.results import ResultTemplate, derive_template, result_from_rows, tap, template_from
 from sqlacache.resilience.stores import StoreJob
 
 if TYPE_CHECKING:
@@ -256,18 +257,25 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
                     if lookup is not None and lookup.entry is None:
                         again, fill = stampede.begin(cache, key, hint, began)
                         lookup = again if again is not None else lookup
-            hit = _serve(ctx, state, info, template, key, lookup, plan if ticket is None else None)
+            hit = _serve(ctx, state, info, template, mode, key, lookup, plan if ticket is None else None)
             if hit is not None:
                 if lookup is not None and lookup.refresh_due and ticket is None:
                     _refresh_statement(cache, state, key, began)
                 return hit
-            if fill is None and lookup is not None and lookup.entry is not None and template is None:
-                # A shape this process has never run, so it can't rebuild the result yet: if
-                # another reader is filling this key, wait for it instead.
+            if (
+                fill is None
+                and lookup is not None
+                and lookup.entry is not None
+                and mode not in info.templates
+            ):
+                # A shape this process has never run and can't derive the result of (see _derive):
+                # if another reader is filling this key, wait for it instead.
                 again, fill = stampede.begin(cache, key, hint, began)
                 if again is not None:
                     template = info.templates.get(mode)  # the leader we waited for may have made it
-                    hit = _serve(ctx, state, info, template, key, again, plan if ticket is None else None)
+                    hit = _serve(
+                        ctx, state, info, template, mode, key, again, plan if ticket is None else None
+                    )
                     if hit is not None:
                         return hit
                     lookup = again
@@ -299,6 +307,7 @@ def _serve(
     state: ORMExecuteState,
     info: ShapeInfo,
     template: ResultTemplate | None,
+    mode: tuple[bool, bool],
     key: str,
     lookup: Lookup | None,
     plan: KeyPlan | None,
@@ -309,8 +318,12 @@ def _serve(
         return None
     if plan is not None:
         learn(plan, entry.deps, info.hint)
-    if template is None or entry_written(ctx, entry.deps):
+    if entry_written(ctx, entry.deps):
         return None
+    if template is None:
+        template = _derive(state, info, mode)
+        if template is None:
+            return None
     try:
         make = decode_result(state.session, entry.payload, info, lookup.generation, propagating(state))
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
@@ -324,6 +337,34 @@ def _serve(
         rows = make()
         make = lambda: rows  # noqa: E731
     return result_from_rows(template, make)
+
+
+_deriving = threading.Lock()
+
+
+def _derive(state: ORMExecuteState, info: ShapeInfo, mode: tuple[bool, bool]) -> ResultTemplate | None:
+    """The template of a shape this process has not run yet, derived from its statement (compiled,
+    not run: see ``derive_template``) so that it can serve what another process stored. None for a
+    shape whose result layout depends on what the database sends: its first read here runs it."""
+    if not info.derivable:
+        return None
+    bind = state.session.get_bind(**state.bind_arguments)
+    if state.execution_options.get("driver_column_names") or bind.get_execution_options().get(
+        "driver_column_names"
+    ):
+        return None  # (SQLAlchemy 2.1) a result keyed by the names the driver sends
+    with _deriving:  # once per shape and mode, however many readers of it arrive at once
+        template = info.templates.get(mode)
+        if template is not None or not info.derivable:
+            return template
+        try:
+            template = derive_template(state.statement, bind.dialect, mode)
+        except Exception as exc:  # whatever it is, the database path answers (and learns the template)
+            log.debug("sqlacache: cannot derive the result layout of %s: %r", info.shape.digest, exc)
+        if template is None:
+            info.derivable = False
+            return None
+        return info.templates.setdefault(mode, template)
 
 
 def _fill(state: ORMExecuteState, capture: _Capture, guard: Guard) -> Result[Any]:

@@ -46,8 +46,9 @@ class ShapeInfo:
     columns: list[ValueCodec | None] | None  # per result column; None entries are entities
     # How its result looks, per mode (_sa.result_mode: Query.tuples() / only_return_tuples, and
     # legacy uniquing, the only things besides the statement that decide the shape of a result);
-    # learnt from its first execution here.
+    # learnt from its first execution here, or derived from the statement for a hit that comes first.
     templates: dict[tuple[bool, bool], ResultTemplate] = field(default_factory=dict)
+    derivable: bool = True  # False: its template can only be learnt from an execution (select *)
     hint: set[str] = field(default_factory=set)  # dependencies its entries had, to fetch with them
     table_names: frozenset[str] = frozenset()  # dependency names of the tables the statement names
     analysis: Analysis | None = None  # its conditions (built on first use)

@@ -52,6 +52,17 @@ def template_from(result: Result[Any], requires_unique: bool) -> ResultTemplate 
     )
 
 
+def derive_template(statement: Any, dialect: Any, mode: tuple[bool, bool]) -> ResultTemplate | None:
+    """The template of the result a session would return for ``statement`` in ``mode``
+    (``_sa.result_mode``), derived without running it: the same as ``template_from`` would take from
+    that result. None when its layout depends on what the database sends (``select *``…)."""
+    layout = _sa.result_layout(statement, dialect, *mode)
+    if layout is None:
+        return None
+    metadata, single_entity, attributes, requires_unique = layout
+    return ResultTemplate(_sa.session_free_metadata(metadata), single_entity, attributes, requires_unique)
+
+
 def result_from_rows(template: ResultTemplate, make: Callable[[], Sequence[Any]]) -> Result[Any]:
     """A result that behaves as the ORM's result for this shape does, of the rows (tuples) that
     ``make`` produces when the result is first consumed (as the ORM makes its objects then)."""
