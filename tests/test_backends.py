@@ -666,6 +666,12 @@ async def test_script_cache_flush_is_survived(use_async: bool) -> None:
 def test_decode_responses_client_is_rejected() -> None:
     with pytest.raises(ValueError, match="decode_responses"):
         RedisBackend(fakeredis.FakeRedis(decode_responses=True))
+    # Entries name their dependencies in UTF-8; the scripts use those names as keys.
+    with pytest.raises(ValueError, match=r"encoding='utf-8'.*'latin-1'"):
+        RedisBackend(redis.Redis(encoding="latin-1"))
+    with pytest.raises(ValueError, match="encoding='utf-8'"):
+        RedisBackend(async_client=redis.asyncio.Redis(encoding="cp1252"))
+    RedisBackend(redis.Redis(encoding="UTF8")).close()  # another spelling of the same
     with pytest.raises(ValueError):
         RedisBackend()
 
@@ -719,3 +725,25 @@ def test_redis_own_connections_survive_a_server_close_and_a_fork(redis_url: str,
         backend.close()
         client.close()
         killer.close()
+
+
+def test_redis_own_connections_name_the_keys_the_client_names(redis_url: str, key_prefix: str) -> None:
+    """The lookup and the stores written on connections of our own (own.py packs their commands
+    itself) name the same keys as the client's own calls: a dependency outside ASCII bumped through
+    the client is seen by the lookup."""
+    client = redis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=key_prefix)
+    try:
+        deps = ["t:café", "r:café:ü", "*"]
+        found, token = backend.lease("clé", 1.0, deps)
+        assert found.entry is None and isinstance(token, str)
+        assert backend.send_store("clé", b"v", deps, found.generation, TTL, lease=token)
+        assert backend.store_replies() == [True]
+        assert backend.lease("clé", 1.0, deps)[0].entry == Entry(b"v", tuple(deps))
+        assert client.exists(f"{key_prefix}:e:clé") == 1  # the key the client itself spells
+        backend.bump(["r:café:ü"])
+        assert backend.lease("clé", 1.0, deps)[0].entry is None
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()

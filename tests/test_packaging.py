@@ -29,6 +29,6 @@ def test_the_wheel_ships_the_lua_scripts_the_test_kit_and_py_typed(tmp_path):
         "import sys; sys.path.insert(0, sys.argv[1]); "
         "from sqlacache.backends.redis import scripts; "
         "assert scripts.__file__.startswith(sys.argv[1]), scripts.__file__; "
-        "assert 'redis.call' in scripts.LOOKUP and 'redis.call' in scripts.STORE"
+        "assert b'redis.call' in scripts.LOOKUP and b'redis.call' in scripts.STORE"
     )
     subprocess.run([sys.executable, "-c", code, str(wheel)], check=True, timeout=60, cwd=tmp_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import exists, func, inspect, select, text
+from sqlalchemy import exists, func, inspect, literal_column, select, text
 from sqlalchemy.orm import defer, joinedload, load_only, selectinload
 
 from tests.helpers import cached, seed
@@ -149,8 +149,10 @@ def test_per_call_bypass_and_ttl(world):
         select(User.id, func.now()),
         select(User.id, func.random()),
         select(User).execution_options(populate_existing=True),
+        # "*" stands for whatever columns the table has when the statement runs: no layout to store
+        select(literal_column("*")).select_from(User),
     ],
-    ids=["for_update", "text", "now", "random", "populate_existing"],
+    ids=["for_update", "text", "now", "random", "populate_existing", "star"],
 )
 def test_never_cached(world, statement):
     if world.dialect == "sqlite" and "for_update" in str(statement.compile()):

@@ -13,7 +13,8 @@ faster than the clock. If ``P:gen`` is lost (eviction, ``clear``) the counter re
 so generations keep increasing without any state surviving; a missing version is likewise treated
 as "bumped just now". Losing any key can therefore only cause misses, never a stale hit.
 
-Requires Redis >= 6.0 (``SET ... KEEPTTL``) and a client with ``decode_responses=False``.
+Requires Redis >= 6.0 (``SET ... KEEPTTL``) and a client with ``decode_responses=False`` and the default
+``encoding='utf-8'``.
 
 The scripts touch keys that are not declared in ``KEYS`` (the versions and the counter). That is
 fine on a standalone server or a replicated primary; Redis Cluster would need every key of a prefix

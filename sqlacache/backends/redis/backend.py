@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 import secrets
 import threading
@@ -44,10 +45,23 @@ def _ttl_ms(seconds: float) -> int:
     return max(1, min(_MAX_TTL_MS, math.ceil(seconds * 1000)))
 
 
-def _decodes_responses(client: Any) -> bool:
+def _unfit_client(client: Any) -> str | None:
+    """Why ``client`` can't carry our keys and payloads, or None."""
     pool = getattr(client, "connection_pool", None)
     kwargs = getattr(pool, "connection_kwargs", None)
-    return bool(kwargs.get("decode_responses")) if isinstance(kwargs, dict) else False
+    if not isinstance(kwargs, dict):
+        return None
+    if kwargs.get("decode_responses"):
+        return "RedisBackend needs a client with decode_responses=False (payloads are bytes)"
+    encoding = kwargs.get("encoding", "utf-8")
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except (LookupError, TypeError):
+        utf8 = False
+    if not utf8:
+        # Entries name their dependencies in UTF-8, and the scripts read those names as keys.
+        return f"RedisBackend needs a client with encoding='utf-8' (the default), not {encoding!r}"
+    return None
 
 
 class _Side:
@@ -106,10 +120,9 @@ class RedisBackend:
         if client is None and async_client is None:
             raise ValueError("RedisBackend needs a client, an async_client, or both")
         for c in (client, async_client):
-            if c is not None and _decodes_responses(c):
-                raise ValueError(
-                    "RedisBackend needs a client with decode_responses=False (payloads are bytes)"
-                )
+            unfit = _unfit_client(c) if c is not None else None
+            if unfit is not None:
+                raise ValueError(unfit)
         if not prefix:
             raise ValueError("prefix must not be empty")
         if not version_ttl > 0:

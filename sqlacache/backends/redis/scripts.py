@@ -14,9 +14,11 @@ def source(name: str) -> str:
     return (files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
+# As UTF-8 bytes: redis-py would encode a str with the client's own encoding (``encoding="latin-1"``
+# can't encode the comments), and the SHA is of the bytes Redis receives.
 PRELUDE = "\n" + source("prelude")
-LOOKUP = PRELUDE + "\n" + source("lookup")
-GENERATION = PRELUDE + "\n" + source("generation")
-STORE = PRELUDE + "\n" + source("store")
-BUMP = PRELUDE + "\n" + source("bump")
-RELEASE = "\n" + source("release")
+LOOKUP = (PRELUDE + "\n" + source("lookup")).encode()
+GENERATION = (PRELUDE + "\n" + source("generation")).encode()
+STORE = (PRELUDE + "\n" + source("store")).encode()
+BUMP = (PRELUDE + "\n" + source("bump")).encode()
+RELEASE = ("\n" + source("release")).encode()
