@@ -25,10 +25,11 @@ from sqlalchemy.orm import Mapper
 from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
-from sqlacache.backends import Backend, MemoryBackend
+from sqlacache.backends import Backend, FansOut, MemoryBackend
 from sqlacache.connect import backend_from, warn_if_unbounded
 from sqlacache.fill.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
+from sqlacache.near.store import NearStore
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
 from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.outbox import Outbox
@@ -166,7 +167,16 @@ class Internal:
         if not todo and not rows:
             return True
         self.count("invalidations")
-        return self.io.bump(todo, rows)
+        delivered = self.io.bump(todo, rows)
+        cache = self.cache()
+        near = cache.near if cache is not None else None
+        if near is not None:
+            # After the bump (a read that began before it must not refill memory with what it
+            # read): this process's own near-cache is fresh before commit() returns, whatever the
+            # fan-out does. The conditions ``rows`` match are computed by the backend; here the
+            # whole registry of each table they wrote goes (every condition read depends on it).
+            near.evict(frozenset(todo).union(deps_mod.scheme_dep(row[0]) for row in rows))
+        return delivered
 
 
 class Cache:
@@ -198,6 +208,12 @@ class Cache:
         max_entry_size: int | None = 1_048_576,
         breaker_cooldown: float = 0.25,
         breaker_max_cooldown: float = 5.0,
+        near_cache: bool = False,
+        near_coherence: str = "strict",
+        near_max_entries: int = 10_000,
+        near_max_bytes: int = 64 * 1024 * 1024,
+        near_ttl: float = 60.0,
+        near_heartbeat: float = 1.0,
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -270,11 +286,49 @@ class Cache:
             background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
         )
         self.flights = Flights()
+        _flag("near_cache", near_cache)
+        self.near_coherence = near_coherence
+        self.near: NearStore | None = None
+        if near_cache:
+            self.near = self._near_cache(
+                near_coherence, near_max_entries, near_max_bytes, near_ttl, near_heartbeat
+            )
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (fill/refresh_ahead.py)
         self.outbox: Outbox | None = None
         self.closed = False
         self.internal = Internal(self)
         warn_if_unbounded(self.backend)
+
+    def _near_cache(
+        self, coherence: str, max_entries: int, max_bytes: int, ttl: float, heartbeat: float
+    ) -> NearStore:
+        if coherence not in ("strict", "fanout"):
+            raise ConfigurationError(
+                f"near_coherence={coherence!r}: use 'strict' (one small round trip per transaction: "
+                "nothing older than a commit that finished before it) or 'fanout' (no round trip: "
+                "another process's commit is seen once its message arrives)"
+            )
+        for name, value in (("near_max_entries", max_entries), ("near_max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name}={value!r}: give an int >= 1")
+        ttl = _number("near_ttl", ttl, "seconds an entry may stay in process memory", positive=True)
+        heartbeat = _number("near_heartbeat", heartbeat, "seconds", positive=True)
+        if isinstance(self.backend, MemoryBackend):
+            raise ConfigurationError(
+                "near_cache=True with the memory backend: its entries are in process memory already. "
+                "Drop near_cache, or use a Redis backend (backend='redis://…')"
+            )
+        if not isinstance(self.backend, FansOut):
+            raise ConfigurationError(
+                f"near_cache=True needs a backend that fans out its invalidations to every process; "
+                f"{type(self.backend).__name__} does not (a RedisBackend does)"
+            )
+        near = NearStore(max_entries, max_bytes, ttl)
+        try:
+            near.subscription = self.backend.subscribe(near, heartbeat)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return near
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -288,6 +342,19 @@ class Cache:
         out["pending_invalidations"] = self.io.pending
         out["breaker"] = self.io.breaker.state
         out["breaker_opened"] = self.io.breaker.opened
+        near = self.near
+        if near is not None:
+            subscription = near.subscription
+            out.update(
+                near_entries=len(near),
+                near_bytes=near.size_bytes,
+                near_stores=near.stored,
+                near_evictions=near.evictions,
+                near_dropped=near.dropped,
+                near_in_step=near.in_step,
+                near_resyncs=getattr(subscription, "resyncs", 0),
+            )
+            out.setdefault("near_hits", 0)
         return out
 
     def reset_stats(self) -> None:
@@ -427,6 +494,9 @@ class Cache:
             self.refresh_pool.shutdown(wait=True)
         if self.outbox is not None:
             self.outbox.close()
+        if self.near is not None and self.near.subscription is not None:
+            self.near.subscription.close()
+            self.near.lost()
         self.io.close()
         if self._owns_backend:
             self.backend.close()

@@ -61,6 +61,9 @@ class SessionContext:
     # Per table: the DML statements (compiled, parameters, dialect) a flush ran, None if unknown.
     flush_dml: dict[str, list[Any] | None] = field(default_factory=dict)
     flush_row_tables: set[str] = field(default_factory=set)
+    # (root transaction, fan-out position) for near_coherence="strict": read at the transaction's
+    # first read from memory, which serves only once the subscriber has applied up to it.
+    near_at: tuple[Any, Any] | None = None
     # (database, row id) of the outbox rows this transaction wrote (see outbox.py).
     outbox_rows: list[tuple[str, str]] = field(default_factory=list)
 

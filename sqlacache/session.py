@@ -26,6 +26,7 @@ from sqlacache.cache import Cache, default_cache, engine_of
 from sqlacache.context import context_of
 from sqlacache.fill import stampede
 from sqlacache.policy import ConfigurationError, ttl_value
+from sqlacache.read import near
 from sqlacache.read.execute import set_ttl
 from sqlacache.read.get import NOT_HANDLED, fast_get, finish_get, plan_get, reshaped_by_hooks
 from sqlacache.read.plan import GetTicket, StatementGet, shape_info
@@ -354,8 +355,8 @@ class CachingAsyncSession(AsyncSession):
                 plan = plan_get(sync, ctx, entity, ident, execution_options)
                 found = None
                 if plan is not None:
-                    lookup, fill, coordinated = await stampede.alookup(ctx.cache, plan.key, plan.hint)
-                    found = finish_get(sync, ctx, plan, lookup, fill, coordinated)
+                    lookup, fill, coordinated, source = await near.alookup(sync, ctx, plan.key, plan.hint)
+                    found = finish_get(sync, ctx, plan, lookup, fill, coordinated, source)
             except Exception as exc:
                 ctx.cache.internal.error(exc, "on the get path")
                 plan = None

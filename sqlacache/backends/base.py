@@ -218,6 +218,52 @@ class SendsStores(Protocol):
         ...
 
 
+Position = tuple[int, int]  # where a sequence of bumps stands (a backend's own ordering)
+
+
+class Listener(Protocol):
+    """What a fan-out subscription drives (the near-cache)."""
+
+    def apply(self, deps: frozenset[str]) -> None:
+        """The next bump: evict what depends on any of ``deps``."""
+
+    def lost(self) -> None:
+        """Out of step: forget everything and serve nothing until :meth:`synced`."""
+
+    def synced(self) -> None:
+        """In step again: every bump up to now is in the backend, the later ones will be applied."""
+
+
+class Subscription(Protocol):
+    position: Position | None  # the last bump applied; None while out of step
+
+    def caught_up(self, position: Position) -> bool:
+        """Whether every bump up to ``position`` (read from the backend) has been applied."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class FansOut(Protocol):
+    """Every process hears every bump, in order: what keeps near-caches coherent.
+
+    Without it, ``Cache(near_cache=True)`` is refused (an in-process backend needs no near-cache).
+    """
+
+    def subscribe(self, listener: Listener, heartbeat: float) -> Subscription:
+        """Start hearing bumps; a silent partition is noticed within about ``2 * heartbeat``."""
+        ...
+
+    def position(self) -> Position:
+        """Where the sequence of bumps stands now (one small round trip)."""
+        ...
+
+    async def aposition(self) -> Position:
+        """``position`` awaited on the event loop."""
+        ...
+
+
 @runtime_checkable
 class LoopBound(Protocol):
     """A backend that may be unusable from plain threads (an asyncio client only).

@@ -32,6 +32,7 @@ from sqlacache.fill import refresh_ahead, stampede
 from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Uncacheable, translation_token
 from sqlacache.layout import layout_of, remember
+from sqlacache.read import near
 from sqlacache.read.capture import Graph, Unstorable, encode_result
 from sqlacache.read.plan import (
     GetTicket,
@@ -241,6 +242,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         hint = hint_for(plan, info.hint)
         began = time.monotonic()
     fill = refresh
+    source: near.Source | None = None  # where the near-cache says the entry came from
     filling = False  # from the moment _fill runs, it lands the fill (when its rows are stored)
     mode = _sa.result_mode(state.load_options)
     template = info.templates.get(mode)
@@ -249,7 +251,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
             lookup = Lookup(None, cache.io.generation() or -1)
         else:
             if ticket is None:
-                lookup, fill = stampede.lookup(cache, key, hint, began)
+                lookup, fill, source = near.lookup(state.session, ctx, key, hint, began)
             else:  # Session.get looked it up (and took the fill) already: the fill is ours now
                 fill, ticket.fill = ticket.fill, None
                 if not ticket.coordinated:
@@ -259,6 +261,8 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
                         lookup = again if again is not None else lookup
             hit = _serve(ctx, state, info, template, mode, key, lookup, plan if ticket is None else None)
             if hit is not None:
+                if source is not None and lookup is not None:
+                    source.served(lookup, ttl)
                 if lookup is not None and lookup.refresh_due and ticket is None:
                     _refresh_statement(cache, state, key, began)
                 return hit
@@ -327,6 +331,9 @@ def _serve(
     try:
         make = decode_result(state.session, entry.payload, info, lookup.generation, propagating(state))
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
+        store = ctx.cache.near
+        if store is not None:
+            store.discard(key)  # (if it came from memory)
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
     ctx.cache.count("hits")

@@ -19,7 +19,9 @@ from sqlacache.fill import refresh_ahead, stampede
 from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Uncacheable
 from sqlacache.layout import MapperLayout, layout_of
+from sqlacache.read import near
 from sqlacache.read.execute import Guard
+from sqlacache.read.near import Source
 from sqlacache.read.plan import (
     GetTicket,
     KeyPlan,
@@ -143,10 +145,12 @@ def finish_get(
     lookup: Lookup | None,
     fill: Fill | None = None,
     coordinated: bool = True,
+    source: Source | None = None,
 ) -> Any:
     """The object (or None for a cached "not found") on a hit, else a GetTicket for the miss, which
     carries ``fill`` (the right to fill it); ``coordinated``: False while a miss has not yet waited
-    for another reader filling it (the statement's hook then does)."""
+    for another reader filling it (the statement's hook then does). ``source``: the near-cache's
+    account of where the entry came from."""
     entry = lookup.entry if lookup is not None else None
     if lookup is not None and entry is not None:
         learn(plan.plan, entry.deps, plan.layout.get_hint)
@@ -154,10 +158,14 @@ def finish_get(
             try:
                 objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
             except Exception as exc:
+                if source is not None:
+                    source.corrupt()
                 ctx.cache.io.drop(plan.key, "corrupt", exc)
                 lookup = Lookup(None, lookup.generation)
                 coordinated = fill is not None
             else:
+                if source is not None:
+                    source.served(lookup, plan.ttl)
                 ctx.cache.count("hits")
                 stampede.end(ctx.cache, fill)
                 if lookup.refresh_due:
@@ -191,8 +199,8 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
         plan = plan_get(session, ctx, entity, ident, execution_options, guard=guard)
         if plan is None:
             return NOT_HANDLED
-        lookup, fill = stampede.lookup(ctx.cache, plan.key, plan.hint, plan.began)
-        return finish_get(session, ctx, plan, lookup, fill)
+        lookup, fill, source = near.lookup(session, ctx, plan.key, plan.hint, plan.began)
+        return finish_get(session, ctx, plan, lookup, fill, source=source)
     except Exception as exc:
         if guard.passthrough:
             raise

@@ -259,6 +259,24 @@ class Resilient:
             return None
         return generation if self._observe(generation, began) else None
 
+    def position(self) -> Any:
+        """Where the backend's sequence of bumps stands (fan-out), or None if it can't say."""
+        if self._pending and not self.deliver_pending():
+            return None
+        try:
+            return self._call("position", self.backend.position)  # type: ignore[attr-defined]
+        except (BackendError, _Skipped):
+            return None
+
+    async def aposition(self) -> Any:
+        """``position`` awaited on the event loop."""
+        if self._pending:
+            return await greenlet_spawn(self.position)
+        try:
+            return await self._acall("position", self.backend.aposition)  # type: ignore[attr-defined]
+        except (BackendError, _Skipped):
+            return None
+
     # -- leases ---------------------------------------------------------------------------------
 
     def lease(

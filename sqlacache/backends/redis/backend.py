@@ -18,9 +18,10 @@ from redis.retry import Retry
 
 from sqlacache._sa import await_ as _await
 from sqlacache._sa import in_greenlet as _in_greenlet
-from sqlacache.backends.base import BackendError, Entry, Lookup
+from sqlacache.backends.base import BackendError, Entry, Listener, Lookup, Position
 from sqlacache.backends.redis import scripts
 from sqlacache.backends.redis.errors import FAILURES, failure
+from sqlacache.backends.redis.fanout import Subscriber, parse_position
 from sqlacache.backends.redis.own import OwnScript, Sender, can_own
 
 __all__ = ["RedisBackend"]
@@ -550,6 +551,41 @@ class RedisBackend:
             args.append("\x1f".join([*head, *(x for item in values.items() for x in item)]))
         self._run("bump", lambda s: s.bump(args=args))
 
+    # -- fan-out: every bump is published (bump.lua); near-caches subscribe (fanout.py) -------------
+
+    def subscribe(self, listener: Listener, heartbeat: float) -> Subscriber:
+        """A subscriber thread on ``<prefix>:fanout`` driving ``listener``, started. Needs the sync
+        client (the thread serves sync and asyncio code alike)."""
+        if self._sync is None:
+            raise ValueError(
+                "near_cache needs a sync Redis client for its subscriber thread: give a URL "
+                "(backend='redis://…'), or RedisBackend(client=…, async_client=…)"
+            )
+        subscriber = Subscriber(self._sync.client, self.prefix, listener, heartbeat)
+        subscriber.start()
+        return subscriber
+
+    def position(self) -> Position:
+        """Where the sequence of bumps stands (``HMGET <prefix>:seq born n``)."""
+        reply = self._run("position", lambda s: s.client.hmget(f"{self.prefix}:seq", ["born", "n"]))
+        return self._position(reply)
+
+    async def aposition(self) -> Position:
+        side = self._async_side()
+        if side is None:
+            return self.position()
+        try:
+            reply = await side.client.hmget(f"{self.prefix}:seq", ["born", "n"])
+        except FAILURES as exc:
+            raise failure("position", exc) from exc
+        return self._position(reply)
+
+    def _position(self, reply: Any) -> Position:
+        position = parse_position(*reply) if isinstance(reply, list) and len(reply) == 2 else None
+        if position is None:
+            raise BackendError(f"Redis holds a malformed sequence: {reply!r}", "protocol")
+        return position
+
     def delete(self, keys: Sequence[str]) -> None:
         if not keys:
             return
@@ -580,7 +616,7 @@ class RedisBackend:
         if not key.startswith(ours):
             return False
         rest = key[len(ours) :]
-        return rest.startswith((b"e:", b"v:", b"l:", b"r:")) or rest == b"gen"
+        return rest.startswith((b"e:", b"v:", b"l:", b"r:")) or rest in (b"gen", b"seq")
 
     def _close_own(self) -> None:
         if self._sender is not None:

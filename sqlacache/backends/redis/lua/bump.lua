@@ -2,6 +2,11 @@
 -- images, each "<table>\x1f<guard or ->\x1f<column>\x1f<token>…". Returns the new generation.
 -- Each image bumps, for every scheme registered for its table, the condition dependency its values
 -- name — or the whole registry (every condition entry of the table) when it lacks a column.
+-- Every bump is then published on "<prefix>:fanout" as "<born>.<n>\x1f<dep>\x1f<dep>…": its place
+-- in the sequence (so the order of messages is the order of bumps) and every dependency this bump
+-- moved (or deleted), for the near-caches of every process (backends/redis/fanout.py). Under
+-- maxmemory with noeviction the sequence can't be kept: it is deleted and the message says "-"
+-- (subscribers empty their near-cache and resynchronise).
 -- Runs after prelude.lua (scripts.py joins them).
 local prefix = ARGV[1]
 local vttl = ARGV[2]
@@ -91,4 +96,26 @@ for _, image in ipairs(images) do
     end
   end
 end
+local moved = {}
+for dep in pairs(done) do
+  moved[#moved + 1] = dep
+end
+-- The sequence: "<prefix>:seq" is a hash {n, born}; born (the clock when n started at 1) tells a
+-- counter that restarted (Redis restarted empty, FLUSHDB, clear) from one that went on.
+local seqkey = prefix .. ':seq'
+local stamp = '-'
+local n = redis.pcall('HINCRBY', seqkey, 'n', 1)
+if type(n) == 'number' then
+  if n == 1 then
+    redis.pcall('HSET', seqkey, 'born', string.format('%d', clock()))
+  end
+  local born = redis.call('HGET', seqkey, 'born')
+  if born then
+    stamp = born .. '.' .. string.format('%d', n)
+  end
+end
+if stamp == '-' then
+  redis.call('DEL', seqkey)
+end
+redis.call('PUBLISH', prefix .. ':fanout', stamp .. '\31' .. table.concat(moved, '\31'))
 return g
