@@ -259,7 +259,9 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
                     if lookup is not None and lookup.entry is None:
                         again, fill = stampede.begin(cache, key, hint, began)
                         lookup = again if again is not None else lookup
-            hit = _serve(ctx, state, info, template, mode, key, lookup, plan if ticket is None else None)
+            hit = _serve(
+                ctx, state, info, template, mode, key, lookup, plan if ticket is None else None, source
+            )
             if hit is not None:
                 if source is not None and lookup is not None:
                     source.served(lookup, ttl)
@@ -315,6 +317,7 @@ def _serve(
     key: str,
     lookup: Lookup | None,
     plan: KeyPlan | None,
+    source: near.Source | None = None,
 ) -> Result[Any] | None:
     """The cached result, when the lookup found one this session may use."""
     entry = lookup.entry if lookup is not None else None
@@ -329,7 +332,8 @@ def _serve(
         if template is None:
             return None
     try:
-        make = decode_result(state.session, entry.payload, info, lookup.generation, propagating(state))
+        memo = source.memo if source is not None else None
+        make = decode_result(state.session, entry.payload, info, lookup.generation, propagating(state), memo)
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
         store = ctx.cache.near
         if store is not None:

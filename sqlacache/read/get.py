@@ -31,7 +31,7 @@ from sqlacache.read.plan import (
     learn,
     tables_written,
 )
-from sqlacache.read.rebuild import attach, decode_entities, load_payload, resolver
+from sqlacache.read.rebuild import attach, decode_entities, immutable, load_payload, resolver
 
 if TYPE_CHECKING:
     from sqlacache.cache import Cache
@@ -156,7 +156,8 @@ def finish_get(
         learn(plan.plan, entry.deps, plan.layout.get_hint)
         if not entry_written(ctx, entry.deps):
             try:
-                objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation)
+                memo = source.memo if source is not None else None
+                objs = _decode_get(session, entry.payload, plan.mapper, lookup.generation, memo)
             except Exception as exc:
                 if source is not None:
                     source.corrupt()
@@ -208,9 +209,18 @@ def fast_get(session: Session, ctx: SessionContext, entity: Any, ident: Any, exe
         return NOT_HANDLED
 
 
-def _decode_get(session: Session, payload: bytes, mapper: Mapper[Any], generation: int) -> list[Any]:
-    table, rows = load_payload(payload)
-    if len(rows) > 1:
-        raise CodecError("a primary-key read with several rows")
-    objs = attach(session, session.identity_map, decode_entities(table, mapper), generation, rows)
+def _decode_get(
+    session: Session, payload: bytes, mapper: Mapper[Any], generation: int, memo: dict[Any, Any] | None
+) -> list[Any]:
+    kept = memo.get("get") if memo is not None else None
+    if kept is not None and kept[0] is mapper:
+        decoded, rows = kept[1:]
+    else:
+        table, rows = load_payload(payload)
+        if len(rows) > 1:
+            raise CodecError("a primary-key read with several rows")
+        decoded = decode_entities(table, mapper)
+        if memo is not None and immutable(decoded, ()):
+            memo["get"] = (mapper, decoded, rows)
+    objs = attach(session, session.identity_map, decoded, generation, rows)
     return [resolver(objs)(ref) for ref in rows]

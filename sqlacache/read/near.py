@@ -35,6 +35,7 @@ class Source:
     near: NearStore
     key: str
     since: int | None
+    memo: dict[Any, Any] | None = None  # the held entry's decoded forms (from memory only)
 
     def served(self, lookup: Lookup, ttl: float) -> None:
         """The entry was served: count a hit from memory, or offer the backend's entry."""
@@ -82,13 +83,13 @@ def lookup(
     held = _held(cache, near, key)
     if held is not None:
         if cache.near_coherence == "fanout":
-            return Lookup(held.entry, held.generation), None, Source(cache, near, key, None)
+            return Lookup(held.entry, held.generation), None, Source(cache, near, key, None, held.memo)
         tx, position = _position(session, ctx)
         if position is None:
             position = cache.io.position()
             ctx.near_at = (tx, position) if position is not None else None
         if _strict_ok(ctx, position):
-            return Lookup(held.entry, held.generation), None, Source(cache, near, key, None)
+            return Lookup(held.entry, held.generation), None, Source(cache, near, key, None, held.memo)
     epoch = near.epoch
     found, fill = stampede.lookup(cache, key, hint, since)
     return found, fill, Source(cache, near, key, epoch)
@@ -105,12 +106,12 @@ async def alookup(
     held = _held(cache, near, key)
     if held is not None:
         if cache.near_coherence == "fanout":
-            return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None)
+            return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None, held.memo)
         tx, position = _position(session, ctx)
         if position is None:
             position = await cache.io.aposition()
             ctx.near_at = (tx, position) if position is not None else None
         if _strict_ok(ctx, position):
-            return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None)
+            return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None, held.memo)
     epoch = near.epoch
     return (*await stampede.alookup(cache, key, hint), Source(cache, near, key, epoch))

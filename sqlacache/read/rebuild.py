@@ -7,6 +7,10 @@ relationships are set, columns the query did not load stay unloaded, and the ``l
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -198,14 +202,46 @@ def resolver(objs: list[Any]) -> Any:
 
 
 def decode_result(
-    session: Session, payload: bytes, info: ShapeInfo, generation: int, load_options: tuple[Any, ...] = ()
+    session: Session,
+    payload: bytes,
+    info: ShapeInfo,
+    generation: int,
+    load_options: tuple[Any, ...] = (),
+    memo: dict[Any, Any] | None = None,
 ) -> Callable[[], list[Any]]:
     """Rows (tuples) of objects and values in the shape of ``info``, made when called: the payload
     is decoded and validated now (raises CodecError), the objects are attached to the session when
     the result is consumed, as a database result makes them.
 
     A payload stored by a single-entity result holds one reference per row, one stored with
-    ``tuples()`` a list: either serves both."""
+    ``tuples()`` a list: either serves both. ``memo``: where a near-cache entry keeps its decoded
+    form (reused while every value in it is immutable: the objects made from it share them)."""
+    kept = memo.get("result") if memo is not None else None
+    if kept is not None and kept[0] is info:
+        decoded, plans, roots = kept[1:]
+    else:
+        decoded, plans, roots = _decode_rows(payload, info)
+        if memo is not None and immutable(decoded, plans):
+            memo["result"] = (info, decoded, plans, roots)
+    columns = info.columns or []
+    identity_map = session.identity_map
+    entity_at = [i for i, c in enumerate(columns) if c is ENTITY]
+
+    def make() -> list[Any]:
+        objs = attach(session, identity_map, decoded, generation, roots, load_options)
+        out = []
+        for plan in plans:
+            cells = list(plan)
+            for i in entity_at:
+                if cells[i] is not None:
+                    cells[i] = objs[cells[i]]
+            out.append(tuple(cells))
+        return out
+
+    return make
+
+
+def _decode_rows(payload: bytes, info: ShapeInfo) -> tuple[_Decoded, list[tuple[Any, ...]], list[int]]:
     table, rows = load_payload(payload)
     decoded = decode_entities(table, info.shape.mappers[0] if info.shape.mappers else None)
     columns = info.columns or []
@@ -230,18 +266,34 @@ def decode_result(
             else:
                 plan.append(c.decode(v))
         plans.append(tuple(plan))
-    identity_map = session.identity_map
-    entity_at = [i for i, c in enumerate(columns) if c is ENTITY]
+    return decoded, plans, roots
 
-    def make() -> list[Any]:
-        objs = attach(session, identity_map, decoded, generation, roots, load_options)
-        out = []
-        for plan in plans:
-            cells = list(plan)
-            for i in entity_at:
-                if cells[i] is not None:
-                    cells[i] = objs[cells[i]]
-            out.append(tuple(cells))
-        return out
 
-    return make
+# Values objects built from a memoised decoding may share: nothing they could mutate in place.
+_IMMUTABLE = frozenset(
+    {
+        int,
+        float,
+        str,
+        bytes,
+        bool,
+        type(None),
+        decimal.Decimal,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        uuid.UUID,
+    }
+)
+
+
+def immutable(decoded: _Decoded, plans: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether every value of a decoding is immutable (objects made from it may share them)."""
+
+    def frozen(v: Any) -> bool:
+        return type(v) in _IMMUTABLE or isinstance(v, enum.Enum)
+
+    return all(frozen(v) for entity in decoded for v in entity[2].values()) and all(
+        frozen(v) for plan in plans for v in plan
+    )

@@ -554,21 +554,26 @@ class RedisBackend:
     # -- fan-out: every bump is published (bump.lua); near-caches subscribe (fanout.py) -------------
 
     def subscribe(self, listener: Listener, heartbeat: float) -> Subscriber:
-        """A subscriber thread on ``<prefix>:fanout`` driving ``listener``, started. Needs the sync
-        client (the thread serves sync and asyncio code alike)."""
-        if self._sync is None:
-            raise ValueError(
-                "near_cache needs a sync Redis client for its subscriber thread: give a URL "
-                "(backend='redis://…'), or RedisBackend(client=…, async_client=…)"
-            )
-        subscriber = Subscriber(self._sync.client, self.prefix, listener, heartbeat)
+        """A subscriber thread on ``<prefix>:fanout`` driving ``listener``, started: one thread for
+        sync and asyncio code alike, on a sync connection like the client's (an asyncio-only
+        backend's too)."""
+        side = self._sync or self._async
+        if side is None:  # only an async client factory (from_url) without a sync client: never
+            raise ValueError("RedisBackend has no client to subscribe with")
+        subscriber = Subscriber(side.client, self.prefix, listener, heartbeat)
         subscriber.start()
         return subscriber
 
     def position(self) -> Position:
         """Where the sequence of bumps stands (``HMGET <prefix>:seq born n``)."""
-        reply = self._run("position", lambda s: s.client.hmget(f"{self.prefix}:seq", ["born", "n"]))
-        return self._position(reply)
+        key = f"{self.prefix}:seq"
+        own = self._sync.lookup if self._sync is not None else None
+        if isinstance(own, OwnScript) and not _in_greenlet():  # a round trip, no pool machinery
+            try:
+                return self._position(own.command("HMGET", key, "born", "n"))
+            except FAILURES as exc:
+                raise failure("position", exc) from exc
+        return self._position(self._run("position", lambda s: s.client.hmget(key, ["born", "n"])))
 
     async def aposition(self) -> Position:
         side = self._async_side()

@@ -36,6 +36,19 @@ def parse_position(born: Any, n: Any) -> Position | None:
     return (int(born), int(n))
 
 
+def _sync_class(connection_class: type) -> type:
+    """The sync twin of a connection class (an asyncio client's pool holds the asyncio one)."""
+    if not connection_class.__module__.startswith("redis.asyncio"):
+        return connection_class
+    twin = getattr(redis.connection, connection_class.__name__, None)
+    if not isinstance(twin, type):
+        raise ValueError(
+            f"near_cache: no sync connection like {connection_class.__name__} for the subscriber "
+            "thread; give RedisBackend(client=redis.Redis(…), async_client=…)"
+        )
+    return twin
+
+
 class _Silent(Exception):
     """No message and no answer to our PING within the heartbeat."""
 
@@ -48,16 +61,17 @@ class Subscriber:
     long a silent partition can go unnoticed (about ``2 * heartbeat``).
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, listener: Listener, heartbeat: float = 1.0) -> None:
-        # A client of our own on the same server and settings: the pub/sub connection must not
-        # come from (or go back to) the application's pool, and its reads may wait longer than a
-        # command's socket_timeout.
-        kwargs = dict(client.connection_pool.connection_kwargs)
+    def __init__(self, client: Any, prefix: str, listener: Listener, heartbeat: float = 1.0) -> None:
+        # A client of our own on the same server and settings (``client`` is the backend's, sync or
+        # asyncio): the pub/sub connection must not come from (or go back to) the application's
+        # pool, and its reads may wait longer than a command's socket_timeout.
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
         kwargs["socket_timeout"] = max(heartbeat, float(kwargs.get("socket_timeout") or 0))
         kwargs.pop("retry", None)
         self._client = redis.Redis(
             connection_pool=redis.ConnectionPool(
-                connection_class=client.connection_pool.connection_class, max_connections=4, **kwargs
+                connection_class=_sync_class(pool.connection_class), max_connections=4, **kwargs
             )
         )
         self.channel = f"{prefix}:fanout"

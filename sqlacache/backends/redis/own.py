@@ -86,8 +86,12 @@ class OwnScript:
             connection.disconnect()
 
     def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        return self.command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def command(self, *parts: Any) -> Any:
+        """Any command on this thread's connection (the strict near-cache's position read too)."""
         connection = self._connection()
-        packed = _pack(connection, ("EVALSHA", self.sha, len(keys), *keys, *args))
+        packed = _pack(connection, parts)
         for attempt in range(2):
             try:
                 connection.send_packed_command(packed, check_health=False)
