@@ -5,6 +5,7 @@ from sqlacache.binding import CacheClosedError
 from sqlacache.cache import Cache, configure, default_cache
 from sqlacache.policy import ConfigurationError
 from sqlacache.session import CachingAsyncSession, CachingSession, DeferredResult
+from sqlacache.write.tracker import Evictions, UnitOfWorkTracker
 
 __all__ = [
     "Backend",
@@ -15,8 +16,10 @@ __all__ = [
     "CachingSession",
     "ConfigurationError",
     "DeferredResult",
+    "Evictions",
     "MemoryBackend",
     "RedisBackend",
+    "UnitOfWorkTracker",
     "configure",
     "default_cache",
 ]

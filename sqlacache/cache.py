@@ -328,6 +328,9 @@ class Cache:
             near.subscription = self.backend.subscribe(near, heartbeat)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+        # Serve from memory from the first reads on, when Redis answers at once; a Redis that
+        # doesn't must not hold up start-up (the near-cache starts serving once in step).
+        near.wait_in_step(0.2)
         return near
 
     # -- counters ---------------------------------------------------------------------------

@@ -300,3 +300,29 @@ def test_invalidate_refuses_a_string_for_tables(world):
 
     with pytest.raises(ConfigurationError, match=r"tables='users' is one string; pass a list: \['users'\]"):
         world.cache.invalidate(tables="users")
+
+
+def test_the_tracker_tells_what_a_commit_is_about_to_evict(world):
+    """UnitOfWorkTracker.pending(session): what the transaction has recorded (flushed writes), its
+    savepoints included; a rolled back savepoint's writes are dropped; nothing after the commit."""
+    from sqlacache import UnitOfWorkTracker
+
+    seed(world)
+    with world.Session() as s:
+        assert UnitOfWorkTracker.pending(s).deps == frozenset()
+        s.get(User, 1).name = "changed"
+        assert UnitOfWorkTracker.pending(s).deps == frozenset()  # not flushed yet
+        s.flush()
+        first = UnitOfWorkTracker.pending(s)
+        assert "t:users" in first.deps and any(d.startswith("r:users:") for d in first.deps)
+        assert first.tables == {"users"}
+        assert [table for table, _values, _guard in first.rows] == ["users", "users"]  # old, new
+        savepoint = s.begin_nested()
+        s.execute(text("UPDATE orders SET total = 1 WHERE id = -1"))
+        assert "t:orders" in UnitOfWorkTracker.pending(s).deps
+        savepoint.rollback()
+        assert UnitOfWorkTracker.pending(s) == first
+        s.commit()
+        assert UnitOfWorkTracker.pending(s).deps == frozenset()
+    with world.Session() as s:
+        assert s.get(User, 1).name == "changed"

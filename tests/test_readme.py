@@ -101,3 +101,67 @@ def test_the_usage_snippets_run_as_written(tmp_path, redis_url, key_prefix, app_
     cache.invalidate_all()
     cache.close()
     engine.dispose()
+
+
+def _section_blocks(title: str) -> list[str]:
+    text = README.read_text()
+    start = text.index(f"\n{title}\n")
+    end = text.index("\n---", start + len(title) + 10)  # the next section's underline
+    section = text[start : text.rindex("\n", start, end)]
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", section)
+    return [re.sub(r"^   ", "", b, flags=re.M) for b in blocks]
+
+
+def test_the_near_cache_snippet_runs_as_written(tmp_path, redis_url, key_prefix):
+    (block,) = _section_blocks("Near-cache")
+    namespace: dict[str, object] = {}
+    exec(compile(_source(block, redis_url, key_prefix), "README.rst", "exec"), namespace)
+    cache = namespace["cache"]
+    engine = create_engine(f"sqlite:///{tmp_path / 'near.db'}")
+    ReadmeBase.metadata.create_all(engine)
+    from sqlacache import CachingSession
+
+    with Session(engine) as s:
+        s.add(User(id=7))
+        s.commit()
+    try:
+        for _ in range(3):  # a miss, a hit from Redis (taken into memory), a hit from memory
+            with CachingSession(engine, cache=cache) as s:
+                assert s.get(User, 7).id == 7
+            cache.wait_for_stores()
+        stats = cache.stats()
+        assert stats["near_hits"] == 1 and stats["hits"] == 2 and stats["near_in_step"], stats
+    finally:
+        cache.invalidate_all()
+        cache.close()
+        engine.dispose()
+
+
+class TrackerBase(DeclarativeBase):
+    pass
+
+
+class TrackerUser(TrackerBase):  # the README's "users" table
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    active: Mapped[bool] = mapped_column(default=True)
+
+
+def test_the_tracker_snippet_runs_as_written(tmp_path, redis_url, key_prefix):
+    from sqlalchemy.orm import sessionmaker
+
+    from sqlacache import Cache, CachingSession
+
+    (block,) = _section_blocks("What a commit evicts")
+    engine = create_engine(f"sqlite:///{tmp_path / 'tracker.db'}")
+    TrackerBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(TrackerUser(id=42))
+        s.commit()
+    cache = Cache(backend=redis_url, prefix=key_prefix)
+    maker = sessionmaker(engine, class_=CachingSession, cache=cache)
+    exec(compile(block, "README.rst", "exec"), {"Session": maker, "User": TrackerUser})
+    with Session(engine) as s:
+        assert s.get(TrackerUser, 42).active is False
+    cache.close()
+    engine.dispose()

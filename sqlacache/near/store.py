@@ -54,6 +54,7 @@ class NearStore:
         self.epoch = 0
         self._history: deque[tuple[int, frozenset[str] | None]] = deque(maxlen=_HISTORY)
         self.in_step = False
+        self._stepped = threading.Event()  # set while in step
         self.subscription: Subscription | None = None
         # Counters (read by Cache.stats): entries taken, evicted by a dependency, dropped for room.
         self.stored = 0
@@ -162,6 +163,14 @@ class NearStore:
             self._history.append((self.epoch, None))
             self._clear()
             self.in_step = in_step
+        if in_step:
+            self._stepped.set()
+        else:
+            self._stepped.clear()
+
+    def wait_in_step(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the subscription to be in step."""
+        return self._stepped.wait(timeout)
 
     # -- the fan-out Listener ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, Table, event
@@ -35,6 +36,48 @@ from sqlacache.write import connections as connection_writes
 from sqlacache.write import executed
 
 log = logging.getLogger("sqlacache.tracker")
+
+
+@dataclass(frozen=True)
+class Evictions:
+    """What a commit is about to evict: dependency names (see ``analysis/dependencies.py``: ``t:``
+    a table, ``r:`` a row by primary key, ``a:`` all rows of a table, ``d:`` a database, ``*``
+    everything…), the written rows' images (table, {column: token}, guard) from which the backend
+    evicts the condition reads they match, and the tables whose reads it evicts."""
+
+    deps: frozenset[str]
+    rows: tuple[deps_mod.RowImage, ...]
+    tables: frozenset[str]
+
+
+class UnitOfWorkTracker:
+    """The write path's recorder: listeners on ``Session`` (installed when sqlacache is imported)
+    that record what each transaction writes, per row for the unit of work and per table for other
+    DML, and turn it into evictions when the outermost transaction commits (a rolled back
+    savepoint's records are dropped, a released one's go to the enclosing transaction).
+
+    For tests and debugging: :meth:`pending` tells what a session's commit would evict now.
+    """
+
+    @staticmethod
+    def pending(session: Any) -> Evictions:
+        """What ``session`` (a ``Session`` or ``AsyncSession``) has recorded in its transaction
+        and savepoints and not yet committed: what its commit would evict. Only flushed writes
+        are recorded: call ``session.flush()`` first to include pending changes."""
+        sync = getattr(session, "sync_session", session)
+        ctx = any_context(sync)
+        if ctx is None:
+            return Evictions(frozenset(), (), frozenset())
+        deps: set[str] = set()
+        rows: list[deps_mod.RowImage] = []
+        for frame in ctx.tx.values():
+            deps |= frame.deps
+            rows.extend(frame.rows)
+            for _context, table, _positions, _dialect in frame.returning:  # keys known at commit
+                deps.add(deps_mod.allrows_dep(deps_mod.table_name(table)))
+        tables = {d[2:] for d in deps if d.startswith("t:")} | {row[0] for row in rows}
+        return Evictions(frozenset(deps), tuple(rows), frozenset(tables))
+
 
 _TAG = "_sqlacache_ctx"
 _SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
@@ -355,3 +398,4 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         ctx.written_everything = False
         ctx.outbox_rows = []
         ctx.tx_generation = None
+        ctx.near_at = None
