@@ -560,7 +560,7 @@ class _Link:
             if not data:
                 out.put(None)  # delivered after what is queued: a server's last words reach the client
                 return
-            if self.proxy._blackhole:
+            if self.proxy._blackhole or (self.proxy._mute_server and src is self.upstream):
                 continue
             out.put((time.monotonic() + self.proxy._latency, data))
 
@@ -591,6 +591,10 @@ class TcpProxy:
     - ``blackhole()``: connections are accepted and read, but whatever is read (or still queued)
       is discarded, in both directions: nothing sent while the blackhole is on ever reaches the
       server or the client, even after ``heal()``. A client waits until its own timeout;
+    - ``mute_server()``: what the server sends is read and discarded (the client's requests still
+      reach the server), connections stay open: a stretch of replies and published messages lost
+      as if the network ate them, without the connection noticing. Discards whole chunks as read
+      (a pub/sub message, written at once by the server, goes whole or not at all);
     - ``drop()``: every open connection is closed (FIN to both sides) now; new ones work;
     - ``refuse()``: the listening socket is closed, connects get "connection refused"; open
       connections are left alone. ``refuse(False)`` listens on the same port again.
@@ -603,6 +607,7 @@ class TcpProxy:
         self.url: str = f"redis://{LOOPBACK}:{self.port}/0"
         self._latency = 0.0
         self._blackhole = False
+        self._mute_server = False
         self._refusing = False
         self._stopping = False
         self._links: set[_Link] = set()
@@ -654,6 +659,9 @@ class TcpProxy:
     def blackhole(self, on: bool = True) -> None:
         self._blackhole = on
 
+    def mute_server(self, on: bool = True) -> None:
+        self._mute_server = on
+
     def drop(self) -> None:
         """Close every current connection, both sides, and wait (2 s at most) until they are gone."""
         with self._lock:
@@ -686,6 +694,7 @@ class TcpProxy:
     def heal(self) -> None:
         self.set_latency(0)
         self.blackhole(False)
+        self.mute_server(False)
         self.refuse(False)
 
     # -- internals --------------------------------------------------------------------------------

@@ -88,7 +88,9 @@ def lookup(
         if position is None:
             position = cache.io.position()
             ctx.near_at = (tx, position) if position is not None else None
-        if _strict_ok(ctx, position):
+        # Taken again once caught up: the entry found before the position was read may have been
+        # evicted by a bump the subscriber applied since (up to that very position).
+        if _strict_ok(ctx, position) and (held := _held(cache, near, key)) is not None:
             return Lookup(held.entry, held.generation), None, Source(cache, near, key, None, held.memo)
     epoch = near.epoch
     found, fill = stampede.lookup(cache, key, hint, since)
@@ -111,7 +113,7 @@ async def alookup(
         if position is None:
             position = await cache.io.aposition()
             ctx.near_at = (tx, position) if position is not None else None
-        if _strict_ok(ctx, position):
+        if _strict_ok(ctx, position) and (held := _held(cache, near, key)) is not None:
             return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None, held.memo)
     epoch = near.epoch
     return (*await stampede.alookup(cache, key, hint), Source(cache, near, key, epoch))

@@ -116,11 +116,16 @@ class Subscriber:
         pubsub.subscribe(self.channel)
         heard = time.monotonic()
         pinged: float | None = None
+        # The position read just before a PING: every bump up to it was published before the PING
+        # was sent, so its message is in by the PONG — or it was lost, without any later message
+        # to show the gap (pub/sub is at most once).
+        expected: Position | None = None
         while not self._closed.is_set():
             message = pubsub.get_message(timeout=self._heartbeat / 4)
             now = time.monotonic()
             if message is None:
                 if pinged is None and now - heard >= self._heartbeat:
+                    expected = self._read_position() if self.position is not None else None
                     pubsub.ping()
                     pinged = now
                 elif pinged is not None and now - pinged >= self._heartbeat:
@@ -131,9 +136,14 @@ class Subscriber:
             if kind == "subscribe":
                 # The first subscription, or redis-py's own resubscription after a reconnect:
                 # either way, what was published meanwhile is unknown.
+                expected = None
                 self._resync()
             elif kind == "message" and self.position is not None:
                 self._message(message["data"])
+            elif kind == "pong" and expected is not None:
+                if self.position is not None and not self.caught_up(expected):
+                    self._resync()  # a message lost on the way
+                expected = None
 
     def caught_up(self, position: Position) -> bool:
         """Whether every bump up to ``position`` (read from Redis) has been applied here."""
@@ -164,11 +174,14 @@ class Subscriber:
         self.position = None
         self._listener.lost()
 
-    def _resync(self) -> None:
-        self._lose()
+    def _read_position(self) -> Position:
         born, n = self._client.hmget(self._seq_key, ["born", "n"])
         position = parse_position(born, n)
         if position is None:
             raise ValueError(f"{self._seq_key} holds a value that isn't a sequence")
-        self.position = position
+        return position
+
+    def _resync(self) -> None:
+        self._lose()
+        self.position = self._read_position()
         self._listener.synced()
