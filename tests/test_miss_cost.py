@@ -151,3 +151,40 @@ async def test_every_first_async_read_is_stored(aworld):
                     assert [u.name for u in await s.scalars(select(User).where(User.id == 3))] == ["u3"]
             await aworld.cache.await_for_stores()
         assert aworld.statements() == before + 1, aworld.sql[before:]
+
+
+@pytest.mark.parametrize("world", ["postgres+redis"], indirect=True)
+def test_a_strict_near_cache_asks_redis_once_per_transaction(world, trace, redis_url, key_prefix):
+    """near_coherence="strict": reads served from memory cost one small round trip per transaction
+    (the fan-out position), whatever their number; a new transaction asks again."""
+    from sqlalchemy.orm import sessionmaker
+
+    from sqlacache import Cache, CachingSession
+
+    seed(world)
+    cache = Cache(backend=redis_url, prefix=key_prefix, near_cache=True)
+    maker = sessionmaker(world.engine, class_=CachingSession, cache=cache)
+
+    def reads(s: Any) -> list[Any]:
+        return [READS["get"](s), READS["select"](s), s.get(User, 1).name]
+
+    try:
+        for _ in range(2):  # stored, then read from Redis and taken into memory
+            with maker() as s:
+                expected = reads(s)
+            cache.wait_for_stores()
+        before = cache.stats()["near_hits"]
+        trace.mark("start")
+        with maker() as s:
+            assert reads(s) == expected
+            trace.mark("commit")
+            s.commit()
+            assert reads(s) == expected
+        trace.mark("end")
+        assert cache.stats()["near_hits"] - before == 6
+        for start, end in (("start", "commit"), ("commit", "end")):
+            sent = trace.between(start, end)
+            assert len(sent) == 1 and sent[0].startswith("HMGET"), sent
+    finally:
+        cache.invalidate_all()
+        cache.close()

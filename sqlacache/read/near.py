@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from sqlacache import _sa
 from sqlacache.backends import Lookup
 from sqlacache.context import SessionContext
 from sqlacache.fill import stampede
@@ -65,8 +66,13 @@ def _strict_ok(ctx: SessionContext, position: Any) -> bool:
 def _position(session: Session, ctx: SessionContext) -> tuple[Any, Any]:
     """(root transaction, the position it reads from memory at, or None when not read yet)."""
     tx = session.get_transaction()
+    if tx is None and session.autobegin:
+        # A statement's hook runs before the ORM begins the transaction its read would begin: begin
+        # it now, so that the position holds for the transaction and is read once in it.
+        _sa.autobegin(session)
+        tx = session.get_transaction()
     at = ctx.near_at
-    if at is not None and at[0] is tx:
+    if tx is not None and at is not None and at[0] is tx:
         return tx, at[1]
     return tx, None
 
@@ -87,7 +93,7 @@ def lookup(
         tx, position = _position(session, ctx)
         if position is None:
             position = cache.io.position()
-            ctx.near_at = (tx, position) if position is not None else None
+            ctx.near_at = (tx, position) if position is not None and tx is not None else None
         # Taken again once caught up: the entry found before the position was read may have been
         # evicted by a bump the subscriber applied since (up to that very position).
         if _strict_ok(ctx, position) and (held := _held(cache, near, key)) is not None:
@@ -112,7 +118,7 @@ async def alookup(
         tx, position = _position(session, ctx)
         if position is None:
             position = await cache.io.aposition()
-            ctx.near_at = (tx, position) if position is not None else None
+            ctx.near_at = (tx, position) if position is not None and tx is not None else None
         if _strict_ok(ctx, position) and (held := _held(cache, near, key)) is not None:
             return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None, held.memo)
     epoch = near.epoch
