@@ -90,6 +90,7 @@ class World:
     Session: Any
     sql: list[str] = field(default_factory=list)
     is_async: bool = False
+    cache_kw: dict[str, Any] = field(default_factory=dict)  # what made ``cache`` (near_cache=True…)
 
     @property
     def dialect(self) -> str:
@@ -98,9 +99,14 @@ class World:
     def statements(self) -> int:
         return len(self.sql)
 
+    @property
+    def near(self) -> bool:
+        return self.cache.near is not None
+
     def make_cache(self, **kw: Any) -> Cache:
-        """Another Cache on the same backend (another process would look like this)."""
-        return Cache(backend=self.cache.backend, **kw)
+        """Another Cache on the same backend (another process would look like this): in a near
+        world, with a near-cache and a fan-out subscriber of its own."""
+        return Cache(backend=self.cache.backend, **{"prefix": self.cache.prefix, **self.cache_kw, **kw})
 
 
 def _record(world: World, sync_engine: Any) -> None:
@@ -156,10 +162,52 @@ def _truncate_sync(engine: Any) -> None:
 SYNC_WORLDS = ["sqlite+memory", "sqlite+fakeredis", "postgres+redis"]
 ASYNC_WORLDS = ["aiosqlite+memory", "asyncpg+redis"]
 
+# Near worlds: the real Redis with a near-cache in front of it (``near_cache=True``, strict
+# coherence), in every Cache of the world, ``make_cache()``'s too (another process: its own
+# near-cache and its own fan-out subscriber). They multiply run time, so they run only in the
+# modules that opt in with ``pytestmark = pytest.mark.near_worlds``: the freshness tests (see
+# ``pytest_collection_modifyitems`` below). A test that parametrizes ``world``/``aworld`` itself
+# picks its worlds explicitly.
+NEAR_SYNC_WORLDS = ["sqlite+redis+near", "postgres+redis+near"]
+NEAR_ASYNC_WORLDS = ["aiosqlite+redis+near", "asyncpg+redis+near"]
+NEAR_WORLDS = frozenset(NEAR_SYNC_WORLDS + NEAR_ASYNC_WORLDS)
+NEAR = {"near_cache": True, "near_coherence": "strict"}
 
-@pytest.fixture(params=SYNC_WORLDS)
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "near_worlds: also run this module's world/aworld tests in the near-cache worlds (conftest.py)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Near worlds only in the modules (or tests) marked ``near_worlds``."""
+
+    def explicit(item: pytest.Item) -> bool:  # the test (or its module) names its worlds itself
+        for mark in item.iter_markers("parametrize"):
+            names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+            if isinstance(names, str):
+                names = [n.strip() for n in names.split(",")]
+            if {"world", "aworld"} & set(names):
+                return True
+        return False
+
+    def wanted(item: pytest.Item) -> bool:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        in_near = any(params.get(name) in NEAR_WORLDS for name in ("world", "aworld"))
+        return not in_near or item.get_closest_marker("near_worlds") is not None or explicit(item)
+
+    items[:] = [item for item in items if wanted(item)]
+
+
+def _near_kw(param: str) -> dict[str, Any]:
+    return dict(NEAR) if param.endswith("+near") else {}
+
+
+@pytest.fixture(params=SYNC_WORLDS + NEAR_SYNC_WORLDS)
 def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Iterator[World]:
-    db, backend_kind = request.param.split("+")
+    db, backend_kind = request.param.split("+")[:2]
     if db == "sqlite":
         engine = create_engine(f"sqlite:///{tmp_path / 'test.db'}")
         wal(engine)
@@ -169,8 +217,11 @@ def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Ite
         url, args = _pg_schema_url(request.getfixturevalue("pg_sync_url"), schema)
         engine = create_engine(url, connect_args=args)
         _truncate_sync(engine)
-    cache = Cache(backend=_backend(backend_kind, request, key_prefix), prefix=key_prefix)
-    w = World(request.param, engine, cache, sessionmaker(engine, class_=CachingSession, cache=cache))
+    kw = _near_kw(request.param)
+    cache = Cache(backend=_backend(backend_kind, request, key_prefix), prefix=key_prefix, **kw)
+    w = World(
+        request.param, engine, cache, sessionmaker(engine, class_=CachingSession, cache=cache), cache_kw=kw
+    )
     _record(w, engine)
     yield w
     cache.invalidate_all()
@@ -178,9 +229,10 @@ def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Ite
     engine.dispose()
 
 
-@pytest.fixture(params=ASYNC_WORLDS)
+@pytest.fixture(params=ASYNC_WORLDS + NEAR_ASYNC_WORLDS)
 async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> AsyncIterator[World]:
-    db, _ = request.param.split("+")
+    db, backend_kind = request.param.split("+")[:2]
+    kw = _near_kw(request.param)
     if db == "aiosqlite":
         engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
         wal(engine.sync_engine)
@@ -195,16 +247,21 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
             await conn.run_sync(
                 lambda c: [c.execute(t.delete()) for t in reversed(Base.metadata.sorted_tables)]
             )
-        import redis.asyncio
+    if backend_kind == "redis":
+        if kw:  # the near-cache's subscriber thread needs the sync client a URL makes too
+            backend = request.getfixturevalue("redis_url")
+        else:
+            import redis.asyncio
 
-        backend = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
-    cache = Cache(backend=backend, prefix=key_prefix)
+            backend = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
+    cache = Cache(backend=backend, prefix=key_prefix, **kw)
     w = World(
         request.param,
         engine,
         cache,
         async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False),
         is_async=True,
+        cache_kw=kw,
     )
     _record(w, engine.sync_engine)
     yield w

@@ -45,17 +45,57 @@ async def aseed(world: Any, n: int = 3) -> None:
         await s.commit()
 
 
+def near_settled(cache: Any, timeout: float = 10.0) -> None:
+    """Wait until ``cache``'s near-cache (if it has one) is in step with every bump made so far, so
+    that what a read fetches from the backend now is taken into process memory (an eviction that
+    arrives after the read began may refuse it)."""
+    near = cache.near
+    if near is None:
+        return
+    subscription = near.subscription
+    position = cache.backend.position()
+    assert until(lambda: near.in_step and subscription.caught_up(position), timeout), (
+        f"the near-cache did not catch up with {position}: {subscription.position}"
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values; mapped objects (equal only to themselves) by their loaded column values."""
+    state = inspect(a, raiseerr=False)
+    if state is not None and hasattr(state, "mapper"):
+        columns = [p.key for p in state.mapper.column_attrs]
+        loaded = lambda o: {k: v for k, v in vars(o).items() if k in columns}
+        return type(a) is type(b) and loaded(a) == loaded(b)
+    return bool(a == b)
+
+
+def _near_hits(world: Any) -> int:
+    return int(world.cache.stats().get("near_hits", 0))
+
+
 def cached(world: Any, read: Callable[[Any], Any]) -> Any:
     """Run ``read`` in a fresh session (a miss, which stores it), then again: it must be served from
     the cache, with no SQL, even on a cold cache (every first read is stored). Returns
-    (db_value, hit_value)."""
+    (db_value, hit_value).
+
+    In a near world (``world.near``) the read runs a third time: the backend's answer to the second
+    was taken into process memory, and the third must be served from there (a near hit, no SQL,
+    the same value), so that what the test does next finds it in memory."""
     with world.Session() as s:
         first = read(s)
     world.cache.wait_for_stores()
+    near_settled(world.cache)
     before = world.statements()
     with world.Session() as s:
         hit = read(s)
         assert world.statements() == before, f"expected a cache hit, got SQL: {world.sql[before:]}"
+    if getattr(world, "near", False):
+        near_hits = _near_hits(world)
+        with world.Session() as s:
+            again = read(s)
+            assert world.statements() == before, f"expected a near hit, got SQL: {world.sql[before:]}"
+        assert _same(again, hit)
+        assert _near_hits(world) > near_hits, "the third read was not served from process memory"
     return first, hit
 
 
@@ -63,10 +103,18 @@ async def acached(world: Any, read: Callable[[Any], Any]) -> Any:
     async with world.Session() as s:
         first = await read(s)
     await world.cache.await_for_stores()
+    near_settled(world.cache)
     before = world.statements()
     async with world.Session() as s:
         hit = await read(s)
         assert world.statements() == before, f"expected a cache hit, got SQL: {world.sql[before:]}"
+    if getattr(world, "near", False):
+        near_hits = _near_hits(world)
+        async with world.Session() as s:
+            again = await read(s)
+            assert world.statements() == before, f"expected a near hit, got SQL: {world.sql[before:]}"
+        assert _same(again, hit)
+        assert _near_hits(world) > near_hits, "the third read was not served from process memory"
     return first, hit
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -9,6 +10,9 @@ from sqlalchemy.orm import selectinload
 from sqlacache import Cache
 from tests.helpers import acached, aseed
 from tests.models import Order, User
+
+# Freshness: also in the near-cache worlds (conftest.py).
+pytestmark = pytest.mark.near_worlds
 
 
 async def test_get_and_list_hits_emit_no_sql(aworld):

@@ -16,6 +16,9 @@ from sqlacache import CachingSession
 from tests.helpers import aseed, seed
 from tests.models import User
 
+# Freshness: also in the near-cache worlds (conftest.py).
+pytestmark = pytest.mark.near_worlds
+
 
 def _pause_after_first_select(engine, reached, resume, wait):
     """Block the next SELECT on users right after the database answered it."""

@@ -28,7 +28,10 @@ mishandles savepoints makes a read differ; the failure names the statement and s
 true results, and hypothesis shrinks the run to a minimal program.
 
 Worlds: sync SQLite + memory, sync SQLite + Redis, sync PostgreSQL + Redis, async aiosqlite + memory,
-async asyncpg + Redis (the async ones drive ``CachingAsyncSession`` through one event loop per test).
+async asyncpg + Redis (the async ones drive ``CachingAsyncSession`` through one event loop per test), and
+the near worlds: SQLite, PostgreSQL and asyncpg + Redis with ``near_cache=True`` (strict) in both caches.
+Both caches of a world watch the same database, so a commit through one evicts the other's near-cache
+directly, not through the fan-out (tests/test_near_fanout.py has real processes for that).
 ``SQLACACHE_ORACLE_EXAMPLES=<n>`` runs ``n`` examples in every world instead of the default budget (about
 40 s for the module on a 2-core machine) for long soak runs, e.g. ``SQLACACHE_ORACLE_EXAMPLES=1000``.
 
@@ -77,6 +80,10 @@ _EXAMPLES = {
     "postgres+redis": 40,
     "aiosqlite+memory": 40,
     "asyncpg+redis": 30,
+    # Near worlds: the Redis worlds with near_cache=True (strict) in both caches (conftest.py).
+    "sqlite+redis+near": 30,
+    "postgres+redis+near": 25,
+    "asyncpg+redis+near": 20,
 }
 _STEPS = {
     "sqlite+memory": 50,
@@ -84,6 +91,9 @@ _STEPS = {
     "postgres+redis": 40,
     "aiosqlite+memory": 45,
     "asyncpg+redis": 40,
+    "sqlite+redis+near": 50,
+    "postgres+redis+near": 40,
+    "asyncpg+redis+near": 40,
 }
 
 
@@ -603,7 +613,8 @@ WORLDS = list(_EXAMPLES)
 
 @pytest.fixture(params=WORLDS)
 def oracle_env(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Iterator[Env]:
-    db, backend_kind = request.param.split("+")
+    db, backend_kind = request.param.split("+")[:2]
+    near: dict[str, Any] = {"near_cache": True} if request.param.endswith("+near") else {}
     is_async = db in ("aiosqlite", "asyncpg")
     loop = asyncio.new_event_loop() if is_async else None
     driver: Any = AsyncDriver(loop) if loop is not None else SyncDriver()
@@ -631,6 +642,8 @@ def oracle_env(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -
 
     if backend_kind == "memory":
         backend: Any = "memory://"
+    elif near:  # the near-cache's subscriber thread needs the sync client a URL makes too
+        backend = request.getfixturevalue("redis_url")
     elif is_async:
         import redis.asyncio
 
@@ -639,8 +652,8 @@ def oracle_env(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -
         import redis
 
         backend = redis.Redis.from_url(request.getfixturevalue("redis_url"))
-    cache = Cache(backend=backend, prefix=key_prefix)
-    other_cache = Cache(backend=cache.backend, prefix=key_prefix)
+    cache = Cache(backend=backend, prefix=key_prefix, **near)
+    other_cache = Cache(backend=cache.backend, prefix=key_prefix, **near)
     if is_async:
         factory: Any = async_sessionmaker(
             engine, class_=CachingAsyncSession, cache=cache, expire_on_commit=False
@@ -1233,3 +1246,6 @@ def test_cached_reads_always_match_the_database(oracle_env: Env) -> None:
     assert hits >= 3 * env.examples, f"only {hits} cache hits in {env.examples} examples: {stats}, {other}"
     # sqlacache survives its own bugs by going to the database; here they must not happen at all.
     assert not stats.get("errors.internal") and not other.get("errors.internal"), (stats, other)
+    if env.cache.near is not None:  # and in a near world, process memory answered some of them
+        near_hits = stats["near_hits"] + other["near_hits"]
+        assert near_hits >= env.examples, f"only {near_hits} near hits: {stats}, {other}"

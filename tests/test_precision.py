@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import String, create_engine, delete, event, func, insert, or_, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, selectinload, sessionmaker
 
 from sqlacache import CachingSession
 from tests.helpers import cached, seed
 from tests.models import Order, Status, Tag, User, user_tags
+
+# Freshness: also in the near-cache worlds (conftest.py).
+pytestmark = pytest.mark.near_worlds
 
 
 def still_cached(world: Any, read: Any, expected: Any) -> None:

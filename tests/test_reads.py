@@ -9,6 +9,9 @@ from sqlalchemy.orm import defer, joinedload, load_only, selectinload
 from tests.helpers import cached, seed
 from tests.models import Order, Status, Tag, User
 
+# Freshness: also in the near-cache worlds (conftest.py).
+pytestmark = pytest.mark.near_worlds
+
 
 def snapshot(u: User) -> tuple:
     return (u.id, u.name, u.active, u.status, u.balance, u.joined, u.token)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from tests.helpers import cached, seed
 from tests.models import User
+
+# Freshness: also in the near-cache worlds (conftest.py).
+pytestmark = pytest.mark.near_worlds
 
 
 def names(s):

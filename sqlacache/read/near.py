@@ -57,6 +57,14 @@ def _held(cache: Cache, near: NearStore, key: str) -> NearEntry | None:
     return held
 
 
+# Strict: the entry served is the one the near-cache holds *after* the subscriber was seen caught up
+# with ``position`` — never one taken before that check. The subscriber applies a bump (evicting)
+# before it moves its position, so an entry still there after ``caught_up(position)`` survived every
+# bump up to ``position``; one taken before may have been evicted by the very bump that made
+# ``caught_up`` true (another process's commit that returned before this transaction's first read).
+# The look before the check only decides whether the position round trip is worth making.
+
+
 def _strict_ok(ctx: SessionContext, position: Any) -> bool:
     near = ctx.cache.near
     subscription = near.subscription if near is not None else None
