@@ -747,3 +747,30 @@ def test_redis_own_connections_name_the_keys_the_client_names(redis_url: str, ke
         _wipe(client, key_prefix)
         backend.close()
         client.close()
+
+
+def test_threads_that_come_and_go_never_use_up_the_clients_pool(redis_url: str, key_prefix: str) -> None:
+    """Each thread's lookups run on a connection of its own (own.py), gone with the thread: a server
+    that starts a thread per request must not run out of connections after max_connections threads."""
+    client = redis.Redis.from_url(redis_url, max_connections=4)
+    backend = RedisBackend(client, prefix=key_prefix)
+    try:
+        g = backend.lookup("k", ["t:a"]).generation
+        assert backend.store("k", b"v", ["t:a"], g, TTL)
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                assert backend.lease("k", 1.0, ["t:a"])[0].entry == Entry(b"v", ("t:a",))
+            except BaseException as exc:
+                failures.append(exc)
+
+        for _ in range(30):  # one thread after another, as a thread-per-request server makes them
+            thread = threading.Thread(target=read)
+            thread.start()
+            thread.join(10)
+        assert not failures, failures[:3]
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()

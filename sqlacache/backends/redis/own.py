@@ -42,6 +42,13 @@ def can_own(client: Any) -> bool:
     )
 
 
+def _connection_like(pool: Any) -> Any:
+    """A connection made as ``pool`` makes its own, but not counted against its ``max_connections``
+    (``make_connection`` counts every one it ever made: a thread's connection, gone with its thread,
+    would use the pool up after that many threads)."""
+    return pool.connection_class(**pool.connection_kwargs)
+
+
 def _pack(connection: Any, parts: Sequence[Any]) -> Any:
     """A command in RESP. redis-py's packer, generic over encoders and buffer sizes, costs about 8 µs
     for a lookup's dozen short arguments; this one, for the str/int/bytes a script call carries,
@@ -76,7 +83,7 @@ class OwnScript:
         local = self._local
         connection = getattr(local, "connection", None)
         if connection is None or local.pid != os.getpid():  # (a forked child leaves the parent's be)
-            connection = local.connection = self._pool.make_connection()
+            connection = local.connection = _connection_like(self._pool)
             local.pid = os.getpid()
             self._made.add(connection)
         return connection
@@ -134,7 +141,7 @@ class Sender:
             self._connection, self._pid = None, os.getpid()
             self._sent.clear()
         if self._connection is None:
-            self._connection = self._pool.make_connection()
+            self._connection = _connection_like(self._pool)
         return self._connection
 
     def send(self, sha: str, call: Call) -> None:
