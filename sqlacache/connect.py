@@ -18,6 +18,7 @@ import redis.asyncio
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS, Connection, parse_url
 
 from sqlacache.backends import Backend, MemoryBackend, RedisBackend
+from sqlacache.backends.redis import sentinel as sentinel_url
 from sqlacache.policy import ConfigurationError
 
 log = logging.getLogger("sqlacache")
@@ -27,6 +28,8 @@ _DB_PATH = re.compile(r"/?(\d+/?)?")
 
 def shown(url: str) -> str:
     """The URL as messages show it: without its password."""
+    if url.partition("://")[0].lower() in sentinel_url.SCHEMES:
+        return sentinel_url.shown(url)
     parts = urlsplit(url)
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@", 1)
@@ -43,10 +46,12 @@ def _accepted(connection_class: type) -> set[str]:
     return names
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, shown_as: str | None = None) -> None:
     """Refuse what redis-py would ignore or fail on later: a path that isn't a database number
-    (``redis://host/abc`` is silently database 0), an unknown query parameter, a bad port."""
-    where = f"backend {shown(url)!r}"
+    (``redis://host/abc`` is silently database 0), an unknown query parameter, a bad port.
+    ``shown_as``: the URL the user wrote, for the messages (a Sentinel URL's master options are
+    checked as a plain URL)."""
+    where = f"backend {shown(shown_as or url)!r}"
     try:
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
@@ -93,11 +98,47 @@ def first_contact(url: str, client: redis.Redis) -> None:
     pool.release(connection)
 
 
+def check_service(url: str, client: redis.Redis) -> None:
+    """A Sentinel URL's service name, checked with the sentinels that answer now: a name none of
+    them monitors is a configuration error (redis-py would only ever say "no master found").
+    Sentinels that are down or slow are not an error."""
+    pool = client.connection_pool
+    manager, service = getattr(pool, "sentinel_manager", None), getattr(pool, "service_name", None)
+    if manager is None or service is None:
+        return
+    known: set[str] = set()
+    for node in manager.sentinels:
+        try:
+            masters = node.sentinel_masters()
+        except (redis.exceptions.RedisError, OSError):
+            continue
+        if service in masters:
+            return
+        known.update(masters)
+        break  # one sentinel that answered is enough to tell
+    else:
+        return  # none answered: left to the circuit breaker
+    raise ConfigurationError(
+        f"backend {shown(url)!r}: the sentinels monitor no service named {service!r}; "
+        f"they know {sorted(known) or 'none'}: write one of those after the hosts, "
+        "e.g. 'redis+sentinel://host:26379/mymaster/0'"
+    )
+
+
 def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int) -> Backend:
     if isinstance(spec, str):
         scheme = spec.partition("://")[0].lower()
         if scheme in ("memory", "mem"):
             return MemoryBackend(max_entries=max_entries)
+        if scheme in sentinel_url.SCHEMES:
+            check_url(sentinel_url.parse(spec).plain_url, shown_as=spec)
+            backend = RedisBackend.from_url(
+                spec, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            )
+            if backend.client is not None:
+                check_service(spec, backend.client)
+                first_contact(spec, backend.client)
+            return backend
         if scheme in ("redis", "rediss", "unix"):
             check_url(spec)
             backend = RedisBackend.from_url(
@@ -108,7 +149,8 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
             return backend
         raise ConfigurationError(
             f"backend {shown(spec)!r}: unknown scheme {scheme!r}; use 'memory://', "
-            "'redis://host:port/db', a redis-py client, or a Backend instance"
+            "'redis://host:port/db', 'redis+sentinel://host:26379/service/db', a redis-py client, "
+            "or a Backend instance"
         )
     if isinstance(spec, Backend):
         return spec

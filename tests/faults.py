@@ -495,6 +495,160 @@ class RedisServer:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sentinel: a master, a replica and three sentinels
+
+
+class SentinelServer:
+    """A ``redis-server <conf> --sentinel`` on a free loopback port, in its own temporary directory,
+    monitoring ``service`` at ``master_port`` (quorum ``quorum``, fast failure detection)."""
+
+    def __init__(
+        self,
+        service: str,
+        master_port: int,
+        quorum: int = 2,
+        down_after_ms: int = 400,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        self.exe = exe
+        self.service = service
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"sqlacache-sentinel-{self.port}-")
+        self.conf = os.path.join(self.dir, "sentinel.conf")
+        with open(self.conf, "w") as f:
+            f.write(
+                f"port {self.port}\n"
+                f"bind {LOOPBACK}\n"
+                f"dir {self.dir}\n"
+                f"sentinel monitor {service} {LOOPBACK} {master_port} {quorum}\n"
+                f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+                f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {service} 1\n"
+            )
+        self._state = _ProcState(self.dir)
+        self._finalizer = weakref.finalize(self, self._state.cleanup)
+
+    def start(self) -> None:
+        self._state.kill()
+        log = open(os.path.join(self.dir, "sentinel.log"), "ab")  # noqa: SIM115 - closed by _ProcState
+        self._state.log = log
+        self._state.proc = subprocess.Popen(
+            [self.exe, self.conf, "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if _ping(self.port, timeout=1.0) == "ready":
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"redis-sentinel on port {self.port} did not answer PING")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2, retry=_no_retry())
+
+    def master(self) -> dict[str, Any]:
+        """What this sentinel says of the service's master (``SENTINEL MASTERS``)."""
+        with contextlib.closing(self.client()) as r:
+            state: dict[str, Any] = r.sentinel_masters().get(self.service, {})
+            return state
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class SentinelTopology:
+    """A master and a replica (RedisServer) and three sentinels monitoring them as ``service``
+    (quorum 2), all on loopback. ``url`` is the ``redis+sentinel://`` URL of the service (db 0).
+
+    ``failover()`` SIGKILLs the current master and waits until every sentinel names the replica
+    as the new master (a few seconds); the old master stays down (``heal()`` starts it again as a
+    replica of the new one, and waits until the sentinels count it as a replica again).
+    """
+
+    def __init__(self, service: str = "sqlacache", down_after_ms: int = 400) -> None:
+        self.service = service
+        self.master = RedisServer()
+        self.replica: RedisServer | None = None
+        self.sentinels: list[SentinelServer] = []
+        self._down_after_ms = down_after_ms
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{LOOPBACK}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [(LOOPBACK, s.port) for s in self.sentinels]
+
+    def start(self) -> None:
+        try:
+            self.master.start()
+            self.replica = self.master.replica()
+            for _ in range(3):
+                sentinel = SentinelServer(self.service, self.master.port, 2, self._down_after_ms)
+                self.sentinels.append(sentinel)
+                sentinel.start()
+            self._wait(lambda m: m.get("num-other-sentinels") == 2 and m.get("num-slaves", 0) >= 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait(self, ready: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        states: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            states = []
+            for s in self.sentinels:
+                try:
+                    states.append(s.master())
+                except redis.RedisError:
+                    states.append({})
+            if all(ready(m) for m in states):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the sentinels did not agree in {timeout} s: {states}")
+
+    def failover(self, timeout: float = 20.0) -> float:
+        """Kill the master (SIGKILL); return once every sentinel names the replica as the master
+        and the replica says it is one. Returns how long that took."""
+        assert self.replica is not None
+        started = time.monotonic()
+        old, new = self.master, self.replica
+        old.kill()
+        self.wait_promoted(new, timeout)
+        self.master, self.replica = new, old
+        return time.monotonic() - started
+
+    def wait_promoted(self, new: RedisServer, timeout: float = 20.0) -> None:
+        port = new.port
+        self._wait(
+            lambda m: int(m.get("port", 0)) == port and m.get("is_master") and not m.get("is_sdown"),
+            timeout,
+        )
+        deadline = time.monotonic() + timeout
+        with new._admin(timeout=2) as r:
+            while r.info("replication").get("role") != "master":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the promoted replica still says it is a replica")
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        for s in self.sentinels:
+            s.close()
+        for server in (self.master, self.replica):
+            if server is not None:
+                server.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # TCP proxy
 
 

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
@@ -20,8 +22,10 @@ from sqlacache._sa import await_ as _await
 from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, Entry, Listener, Lookup, Position
 from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis import sentinel as sentinel_url
 from sqlacache.backends.redis.errors import FAILURES, failure
 from sqlacache.backends.redis.fanout import Subscriber, parse_position
+from sqlacache.backends.redis.identity import ServerWatch
 from sqlacache.backends.redis.own import OwnScript, Sender, can_own
 
 __all__ = ["RedisBackend"]
@@ -81,6 +85,12 @@ class _Side:
         self.release: Script | AsyncScript = client.register_script(scripts.RELEASE)
 
 
+def _sentinel_managed(client: Any) -> bool:
+    """Whether ``client`` reaches its server through Sentinel (``Sentinel.master_for``)."""
+    pool = getattr(client, "connection_pool", None)
+    return hasattr(pool, "sentinel_manager") and hasattr(pool, "service_name")
+
+
 def _root(dep: str) -> str:
     """The version a missing ``dep`` starts from (see the contract): its table's ``t:``, or itself."""
     if dep[:2] in ("r:", "c:", "a:", "s:"):
@@ -108,6 +118,11 @@ class RedisBackend:
 
     ``corrupt_entries`` counts stored values found in a format this backend cannot read (they are
     deleted and reported as misses).
+
+    ``watch_server``: check, on every connection it opens, that the server is the one the data was
+    written on, and invalidate everything when it isn't (identity.py): a failover, a restart with
+    older data. None (the default): on for a Sentinel-managed client (``Sentinel.master_for``, a
+    ``redis+sentinel://`` URL), off otherwise. ``server_changes`` counts what it found.
     """
 
     def __init__(
@@ -117,6 +132,7 @@ class RedisBackend:
         async_client: redis.asyncio.Redis | None = None,
         prefix: str = "sqlacache",
         version_ttl: float = _DEFAULT_VERSION_TTL,
+        watch_server: bool | None = None,
     ) -> None:
         if client is None and async_client is None:
             raise ValueError("RedisBackend needs a client, an async_client, or both")
@@ -131,6 +147,12 @@ class RedisBackend:
         self.prefix = prefix
         self.corrupt_entries = 0
         self._version_ttl_ms = str(_ttl_ms(version_ttl))
+        if watch_server is None:
+            watch_server = any(_sentinel_managed(c) for c in (client, async_client) if c is not None)
+        self._watch = ServerWatch(prefix, self._version_ttl_ms) if watch_server else None
+        for c in (client, async_client):
+            if c is not None and self._watch is not None:
+                self._watch.install(c)
         self._sync = _Side(client, _identity) if client is not None else None
         self._sender: Sender | None = None
         if client is not None and self._sync is not None and can_own(client):
@@ -140,8 +162,22 @@ class RedisBackend:
         self._async = _Side(async_client, _await) if async_client is not None else None
         self._async_factory: Callable[[], redis.asyncio.Redis] | None = None
         self._owns_clients = False
+        self._sentinels: list[Any] = []  # Sentinel managers built by from_url (closed with it)
         self._closed = False
         self._lock = threading.Lock()
+
+    @property
+    def server_changes(self) -> int:
+        """How many times a connection found a server other than the one the data was written on
+        (``watch_server``) and invalidated everything."""
+        return self._watch.changes if self._watch is not None else 0
+
+    def _new_async_side(self) -> _Side:
+        assert self._async_factory is not None
+        client = self._async_factory()
+        if self._watch is not None:
+            self._watch.install(client)
+        return _Side(client, _await)
 
     @classmethod
     def from_url(
@@ -152,6 +188,7 @@ class RedisBackend:
         version_ttl: float = _DEFAULT_VERSION_TTL,
         socket_timeout: float = 0.05,
         socket_connect_timeout: float = 0.05,
+        watch_server: bool | None = None,
         **client_kwargs: Any,
     ) -> RedisBackend:
         """Build a sync client now and an asyncio client on first use inside an ``AsyncSession``.
@@ -160,6 +197,10 @@ class RedisBackend:
         Unless ``client_kwargs`` has a ``retry``, a failed command is retried once without backoff
         (a pooled connection the server has closed is the common case); a ``retry`` given there must
         work for both the sync and the asyncio client.
+
+        ``redis+sentinel://`` and ``rediss+sentinel://`` URLs (sentinel.py) give clients of the
+        service's master through its sentinels (``Sentinel(...).master_for(...)``); the sentinels
+        are asked with the same timeouts.
         """
         kwargs: dict[str, Any] = {
             "socket_timeout": socket_timeout,
@@ -174,8 +215,54 @@ class RedisBackend:
             dropped = (redis.exceptions.ConnectionError,)
             sync_kwargs["retry"] = Retry(NoBackoff(), 1, supported_errors=dropped)
             async_kwargs["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=dropped)
-        backend = cls(redis.Redis.from_url(url, **sync_kwargs), prefix=prefix, version_ttl=version_ttl)
+        if url.partition("://")[0].lower() in sentinel_url.SCHEMES:
+            return cls._from_sentinel_url(url, prefix, version_ttl, watch_server, sync_kwargs, async_kwargs)
+        backend = cls(
+            redis.Redis.from_url(url, **sync_kwargs),
+            prefix=prefix,
+            version_ttl=version_ttl,
+            watch_server=watch_server,
+        )
         backend._async_factory = lambda: redis.asyncio.Redis.from_url(url, **async_kwargs)
+        backend._owns_clients = True
+        return backend
+
+    @classmethod
+    def _from_sentinel_url(
+        cls,
+        url: str,
+        prefix: str,
+        version_ttl: float,
+        watch_server: bool | None,
+        sync_kwargs: dict[str, Any],
+        async_kwargs: dict[str, Any],
+    ) -> RedisBackend:
+        spec = sentinel_url.parse(url)
+
+        def sentinel_kwargs(retry: Any) -> dict[str, Any]:
+            # The sentinels are asked with the client's timeouts, not retried (the next one is).
+            timeouts = {k: v for k, v in sync_kwargs.items() if k.startswith("socket_")}
+            return {**timeouts, **spec.sentinel_kwargs, "retry": retry}
+
+        # The URL's options win over the keyword arguments, as in redis-py's from_url.
+        manager = redis.sentinel.Sentinel(
+            spec.sentinels, sentinel_kwargs=sentinel_kwargs(Retry(NoBackoff(), 0))
+        )
+        client = manager.master_for(spec.service, **{**sync_kwargs, **spec.master_kwargs})
+        backend = cls(client, prefix=prefix, version_ttl=version_ttl, watch_server=watch_server)
+        backend._sentinels.append(manager)
+
+        def async_client() -> redis.asyncio.Redis:
+            amanager = redis.asyncio.sentinel.Sentinel(
+                spec.sentinels, sentinel_kwargs=sentinel_kwargs(AsyncRetry(NoBackoff(), 0))
+            )
+            backend._sentinels.append(amanager)
+            made: redis.asyncio.Redis = amanager.master_for(
+                spec.service, **{**async_kwargs, **spec.master_kwargs}
+            )
+            return made
+
+        backend._async_factory = async_client
         backend._owns_clients = True
         return backend
 
@@ -198,7 +285,7 @@ class RedisBackend:
             if self._async is None:
                 with self._lock:
                     if self._async is None and self._async_factory is not None:
-                        self._async = _Side(self._async_factory(), _await)
+                        self._async = self._new_async_side()
             if self._async is not None:
                 return self._async
         if self._sync is not None:
@@ -276,7 +363,7 @@ class RedisBackend:
         if self._async is None and self._async_factory is not None:
             with self._lock:
                 if self._async is None:
-                    self._async = _Side(self._async_factory(), _await)
+                    self._async = self._new_async_side()
         return self._async
 
     def _lookup_steps(
@@ -646,6 +733,12 @@ class RedisBackend:
             if self._async is not None and _in_greenlet():
                 client, self._async = self._async.client, None
                 _await(client.aclose())
+            for manager in self._sentinels:
+                if hasattr(manager, "aclose"):
+                    if _in_greenlet():
+                        _await(manager.aclose())
+                else:
+                    manager.close()
         except FAILURES as exc:
             raise failure("close", exc) from exc
 
@@ -661,5 +754,7 @@ class RedisBackend:
             if self._async is not None:
                 client, self._async = self._async.client, None
                 await client.aclose()
+            for manager in self._sentinels:
+                await manager.aclose() if hasattr(manager, "aclose") else manager.close()
         except FAILURES as exc:
             raise failure("close", exc) from exc

@@ -20,6 +20,10 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from sqlacache.backends.base import Listener, Position
 
@@ -49,6 +53,39 @@ def _sync_class(connection_class: type) -> type:
     return twin
 
 
+def _own_client(client: Any, heartbeat: float) -> tuple[redis.Redis, Any]:
+    """A sync client like ``client``'s for the subscriber, and the Sentinel manager it was made
+    with (None for a plain client): on a Sentinel-managed client, one of the same service's master
+    through the same sentinels, so that the subscription follows a failover."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["socket_timeout"] = max(heartbeat, float(kwargs.get("socket_timeout") or 0))
+    kwargs.pop("retry", None)
+    # The server check (identity.py) is for the connections that serve entries; an asyncio hook
+    # could not run on a sync connection anyway.
+    kwargs.pop("redis_connect_func", None)
+    manager = getattr(pool, "sentinel_manager", None)
+    service = getattr(pool, "service_name", None)
+    if manager is None or service is None:
+        own = redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=_sync_class(pool.connection_class), max_connections=4, **kwargs
+            )
+        )
+        return own, None
+    kwargs.pop("connection_pool", None)
+    ssl = issubclass(pool.connection_class, (redis.connection.SSLConnection, redis.asyncio.SSLConnection))
+    sentinels = []
+    for node in manager.sentinels:
+        options = node.connection_pool.connection_kwargs
+        sentinels.append((options["host"], options["port"]))
+    sentinel_kwargs = {k: v for k, v in manager.sentinel_kwargs.items() if k != "retry"}
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
+    own_manager = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
+    own = own_manager.master_for(service, ssl=ssl, max_connections=4, **kwargs)
+    return own, own_manager
+
+
 class _Silent(Exception):
     """No message and no answer to our PING within the heartbeat."""
 
@@ -65,15 +102,7 @@ class Subscriber:
         # A client of our own on the same server and settings (``client`` is the backend's, sync or
         # asyncio): the pub/sub connection must not come from (or go back to) the application's
         # pool, and its reads may wait longer than a command's socket_timeout.
-        pool = client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["socket_timeout"] = max(heartbeat, float(kwargs.get("socket_timeout") or 0))
-        kwargs.pop("retry", None)
-        self._client = redis.Redis(
-            connection_pool=redis.ConnectionPool(
-                connection_class=_sync_class(pool.connection_class), max_connections=4, **kwargs
-            )
-        )
+        self._client, self._sentinel = _own_client(client, heartbeat)
         self.channel = f"{prefix}:fanout"
         self._seq_key = f"{prefix}:seq"
         self._listener = listener
@@ -91,6 +120,8 @@ class Subscriber:
         self._closed.set()
         self._thread.join(max(2.0, 3 * self._heartbeat))
         self._client.close()
+        if self._sentinel is not None:
+            self._sentinel.close()
 
     # -- the loop --------------------------------------------------------------------------------
 

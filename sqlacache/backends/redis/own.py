@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+import redis.sentinel
 from redis.exceptions import ConnectionError as _Dropped
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -30,12 +31,19 @@ Call = tuple[Sequence[str], Sequence[Any]]  # a store script's keys and argument
 
 
 def can_own(client: Any) -> bool:
-    """Whether ``client`` is a redis-py client on a plain connection pool (not a fake, a cluster…)."""
+    """Whether ``client`` is a redis-py client on a plain connection pool, or on a Sentinel pool
+    of the master (not a fake, a cluster, a replica…).
+
+    A Sentinel pool's ``make_connection()`` gives connections that ask the sentinels for the
+    master's address whenever they connect, and that drop themselves on a ``READONLY`` reply (a
+    master demoted to replica): ours then follow a failover as the pool's own do."""
     pool = getattr(client, "connection_pool", None)
     connection_class = getattr(pool, "connection_class", None)
+    plain = type(pool) is redis.ConnectionPool
+    sentinel = type(pool) is redis.sentinel.SentinelConnectionPool and pool.is_master  # type: ignore[union-attr]
     return (
         type(client) is redis.Redis
-        and type(pool) is redis.ConnectionPool
+        and (plain or sentinel)
         and isinstance(connection_class, type)
         and issubclass(connection_class, redis.connection.AbstractConnection)
         and connection_class.__module__.startswith("redis.")
@@ -101,6 +109,10 @@ class OwnScript:
         packed = _pack(connection, parts)
         for attempt in range(2):
             try:
+                if connection._sock is None:
+                    # connect() itself: send_packed_command's own reconnect would go back to the
+                    # last address, where a Sentinel-managed connection must ask for the master's.
+                    connection.connect()
                 connection.send_packed_command(packed, check_health=False)
                 return connection.read_response()
             except NoScriptError:  # a Redis that restarted or flushed its scripts
@@ -142,6 +154,8 @@ class Sender:
             self._sent.clear()
         if self._connection is None:
             self._connection = _connection_like(self._pool)
+        if self._connection._sock is None:
+            self._connection.connect()  # (see OwnScript.command)
         return self._connection
 
     def send(self, sha: str, call: Call) -> None:
