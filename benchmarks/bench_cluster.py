@@ -25,13 +25,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import redis  # noqa: E402
-import redis.cluster  # noqa: E402
+import redis
+import redis.cluster
 
-from sqlacache.backends import RedisBackend  # noqa: E402
-from sqlacache.backends.redis.cluster import RedisClusterBackend  # noqa: E402
-from tests.cluster import RedisClusterProcs  # noqa: E402
-from tests.faults import LOOPBACK, RedisServer  # noqa: E402
+from sqlacache.backends import RedisBackend
+from sqlacache.backends.redis.cluster import RedisClusterBackend
+from tests.cluster import RedisClusterProcs
+from tests.faults import LOOPBACK, RedisServer
 
 TTL = 600.0
 
