@@ -139,6 +139,8 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
                 check_service(spec, backend.client)
                 first_contact(spec, backend.client)
             return backend
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            return _cluster_from_url(spec, prefix, socket_timeout)
         if scheme in ("redis", "rediss", "unix"):
             check_url(spec)
             backend = RedisBackend.from_url(
@@ -149,11 +151,15 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
             return backend
         raise ConfigurationError(
             f"backend {shown(spec)!r}: unknown scheme {scheme!r}; use 'memory://', "
-            "'redis://host:port/db', 'redis+sentinel://host:26379/service/db', a redis-py client, "
+            "'redis://host:port/db', 'redis+sentinel://host:26379/service/db', "
+            "'redis+cluster://host:port,host:port/', a redis-py client, "
             "or a Backend instance"
         )
     if isinstance(spec, Backend):
         return spec
+    cluster = _cluster_client(spec, prefix)
+    if cluster is not None:
+        return cluster
     if isinstance(spec, redis.asyncio.Redis):  # fakeredis' async client subclasses it too
         return RedisBackend(async_client=spec, prefix=prefix)
     if isinstance(spec, redis.Redis) or (hasattr(spec, "evalsha") and hasattr(spec, "register_script")):
@@ -162,6 +168,34 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
         f"backend {spec!r} is not a URL, a redis-py client or a sqlacache Backend; "
         "pass e.g. backend='redis://localhost:6379/0' or backend='memory://'"
     )
+
+
+def _cluster_from_url(url: str, prefix: str, socket_timeout: float) -> Backend:
+    from sqlacache.backends.redis.cluster import RedisClusterBackend
+
+    try:
+        return RedisClusterBackend.from_url(
+            url, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"backend {shown(url)!r}: {exc}") from exc
+
+
+def _cluster_client(spec: Any, prefix: str) -> Backend | None:
+    """A redis-py cluster client (sync or asyncio) as a RedisClusterBackend, else None."""
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    from sqlacache.backends.redis.cluster import RedisClusterBackend
+
+    try:
+        if isinstance(spec, redis.cluster.RedisCluster):
+            return RedisClusterBackend(spec, prefix=prefix)
+        if isinstance(spec, redis.asyncio.cluster.RedisCluster):
+            return RedisClusterBackend(async_client=spec, prefix=prefix)
+    except ValueError as exc:
+        raise ConfigurationError(f"backend {spec!r}: {exc}") from exc
+    return None
 
 
 def warn_if_unbounded(backend: Backend) -> None:

@@ -147,6 +147,8 @@ def _backend(kind: str, request: pytest.FixtureRequest, prefix: str) -> Any:
         import fakeredis
 
         return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    if kind == "cluster":
+        return request.getfixturevalue("redis_cluster").url
     url = request.getfixturevalue("redis_url")
     import redis
 
@@ -172,12 +174,18 @@ NEAR_SYNC_WORLDS = ["sqlite+redis+near", "postgres+redis+near"]
 NEAR_ASYNC_WORLDS = ["aiosqlite+redis+near", "asyncpg+redis+near"]
 NEAR_WORLDS = frozenset(NEAR_SYNC_WORLDS + NEAR_ASYNC_WORLDS)
 NEAR = {"near_cache": True, "near_coherence": "strict"}
+# Cluster worlds: PostgreSQL with the Redis Cluster backend on a throwaway 3-master cluster
+# (``redis_cluster`` below), only in the modules marked ``cluster_worlds`` (the freshness tests).
+CLUSTER_SYNC_WORLDS = ["postgres+cluster"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "near_worlds: also run this module's world/aworld tests in the near-cache worlds (conftest.py)",
+    )
+    config.addinivalue_line(
+        "markers", "cluster_worlds: also run this module's world tests on a Redis Cluster (conftest.py)"
     )
 
 
@@ -196,6 +204,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def wanted(item: pytest.Item) -> bool:
         params = getattr(getattr(item, "callspec", None), "params", {})
         in_near = any(params.get(name) in NEAR_WORLDS for name in ("world", "aworld"))
+        if params.get("world") in CLUSTER_SYNC_WORLDS:
+            return item.get_closest_marker("cluster_worlds") is not None or explicit(item)
         return not in_near or item.get_closest_marker("near_worlds") is not None or explicit(item)
 
     items[:] = [item for item in items if wanted(item)]
@@ -205,7 +215,7 @@ def _near_kw(param: str) -> dict[str, Any]:
     return dict(NEAR) if param.endswith("+near") else {}
 
 
-@pytest.fixture(params=SYNC_WORLDS + NEAR_SYNC_WORLDS)
+@pytest.fixture(params=SYNC_WORLDS + NEAR_SYNC_WORLDS + CLUSTER_SYNC_WORLDS)
 def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Iterator[World]:
     db, backend_kind = request.param.split("+")[:2]
     if db == "sqlite":
@@ -373,3 +383,26 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"result layouts derived and checked against the learnt ones: {_derivations['checked']}, "
             f"not derivable: {_derivations['not derivable']}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# A throwaway 3-master Redis Cluster for the whole session (tests/cluster.py), for the cluster
+# backend's tests and the ``+cluster`` worlds.
+
+from tests.cluster import RedisClusterProcs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcs]:
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed; CI must provide it (the Redis Cluster tests)")
+        pytest.skip("redis-server is not installed; install it to run the Redis Cluster tests")
+    cluster = RedisClusterProcs()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.close()
+        raise
+    yield cluster
+    cluster.close()

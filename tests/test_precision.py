@@ -18,7 +18,7 @@ from tests.helpers import cached, seed
 from tests.models import Order, Status, Tag, User, user_tags
 
 # Freshness: also in the near-cache worlds (conftest.py).
-pytestmark = pytest.mark.near_worlds
+pytestmark = [pytest.mark.near_worlds, pytest.mark.cluster_worlds]
 
 
 def still_cached(world: Any, read: Any, expected: Any) -> None:

@@ -9,7 +9,7 @@ from tests.helpers import cached, seed
 from tests.models import User
 
 # Freshness: also in the near-cache worlds (conftest.py).
-pytestmark = pytest.mark.near_worlds
+pytestmark = [pytest.mark.near_worlds, pytest.mark.cluster_worlds]
 
 
 def names(s):

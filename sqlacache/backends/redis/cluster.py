@@ -1,0 +1,839 @@
+"""Redis Cluster backend: the contract on ``redis.cluster.RedisCluster`` (and its asyncio twin),
+with a key layout in which every script touches one hash slot.
+
+Key layout (``P`` is the prefix; ``{…}`` is the hash tag that picks the slot)::
+
+    P:{P|t|<table>}:gen        the table group's generation counter (no TTL)
+    P:{P|t|<table>}:v:<dep>    versions of the table's deps: t:, r:, c:, a:, s: (with the scheme
+                               registry in v:s:<table>, as on one Redis)
+    P:{P|s|<i>}:gen, P:{P|s|<i>}:v:<dep>   stripe i of the global deps: ``*``, ``d:<database>``
+    P:e:{P|s|<i>}<key>         an entry: b"<gen>,<gen>…\\x1f<dep>\\x1f<dep>…\\n" + payload
+    P:l:{P|s|<i>}<key>         its fill lease
+    P:r:{P|s|<i>}<key>         a refresh-ahead claim
+
+``i`` is ``crc32(key) % stripes`` (64 by default): an entry lives in the slot of its stripe, next to
+that stripe's copy of the global dependencies, which every entry has (``*`` and ``d:<database>``):
+a lookup reads the entry and its global versions with one MGET on one node, and the only other
+nodes it asks are those of the tables it read. A bump of a global dependency (``invalidate_all``,
+SQL sqlacache can't analyse) bumps it in every stripe; a table write bumps one table group.
+
+A *group* is a table (the text of a dependency up to its first ``:`` after the kind) or a stripe.
+Writes to different tables bump different groups, on different slots, and no key is written by
+every commit. An entry records, for each group its dependencies fall in (in order of
+first appearance), the group's generation its reader started from.
+
+**Generations.** Each group counts on its own (microseconds on its node's clock, pushed forward by
+one when bumps come faster, as on one Redis). The contract's single ``int`` generation is, here, a
+*handle* local to this backend object: it stands for what this process had observed of every
+group's counter when the handle was handed out (every reply that carries a group's generation is
+an observation: a lookup's, a store's check, a bump's). An observation is a lower bound of the
+group's counter from then on, so a bump that comes after a handle was handed out gives its
+dependencies versions newer than what the handle records for that group: exactly the property the
+contract asks of generations, per group. Handles only grow, and a later handle records no less for
+any group, so ``min()`` of two handles (what the cache does with the generation objects were loaded
+at) is the more conservative one. A group this process has not observed yet is recorded as 0: a
+store depending on it is refused once (the refusal's reply observes it). Handles are therefore
+meaningless in another process, which never sees them: generations do not cross processes.
+
+**The store race, closed without a cross-slot transaction.** A store first runs, in every group
+its dependencies fall in (one script per group, pipelined over the nodes), the same check as
+``store.lua``: every dependency has a version no newer than the reader's generation for that group
+(a missing one is created "bumped now", or from its table's floor), and only when every group
+accepted does it write the entry, in the entry's own slot. A write that commits between the check
+and the entry's write is not caught by the check — but a lookup serves an entry only after
+comparing every dependency's *current* version with the generation the entry records for its
+group, in the lookup's own round trip. The bump of that write moved some dependency's version past
+the reader's generation (bumps come after their commit; the reader's generation was observed
+before its database read), so the late entry is a miss, and is deleted, every time it is read. A
+version lost in between reads as missing, which is a miss too. Hence a stale store can be *made*
+(rarely: the window is one round trip) but never *served*; once ``commit()`` returns, its bump
+is in every group it touched and no lookup anywhere accepts an entry older than it.
+
+**Lookup.** With the hint (the dependencies the reader expects) the entry and the hinted groups'
+generations and versions are read in one pipelined round trip (one request per node, written to all
+nodes before any reply is read); dependencies the entry names outside the hint cost a second round
+trip. Without a hint the entry is read first, then its dependencies' versions.
+
+**Bump.** One script per group touched (``bump.lua``'s rules, without its fan-out), pipelined over
+the nodes. If any group fails the bump raises :class:`~sqlacache.backends.base.BackendError`: the
+cache keeps the invalidation pending and retries all of it (bumping a group twice is harmless: one
+more miss). The groups that succeeded are not rolled back and need not be: a bump only ever moves
+versions forward.
+
+Not here (yet): fan-out to near-caches (``near_cache=True`` is refused on this backend), and
+tests of failover, resharding (MOVED/ASK during a call) and CLUSTERDOWN beyond "a failing call
+raises BackendError and the read falls back to the database".
+"""
+
+from __future__ import annotations
+
+import bisect
+import secrets
+import threading
+import zlib
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException
+from redis.retry import Retry
+
+from sqlacache._sa import await_ as _await
+from sqlacache._sa import in_greenlet as _in_greenlet
+from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Lookup
+from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis.backend import _glob_escape, _root, _ttl_ms
+from sqlacache.backends.redis.errors import FAILURES, failure
+
+__all__ = ["RedisClusterBackend", "parse_cluster_url"]
+
+_T = TypeVar("_T")
+
+_DEFAULT_VERSION_TTL = 7 * 86400.0
+_FAILURES: tuple[type[BaseException], ...] = (*FAILURES, RedisClusterException)
+
+
+def _bump_source() -> str:
+    """``bump.lua`` without its fan-out (sequence and PUBLISH): what a group's bump does."""
+    text = scripts.source("bump")
+    marker = "\nlocal moved = {}"
+    if marker not in text:  # pragma: no cover - bump.lua changed shape: fail loudly at import
+        raise RuntimeError("bump.lua no longer has its fan-out section where cluster.py expects it")
+    return text.split(marker, 1)[0] + "\nreturn g\n"
+
+
+class _Script:
+    __slots__ = ("body", "sha")
+
+    def __init__(self, body: bytes) -> None:
+        import hashlib
+
+        self.body = body
+        self.sha = hashlib.sha1(body).hexdigest()
+
+
+_CHECK = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_check")).encode())
+_ROOTS = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_roots")).encode())
+_BUMP = _Script((scripts.PRELUDE + "\n" + _bump_source()).encode())
+_ENTRY = _Script(("\n" + scripts.source("cluster_entry")).encode())
+_RELEASE = _Script(scripts.RELEASE)
+
+# A command of a batch: ("GET", key) etc., or (script, keys, args) for a script.
+_Command = tuple[Any, ...]
+_Batch = list[_Command]
+
+
+def _wire(command: _Command) -> tuple[Any, ...]:
+    if isinstance(command[0], _Script):
+        script, keys, args = command
+        return ("EVALSHA", script.sha, len(keys), *keys, *args)
+    return command
+
+
+def _unsha(command: _Command) -> tuple[Any, ...]:
+    script, keys, args = command
+    return ("EVAL", script.body, len(keys), *keys, *args)
+
+
+def _group_name(dep: str) -> str | None:
+    """The table group a dependency belongs to, or None for the global group (``*``, ``d:``)."""
+    if dep[:2] in ("t:", "r:", "c:", "a:", "s:"):
+        return dep[2:].split(":", 1)[0]
+    return None
+
+
+class _Clock:
+    """What this process has observed of each group's generation, and the handles standing for it."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._keep = keep
+        self.handle = 1
+        self._seen: dict[str, tuple[list[int], list[int]]] = {}  # group -> (handles, generations)
+
+    def observe(self, gens: Mapping[str, int]) -> int:
+        with self._lock:
+            bumped = False
+            for group, g in gens.items():
+                handles, values = self._seen.setdefault(group, ([], []))
+                if values and g <= values[-1]:
+                    continue
+                if not bumped:
+                    self.handle += 1
+                    bumped = True
+                handles.append(self.handle)
+                values.append(g)
+                if len(values) > self._keep:  # older handles then record 0 here: refused, safe
+                    del handles[: -self._keep], values[: -self._keep]
+            return self.handle
+
+    def at(self, handle: int, group: str) -> int:
+        """The generation ``handle`` records for ``group`` (0: none observed by then)."""
+        with self._lock:
+            seen = self._seen.get(group)
+            if seen is None:
+                return 0
+            i = bisect.bisect_right(seen[0], handle) - 1
+            return seen[1][i] if i >= 0 else 0
+
+    def clear(self) -> None:
+        with self._lock:  # handles go on growing; what they record starts over
+            self._seen.clear()
+            self.handle += 1
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """``redis+cluster://[user:password@]host:port[,host:port…]/``: the startup nodes and the
+    client's keyword arguments. ``ValueError`` says what to fix."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    example = "write e.g. 'redis+cluster://10.0.0.1:7000,10.0.0.2:7000/'"
+    if not sep or scheme not in ("redis+cluster", "rediss+cluster"):
+        raise ValueError(f"not a Redis Cluster URL; {example}")
+    netloc, _, tail = rest.partition("/")
+    path, _, query = tail.partition("?")
+    if "?" in netloc:
+        netloc, _, query = netloc.partition("?")
+    if path.strip("/"):
+        raise ValueError(
+            f"the path '/{path}' selects a database, and a Redis Cluster has only database 0; "
+            f"drop it, {example}"
+        )
+    if query:
+        raise ValueError(
+            f"query parameters ({query!r}) are not supported on a cluster URL; pass a "
+            f"redis.cluster.RedisCluster(...) built with them as backend instead, or {example}"
+        )
+    kwargs: dict[str, Any] = {}
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            kwargs["password"] = unquote(password)
+            if user:
+                kwargs["username"] = unquote(user)
+        elif user:
+            kwargs["password"] = unquote(user)
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        if not part.strip():
+            raise ValueError(f"an empty host in the node list; {example}")
+        parsed = urlsplit(f"//{part.strip()}")
+        try:
+            port = parsed.port or 6379
+        except ValueError as exc:
+            raise ValueError(f"bad port in {part!r}; {example}") from exc
+        if not parsed.hostname:
+            raise ValueError(f"no host in {part!r}; {example}")
+        nodes.append((parsed.hostname, port))
+    if scheme == "rediss+cluster":
+        kwargs["ssl"] = True
+    return nodes, kwargs
+
+
+class _Side:
+    """One cluster client and how to run a batch of commands on it (sync, or awaited)."""
+
+    def __init__(self, client: Any, is_async: bool) -> None:
+        self.client = client
+        self.is_async = is_async
+
+    def run(self, batch: _Batch) -> list[Any]:
+        if self.is_async:
+            replies: list[Any] = _await(self.arun(batch))
+            return replies
+        if len(batch) == 1:
+            return [self._one(batch[0])]
+        pipe = self.client.pipeline(transaction=False)
+        for command in batch:
+            pipe.execute_command(*_wire(command))
+        replies = pipe.execute(raise_on_error=False)
+        redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if redo:
+            again = self.client.pipeline(transaction=False)
+            for i in redo:
+                again.execute_command(*_unsha(batch[i]))
+            for i, reply in zip(redo, again.execute(raise_on_error=False)):
+                replies[i] = reply
+        return _raise_first(replies)
+
+    def _one(self, command: _Command) -> Any:
+        try:
+            return self.client.execute_command(*_wire(command))
+        except NoScriptError:
+            return self.client.execute_command(*_unsha(command))
+
+    async def arun(self, batch: _Batch) -> list[Any]:
+        if len(batch) == 1:
+            try:
+                return [await self.client.execute_command(*_wire(batch[0]))]
+            except NoScriptError:
+                return [await self.client.execute_command(*_unsha(batch[0]))]
+        pipe = self.client.pipeline()
+        for command in batch:
+            pipe.execute_command(*_wire(command))
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if redo:
+            again = self.client.pipeline()
+            for i in redo:
+                again.execute_command(*_unsha(batch[i]))
+            for i, reply in zip(redo, await again.execute(raise_on_error=False)):
+                replies[i] = reply
+        return _raise_first(replies)
+
+
+def _failure(what: str, exc: BaseException) -> BackendError:
+    if isinstance(exc, RedisClusterException):  # no node reachable, or no slot map to be had
+        return BackendUnavailable(f"Redis Cluster {what} failed: {type(exc).__name__}: {exc}", "connection")
+    return failure(what, exc)
+
+
+def _raise_first(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return replies
+
+
+def _int(value: Any, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise BackendError(f"Redis Cluster returned a malformed {what}: {value!r}", "protocol") from exc
+
+
+def _version(value: Any) -> int | None:
+    """A version as stored (digits, or a registry's "digits|scheme…"), or None if missing/foreign."""
+    if not isinstance(value, bytes):
+        return None
+    digits = value.partition(b"|")[0]
+    return int(digits) if digits.isdigit() else None
+
+
+class RedisClusterBackend:
+    """A :class:`~sqlacache.backends.base.Backend` on Redis Cluster (see the module docstring).
+
+    Give it a ``redis.cluster.RedisCluster``, a ``redis.asyncio.cluster.RedisCluster``, or both;
+    or build it with :meth:`from_url`. With both, calls inside SQLAlchemy's greenlet (an
+    ``AsyncSession``) await the asyncio client; other calls use the sync one. Clients passed in are
+    not closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        client: redis.cluster.RedisCluster | None = None,
+        *,
+        async_client: redis.asyncio.cluster.RedisCluster | None = None,
+        prefix: str = "sqlacache",
+        version_ttl: float = _DEFAULT_VERSION_TTL,
+        stripes: int = 64,
+    ) -> None:
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("a Redis Cluster prefix must not contain '{' or '}' (hash tags are ours)")
+        if not version_ttl > 0:
+            raise ValueError("version_ttl must be positive")
+        self.prefix = prefix
+        self.corrupt_entries = 0
+        self._vttl = str(_ttl_ms(version_ttl))
+        self._sync = _Side(client, False) if client is not None else None
+        self._async = _Side(async_client, True) if async_client is not None else None
+        self._sync_factory: Callable[[], Any] | None = None
+        self._async_factory: Callable[[], Any] | None = None
+        self._owns_clients = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._clock = _Clock()
+        if stripes < 1:
+            raise ValueError("stripes must be at least 1")
+        self._stripes = stripes
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "sqlacache",
+        version_ttl: float = _DEFAULT_VERSION_TTL,
+        socket_timeout: float = 0.05,
+        socket_connect_timeout: float = 0.05,
+        **client_kwargs: Any,
+    ) -> RedisClusterBackend:
+        """``redis+cluster://host:port[,host:port…]/``: clients made on first use (the cluster's
+        slot map is read then), with the short timeouts ``RedisBackend.from_url`` uses."""
+        nodes, url_kwargs = parse_cluster_url(url)
+        kwargs: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            **url_kwargs,
+            **client_kwargs,
+        }
+        backend = cls(prefix=prefix, version_ttl=version_ttl)
+        dropped = (redis.exceptions.ConnectionError,)
+
+        def make_sync() -> Any:
+            sync_kwargs = dict(kwargs)
+            sync_kwargs.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=dropped))
+            startup = [redis.cluster.ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+            return redis.cluster.RedisCluster(startup_nodes=startup, **sync_kwargs)
+
+        def make_async() -> Any:
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            async_kwargs = dict(kwargs)
+            async_kwargs.setdefault("retry", AsyncRetry(NoBackoff(), 1, supported_errors=dropped))
+            startup = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in nodes]
+            return redis.asyncio.cluster.RedisCluster(startup_nodes=startup, **async_kwargs)
+
+        backend._sync_factory = make_sync
+        backend._async_factory = make_async
+        backend._owns_clients = True
+        return backend
+
+    @property
+    def sync_capable(self) -> bool:
+        return self._sync is not None or self._sync_factory is not None
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def _base(self, dep: str, stripe: str) -> str:
+        """The group of ``dep`` for an entry in ``stripe`` (global deps live in every stripe)."""
+        name = _group_name(dep)
+        if name is None:
+            return stripe
+        return f"{self.prefix}:{{{self.prefix}|t|{name}}}"
+
+    def _stripe_of(self, i: int) -> str:
+        return f"{self.prefix}:{{{self.prefix}|s|{i}}}"
+
+    def _stripe(self, key: str) -> str:
+        return self._stripe_of(zlib.crc32(key.encode("utf-8", "surrogatepass")) % self._stripes)
+
+    def _entry_keys(self, key: str) -> list[str]:
+        tag = "{" + self._stripe(key).split("{", 1)[1]
+        return [f"{self.prefix}:e:{tag}{key}", f"{self.prefix}:l:{tag}{key}"]
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _make_sync(self) -> _Side | None:
+        if self._sync is None and self._sync_factory is not None:
+            with self._lock:
+                if self._sync is None:
+                    self._sync = _Side(self._sync_factory(), False)
+        return self._sync
+
+    def _make_async(self) -> _Side | None:
+        if self._async is None and self._async_factory is not None:
+            with self._lock:
+                if self._async is None:
+                    self._async = _Side(self._async_factory(), True)
+        return self._async
+
+    def _side(self) -> _Side:
+        if self._closed:
+            raise BackendError("RedisClusterBackend is closed")
+        if (self._async is not None or self._async_factory is not None) and _in_greenlet():
+            side = self._make_async()
+            if side is not None:
+                return side
+        side = self._make_sync()
+        if side is not None:
+            return side
+        raise BackendError(
+            "RedisClusterBackend has only an asyncio client and was called outside an AsyncSession; "
+            "pass a sync client too (RedisClusterBackend(client=..., async_client=...))"
+        )
+
+    def _drive(self, what: str, steps: Generator[_Batch, list[Any], _T]) -> _T:
+        try:
+            side = self._side()
+            batch = next(steps)
+            while True:
+                replies = side.run(batch)
+                batch = steps.send(replies)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+        except _FAILURES as exc:
+            raise _failure(what, exc) from exc
+
+    async def _adrive(self, what: str, steps: Generator[_Batch, list[Any], _T]) -> _T:
+        if self._closed:
+            raise BackendError("RedisClusterBackend is closed")
+        try:
+            side = self._make_async()
+            if side is None:
+                raise BackendError("RedisClusterBackend has no asyncio client")
+            batch = next(steps)
+            while True:
+                replies = await side.arun(batch)
+                batch = steps.send(replies)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+        except _FAILURES as exc:
+            raise _failure(what, exc) from exc
+
+    def _has_async(self) -> bool:
+        return self._async is not None or self._async_factory is not None
+
+    # -- lookup -----------------------------------------------------------------------------------
+
+    def _read_groups(
+        self, deps: Sequence[str], stripe: str, entry_key: str | None = None
+    ) -> tuple[_Batch, list[tuple[str, list[str]]]]:
+        """MGETs of each group's generation and the versions of ``deps`` in it; with ``entry_key``,
+        the first MGET is the stripe's and reads the entry first (reply: entry, then the group's)."""
+        groups: dict[str, list[str]] = {stripe: []} if entry_key is not None else {}
+        for dep in deps:
+            groups.setdefault(self._base(dep, stripe), []).append(dep)
+        batch: _Batch = [
+            ("MGET", f"{base}:gen", *(f"{base}:v:{d}" for d in ds)) for base, ds in groups.items()
+        ]
+        if entry_key is not None:
+            batch[0] = ("MGET", entry_key, *batch[0][1:])
+        return batch, list(groups.items())
+
+    def _absorb(
+        self, replies: Sequence[Any], groups: list[tuple[str, list[str]]], versions: dict[str, int | None]
+    ) -> None:
+        gens: dict[str, int] = {}
+        for reply, (base, deps) in zip(replies, groups):
+            if not isinstance(reply, list) or len(reply) != len(deps) + 1:
+                raise BackendError(f"Redis Cluster MGET returned a malformed reply: {reply!r}", "protocol")
+            g = _version(reply[0])
+            if g is not None:
+                gens[base] = g
+            for dep, value in zip(deps, reply[1:]):
+                versions[dep] = _version(value)
+        if gens:
+            self._clock.observe(gens)
+
+    def _parse(self, raw: bytes, stripe: str) -> tuple[Entry, dict[str, int]] | None:
+        header, sep, payload = raw.partition(b"\n")
+        if not sep:
+            return None
+        fields = header.split(b"\x1f")
+        try:
+            gens = [int(g) for g in fields[0].split(b",")] if fields[0] else []
+            deps = tuple(f.decode() for f in fields[1:])
+        except (ValueError, UnicodeDecodeError):
+            return None
+        bases = list(dict.fromkeys(self._base(d, stripe) for d in deps))
+        if len(bases) != len(gens):
+            return None
+        return Entry(payload, deps), dict(zip(bases, gens))
+
+    def _lookup_steps(
+        self, key: str, hint: Sequence[str], lease: tuple[str, int] | None = None
+    ) -> Generator[_Batch, list[Any], tuple[Lookup, bool]]:
+        entry_key, lease_key = self._entry_keys(key)
+        stripe = self._stripe(key)
+        looked = list(dict.fromkeys([*hint, *map(_root, hint)]))
+        versions: dict[str, int | None] = {}
+        raw: Any
+        taken = False
+        if lease is None:
+            reads, groups = self._read_groups(looked, stripe, entry_key)
+            replies = yield reads
+            first = replies[0]
+            if not isinstance(first, list) or not first:
+                raise BackendError(f"Redis Cluster MGET returned a malformed reply: {first!r}", "protocol")
+            raw = first[0]
+            self._absorb([first[1:], *replies[1:]], groups, versions)
+        else:
+            reads, groups = self._read_groups(looked, stripe)
+            replies = yield [(_ENTRY, [entry_key, lease_key], ["get", lease[0], str(lease[1])]), *reads]
+            self._absorb(replies[1:], groups, versions)
+            reply = replies[0]
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise BackendError(f"Redis Cluster lease returned a malformed reply: {reply!r}", "protocol")
+            raw = reply[1] if reply[0] == 1 else None
+            taken = reply[0] == 0 and reply[1] == 1
+        if raw is not None:
+            parsed = self._parse(raw, stripe) if isinstance(raw, bytes) else None
+            if parsed is None:
+                with self._lock:
+                    self.corrupt_entries += 1
+            else:
+                entry, recorded = parsed
+                unread = [d for d in entry.deps if d not in versions]
+                if unread:
+                    more, more_groups = self._read_groups(unread, stripe)
+                    self._absorb((yield more), more_groups, versions)
+                if all(
+                    (v := versions[d]) is not None and v <= recorded[self._base(d, stripe)]
+                    for d in entry.deps
+                ):
+                    return Lookup(entry, self._clock.handle), False
+            # Stale or corrupt: deleted (and, for a lease, the lease tried in the same step).
+            if lease is None:
+                yield [("UNLINK", entry_key)]
+            else:
+                reply = (yield [(_ENTRY, [entry_key, lease_key], ["drop", lease[0], str(lease[1])])])[0]
+                taken = isinstance(reply, list) and len(reply) == 2 and reply[1] == 1
+        # A miss makes the expected roots exist (see lookup.lua), so the store that follows is accepted.
+        missing: dict[str, list[str]] = {}
+        for dep in dict.fromkeys(map(_root, hint)):
+            if versions.get(dep) is None:
+                missing.setdefault(self._base(dep, stripe), []).append(dep)
+        if missing:
+            bases = [b for b in missing if b != stripe]
+            made = yield [(_ROOTS, [f"{b}:gen"], [b, self._vttl, *missing[b]]) for b in bases]
+            self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, made)})
+            if stripe in missing:
+                yield from self._spread_roots(missing[stripe])
+        return Lookup(None, self._clock.handle), taken
+
+    def _spread_roots(self, deps: list[str]) -> Generator[_Batch, list[Any], None]:
+        """Global dependencies missing in a stripe: created ("bumped now") in every stripe that
+        lacks them, so that one first read (or one refused store) makes them exist for every key."""
+        if not deps:
+            return
+        bases = [self._stripe_of(i) for i in range(self._stripes)]
+        made = yield [(_ROOTS, [f"{b}:gen"], [b, self._vttl, *deps]) for b in bases]
+        self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, made)})
+
+    def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
+        return self._drive("lookup", self._lookup_steps(key, hint))[0]
+
+    async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
+        """``lookup`` awaited on the event loop with the asyncio client."""
+        if not self._has_async():
+            return self.lookup(key, hint)
+        return (await self._adrive("lookup", self._lookup_steps(key, hint)))[0]
+
+    def generation(self) -> int:
+        """The current handle (no round trip: it stands for what this process has observed)."""
+        if self._closed:
+            raise BackendError("RedisClusterBackend is closed")
+        return self._clock.handle
+
+    # -- store ------------------------------------------------------------------------------------
+
+    def _store_steps(
+        self, key: str, payload: bytes, deps: Sequence[str], generation: int, ttl: float, lease: str | None
+    ) -> Generator[_Batch, list[Any], bool]:
+        entry_key, lease_key = self._entry_keys(key)
+        for dep in deps:
+            if "\x1f" in dep or "\n" in dep:
+                raise ValueError(f"dependency name {dep!r} contains a separator character (\\x1f or \\n)")
+        if not ttl > 0:  # also rejects NaN
+            if lease is not None:
+                yield [(_ENTRY, [entry_key, lease_key], ["free", lease])]
+            return False
+        ttl_ms = str(_ttl_ms(ttl))
+        stripe = self._stripe(key)
+        groups: dict[str, list[str]] = {}
+        for dep in deps:
+            groups.setdefault(self._base(dep, stripe), []).append(dep)
+        handle = int(generation)
+        recorded = {base: self._clock.at(handle, base) for base in groups}
+        accepted = True
+        if groups:
+            bases = list(groups)
+            replies = yield [
+                (_CHECK, [f"{b}:gen"], [b, str(recorded[b]), ttl_ms, self._vttl, *groups[b]]) for b in bases
+            ]
+            gens: dict[str, int] = {}
+            spread = False
+            for base, reply in zip(bases, replies):
+                if not isinstance(reply, list) or len(reply) != 3:
+                    raise BackendError(
+                        f"Redis Cluster store returned a malformed reply: {reply!r}", "protocol"
+                    )
+                accepted = accepted and reply[0] == 1
+                gens[base] = _int(reply[1], "generation")
+                spread = spread or reply[2] == 1
+            self._clock.observe(gens)
+            if spread:  # a global dep was missing in this stripe: make it exist in all of them
+                yield from self._spread_roots([d for d in groups.get(stripe, []) if _group_name(d) is None])
+        if not accepted:
+            if lease is not None:
+                yield [(_ENTRY, [entry_key, lease_key], ["free", lease])]
+            return False
+        header = b",".join(str(recorded[b]).encode() for b in groups)
+        value = b"\x1f".join([header, *(d.encode() for d in deps)]) + b"\n" + bytes(payload)
+        yield [(_ENTRY, [entry_key, lease_key], ["set", value, ttl_ms, lease or ""])]
+        return True
+
+    def store(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool:
+        """See the contract and the module docstring (check per group, then the entry)."""
+        return self._drive("store", self._store_steps(key, payload, deps, generation, ttl, lease))
+
+    async def astore(
+        self,
+        key: str,
+        payload: bytes,
+        deps: Sequence[str],
+        generation: int,
+        ttl: float,
+        *,
+        lease: str | None = None,
+    ) -> bool:
+        if not self._has_async():
+            return self.store(key, payload, deps, generation, ttl, lease=lease)
+        return await self._adrive("store", self._store_steps(key, payload, deps, generation, ttl, lease))
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def lease(self, key: str, ttl: float, hint: Sequence[str] = ()) -> tuple[Lookup, str | bool | None]:
+        """``lookup`` and, on a miss, the key's fill lease for ``ttl`` seconds (see the contract)."""
+        token = secrets.token_hex(8)
+        found, taken = self._drive("lease", self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
+        if found.entry is not None:
+            return found, None
+        return found, token if taken else False
+
+    async def alease(
+        self, key: str, ttl: float, hint: Sequence[str] = ()
+    ) -> tuple[Lookup, str | bool | None]:
+        if not self._has_async():
+            return self.lease(key, ttl, hint)
+        token = secrets.token_hex(8)
+        found, taken = await self._adrive("lease", self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
+        if found.entry is not None:
+            return found, None
+        return found, token if taken else False
+
+    def claim(self, key: str, ttl: float) -> str | None:
+        token = secrets.token_hex(8)
+        claim_key = f"{self.prefix}:r:" + self._entry_keys(key)[0].split(":e:", 1)[1]
+
+        def steps() -> Generator[_Batch, list[Any], Any]:
+            return (yield [("SET", claim_key, token, "NX", "PX", _ttl_ms(ttl))])[0]
+
+        return token if self._drive("claim", steps()) else None
+
+    def release(self, key: str, token: str) -> None:
+        lease_key = self._entry_keys(key)[1]
+
+        def steps() -> Generator[_Batch, list[Any], None]:
+            yield [(_RELEASE, [lease_key], [token])]
+
+        self._drive("release", steps())
+
+    # -- bump -------------------------------------------------------------------------------------
+
+    def bump(
+        self, deps: Sequence[str], rows: Sequence[tuple[str, Mapping[str, str], int | None]] = ()
+    ) -> None:
+        if not deps and not rows:
+            return
+        groups: dict[str, tuple[list[str], list[str]]] = {}
+        for dep in dict.fromkeys(deps):
+            if _group_name(dep) is None:  # a global dependency: in every stripe
+                for i in range(self._stripes):
+                    groups.setdefault(self._stripe_of(i), ([], []))[0].append(dep)
+            else:
+                groups.setdefault(self._base(dep, ""), ([], []))[0].append(dep)
+        for table, values, guard in rows:
+            base = self._base("t:" + table, "")
+            # The guard is a handle: what it recorded for the table's group (0: untrusted).
+            head = [table, "-" if guard is None else str(self._clock.at(int(guard), base))]
+            image = "\x1f".join([*head, *(x for item in values.items() for x in item)])
+            groups.setdefault(base, ([], []))[1].append(image)
+        bases = list(groups)
+        batch: _Batch = [
+            (_BUMP, [f"{b}:gen"], [b, self._vttl, str(len(groups[b][0])), *groups[b][0], *groups[b][1]])
+            for b in bases
+        ]
+
+        def steps() -> Generator[_Batch, list[Any], None]:
+            replies = yield batch
+            self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, replies)})
+
+        self._drive("bump", steps())
+
+    # -- housekeeping -----------------------------------------------------------------------------
+
+    def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        batch: _Batch = [("UNLINK", self._entry_keys(k)[0]) for k in keys]
+
+        def steps() -> Generator[_Batch, list[Any], None]:
+            yield batch
+
+        self._drive("delete", steps())
+
+    def _is_ours(self, key: bytes) -> bool:
+        ours = self.prefix.encode() + b":"
+        if not key.startswith(ours):
+            return False
+        rest = key[len(ours) :]
+        tag = b"{" + self.prefix.encode() + b"|"
+        return rest.startswith((b"e:" + tag, b"l:" + tag, b"r:" + tag, tag + b"t|", tag + b"s|"))
+
+    def clear(self) -> None:
+        """SCAN every primary for this prefix's keys and UNLINK them in batches."""
+        side = self._side()
+        pattern = _glob_escape(self.prefix) + ":*"
+        try:
+            if side.is_async:
+                _await(self._aclear(side))
+                return
+            doomed: list[Any] = []
+            for k in side.client.scan_iter(match=pattern, count=1000):
+                if self._is_ours(k):
+                    doomed.append(k)
+                if len(doomed) >= 500:
+                    side.run([("UNLINK", k) for k in doomed])
+                    doomed.clear()
+            if doomed:
+                side.run([("UNLINK", k) for k in doomed])
+        except _FAILURES as exc:
+            raise _failure("clear", exc) from exc
+        finally:
+            self._clock.clear()
+
+    async def _aclear(self, side: _Side) -> None:
+        pattern = _glob_escape(self.prefix) + ":*"
+        doomed: list[Any] = []
+        async for k in side.client.scan_iter(match=pattern, count=1000):
+            if self._is_ours(k):
+                doomed.append(k)
+        for i in range(0, len(doomed), 500):
+            await side.arun([("UNLINK", k) for k in doomed[i : i + 500]])
+
+    def close(self) -> None:
+        """Close the clients this backend built (see :meth:`from_url`); further calls fail."""
+        self._closed = True
+        if not self._owns_clients:
+            return
+        try:
+            if self._sync is not None:
+                self._sync.client.close()
+            if self._async is not None and _in_greenlet():
+                client, self._async = self._async.client, None
+                _await(client.aclose())
+        except _FAILURES as exc:
+            raise _failure("close", exc) from exc
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if not self._owns_clients:
+            return
+        try:
+            if self._sync is not None:
+                self._sync.client.close()
+            if self._async is not None:
+                client, self._async = self._async.client, None
+                await client.aclose()
+        except _FAILURES as exc:
+            raise _failure("close", exc) from exc

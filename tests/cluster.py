@@ -1,0 +1,83 @@
+"""A throwaway Redis Cluster: three masters from ``redis-server --cluster-enabled yes`` on free
+loopback ports (slots assigned with CLUSTER ADDSLOTSRANGE, nodes joined with CLUSTER MEET)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from tests.faults import LOOPBACK, RedisServer, free_port
+
+
+def _state_ok(client: redis.Redis) -> bool:
+    info = client.execute_command("CLUSTER", "INFO")  # parsed to a dict, or not, by redis-py version
+    if isinstance(info, dict):
+        return bool(info.get("cluster_state") in ("ok", b"ok"))
+    return b"cluster_state:ok" in info
+
+
+class RedisClusterProcs:
+    def __init__(self, masters: int = 3) -> None:
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.servers = [
+            RedisServer(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                # Its own free bus port: port + 10000 may not exist for a high free port.
+                "--cluster-port",
+                str(bus),
+                "--cluster-node-timeout",
+                "3000",
+            )
+            for bus in self.bus_ports
+        ]
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{p}" for p in self.ports) + "/"
+
+    def node(self, i: int) -> redis.Redis:
+        return redis.Redis(LOOPBACK, self.servers[i].port)
+
+    def start(self, timeout: float = 20.0) -> None:
+        for server in self.servers:
+            server.start()
+        n = len(self.servers)
+        per = 16384 // n
+        clients = [self.node(i) for i in range(n)]
+        try:
+            for i, client in enumerate(clients):
+                last = 16383 if i == n - 1 else (i + 1) * per - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            for client in clients[1:]:
+                client.execute_command("CLUSTER", "MEET", LOOPBACK, self.servers[0].port, self.bus_ports[0])
+            deadline = time.monotonic() + timeout
+            while True:
+                ok = all(_state_ok(c) and len(c.execute_command("CLUSTER", "SLOTS")) == n for c in clients)
+                if ok:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def flushall(self) -> None:
+        for i in range(len(self.servers)):
+            client = self.node(i)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
