@@ -42,8 +42,9 @@ SEAM = PACKAGE / "_sa.py"
 # Being split in another branch; its privates move behind the seam after that.
 NOT_CHECKED = {SEAM}
 
-# Private attributes read with getattr() that are not SQLAlchemy's: redis-py's Retry (connect.py).
-OTHER_LIBRARIES = {"_retries", "_supported_errors"}
+# Private attributes that are not SQLAlchemy's: redis-py's Retry (connect.py) and a connection's socket
+# (backends/redis/own.py).
+OTHER_LIBRARIES = {"_retries", "_supported_errors", "_sock"}  # redis-py's
 
 _ATTRIBUTE_FUNCTIONS = {"getattr", "hasattr", "setattr", "delattr"}
 
@@ -114,7 +115,7 @@ def _private_uses(tree: ast.Module, own: set[str], seam: set[str]) -> Iterator[t
     """(line, what) for each use of a private name that sqlacache does not define itself (``seam``:
     the names ``_sa.py`` wraps, found in any string too)."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
+        if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own | OTHER_LIBRARIES:
             yield node.lineno, f".{node.attr}"
         elif isinstance(node, ast.Call):
             func = node.func
