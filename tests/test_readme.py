@@ -165,3 +165,16 @@ def test_the_tracker_snippet_runs_as_written(tmp_path, redis_url, key_prefix):
         assert s.get(TrackerUser, 42).active is False
     cache.close()
     engine.dispose()
+
+
+def test_the_readme_is_valid_restructuredtext() -> None:
+    """PyPI renders README.rst as the project's page: a malformed table or title must fail here."""
+    import docutils.core
+    import docutils.utils
+
+    try:
+        docutils.core.publish_doctree(
+            README.read_text(), settings_overrides={"report_level": 2, "halt_level": 2}
+        )
+    except docutils.utils.SystemMessage as exc:
+        pytest.fail(f"README.rst: {exc}")
