@@ -96,7 +96,30 @@ class Moved:
         self.last = now
 
 
-def bench_sync(schema: str, expected: dict[int, Any], iterations: int) -> dict[str, dict[str, Any]]:
+def check_get(obj: Any, i: int, statements: int, moved: Moved | None) -> None:
+    check(snapshot(obj) == expected_rows[i], "get: wrong values")
+    check(statements == (moved is None), "get: statements")
+    if moved is not None:
+        moved("get", 1)
+
+
+def check_list(objs: list[Any], g: int, statements: int, moved: Moved | None) -> None:
+    check([o.id for o in objs] == group_ids(g), "list: wrong rows")
+    check(statements == (moved is None), "list: statements")
+    if moved is not None:
+        moved("list", 1)
+
+
+def check_ten(objs: list[Any], ids: list[int], moved: Moved | None) -> None:
+    check([snapshot(o) for o in objs] == [expected_rows[i] for i in ids], "10 gets: wrong values")
+    if moved is not None:
+        moved("10 gets", 10)
+
+
+expected_rows: dict[int, Any] = {}  # what the database holds, filled in main()
+
+
+def bench_sync(schema: str, iterations: int) -> dict[str, dict[str, Any]]:
     engine = create_engine(PG_SYNC_URL, connect_args=schema_args(PG_SYNC_URL, schema))
     sql = Counter()
     sql.listen(engine)
@@ -128,10 +151,7 @@ def bench_sync(schema: str, expected: dict[int, Any], iterations: int) -> dict[s
             with maker() as s:
                 obj = s.get(User, i)
             t1 = time.perf_counter_ns()
-            check(snapshot(obj) == expected[i], "get: wrong values")
-            check(sql.n == before + (moved is None), "get: statements")
-            if moved is not None:
-                moved("get", 1)
+            check_get(obj, i, sql.n - before, moved)
             return t1 - t0
 
         return step
@@ -144,10 +164,7 @@ def bench_sync(schema: str, expected: dict[int, Any], iterations: int) -> dict[s
             with maker() as s:
                 objs = s.scalars(statement).all()
             t1 = time.perf_counter_ns()
-            check([o.id for o in objs] == group_ids(g), "list: wrong rows")
-            check(sql.n == before + (moved is None), "list: statements")
-            if moved is not None:
-                moved("list", 1)
+            check_list(objs, g, sql.n - before, moved)
             return t1 - t0
 
         return step
@@ -159,9 +176,7 @@ def bench_sync(schema: str, expected: dict[int, Any], iterations: int) -> dict[s
             with maker() as s:
                 objs = [s.get(User, i) for i in ids]
             t1 = time.perf_counter_ns()
-            check([snapshot(o) for o in objs] == [expected[i] for i in ids], "10 gets: wrong values")
-            if moved is not None:
-                moved("10 gets", 10)
+            check_ten(objs, ids, moved)
             return t1 - t0
 
         return step
@@ -182,7 +197,7 @@ def bench_sync(schema: str, expected: dict[int, Any], iterations: int) -> dict[s
     return out
 
 
-async def bench_async(schema: str, expected: dict[int, Any], iterations: int) -> dict[str, dict[str, Any]]:
+async def bench_async(schema: str, iterations: int) -> dict[str, dict[str, Any]]:
     engine = create_async_engine(PG_ASYNC_URL, connect_args=schema_args(PG_ASYNC_URL, schema))
     sql = Counter()
     sql.listen(engine.sync_engine)
@@ -216,10 +231,7 @@ async def bench_async(schema: str, expected: dict[int, Any], iterations: int) ->
             async with maker() as s:
                 obj = await s.get(User, i)
             t1 = time.perf_counter_ns()
-            check(snapshot(obj) == expected[i], "get: wrong values")
-            check(sql.n == before + (moved is None), "get: statements")
-            if moved is not None:
-                moved("get", 1)
+            check_get(obj, i, sql.n - before, moved)
             return t1 - t0
 
         return step
@@ -232,10 +244,7 @@ async def bench_async(schema: str, expected: dict[int, Any], iterations: int) ->
             async with maker() as s:
                 objs = (await s.scalars(statement)).all()
             t1 = time.perf_counter_ns()
-            check([o.id for o in objs] == group_ids(g), "list: wrong rows")
-            check(sql.n == before + (moved is None), "list: statements")
-            if moved is not None:
-                moved("list", 1)
+            check_list(objs, g, sql.n - before, moved)
             return t1 - t0
 
         return step
@@ -247,9 +256,7 @@ async def bench_async(schema: str, expected: dict[int, Any], iterations: int) ->
             async with maker() as s:
                 objs = [await s.get(User, i) for i in ids]
             t1 = time.perf_counter_ns()
-            check([snapshot(o) for o in objs] == [expected[i] for i in ids], "10 gets: wrong values")
-            if moved is not None:
-                moved("10 gets", 10)
+            check_ten(objs, ids, moved)
             return t1 - t0
 
         return step
@@ -312,10 +319,10 @@ def main() -> None:
     create_schema(schema)
     try:
         probe = create_engine(PG_SYNC_URL, connect_args=schema_args(PG_SYNC_URL, schema))
-        expected = load_expected(probe)
+        expected_rows.update(load_expected(probe))
         probe.dispose()
-        results = {"sync": bench_sync(schema, expected, iterations)}
-        results["async"] = asyncio.run(bench_async(schema, expected, iterations))
+        results = {"sync": bench_sync(schema, iterations)}
+        results["async"] = asyncio.run(bench_async(schema, iterations))
     finally:
         drop_schema(schema)
     text = report(results, iterations, time.monotonic() - started)
