@@ -342,6 +342,9 @@ class Cache:
         corrupt = getattr(self.backend, "corrupt_entries", 0)  # found and deleted inside the backend
         if isinstance(corrupt, int) and corrupt:
             out["corrupt"] = out.get("corrupt", 0) + corrupt
+        changes = getattr(self.backend, "server_changes", 0)  # watch_server: a new server found
+        if isinstance(changes, int) and changes:
+            out["server_changes"] = changes
         out["pending_invalidations"] = self.io.pending
         out["breaker"] = self.io.breaker.state
         out["breaker_opened"] = self.io.breaker.opened

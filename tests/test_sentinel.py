@@ -448,4 +448,5 @@ def test_single_redis_back_with_older_data_seen_by_a_new_process(
     watched = apps(RedisBackend.from_url(fresh_redis.url, prefix=key_prefix, watch_server=True))
     assert watched.name() == "after" and watched.hit(watched.name) == "after"
     assert watched.cache.backend.server_changes == 1  # type: ignore[attr-defined]
+    assert watched.cache.stats()["server_changes"] == 1
     assert unwatched.name() == "after"  # the check's invalidation holds for every process
