@@ -176,7 +176,8 @@ NEAR_WORLDS = frozenset(NEAR_SYNC_WORLDS + NEAR_ASYNC_WORLDS)
 NEAR = {"near_cache": True, "near_coherence": "strict"}
 # Cluster worlds: PostgreSQL with the Redis Cluster backend on a throwaway 3-master cluster
 # (``redis_cluster`` below), only in the modules marked ``cluster_worlds`` (the freshness tests).
-CLUSTER_SYNC_WORLDS = ["postgres+cluster"]
+# ``postgres+cluster+near``: the same with a near-cache (strict), fanned out by sharded pub/sub.
+CLUSTER_SYNC_WORLDS = ["postgres+cluster", "postgres+cluster+near"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

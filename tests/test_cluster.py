@@ -259,8 +259,12 @@ def test_cache_from_url_and_clients(redis_cluster: RedisClusterProcs, key_prefix
     round_trip(cache)
     cache.close()
     client.close()
-    with pytest.raises(ConfigurationError, match="fans out"):
-        Cache(backend=redis_cluster.url, prefix=key_prefix, near_cache=True)
+    # The near-cache fans out by sharded pub/sub (tests/test_cluster_near.py); an asyncio-only
+    # backend has no client for its subscriber thread.
+    Cache(backend=redis_cluster.url, prefix=key_prefix, near_cache=True).close()
+    aclient = redis.asyncio.cluster.RedisCluster(LOOPBACK, redis_cluster.ports[0])
+    with pytest.raises(ConfigurationError, match="sync client"):
+        Cache(backend=RedisClusterBackend(async_client=aclient, prefix=key_prefix), near_cache=True)
 
 
 def test_asyncio_client_native(redis_cluster: RedisClusterProcs, key_prefix: str) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class BackendError(Exception):
@@ -218,7 +218,10 @@ class SendsStores(Protocol):
         ...
 
 
-Position = tuple[int, int]  # where a sequence of bumps stands (a backend's own ordering)
+# Where the bumps stand, read from the backend (``FansOut.position``) and checked only by the same
+# backend's subscription (``Subscription.caught_up``): one Redis, ``(born, n)``; a Redis Cluster, a
+# tuple of such positions, one per group its subscription follows.
+Position = Any
 
 
 class Listener(Protocol):
@@ -233,12 +236,23 @@ class Listener(Protocol):
     def synced(self) -> None:
         """In step again: every bump up to now is in the backend, the later ones will be applied."""
 
+    def widened(self) -> None:
+        """The subscription now follows bumps it did not follow before (a Redis Cluster's group, on
+        first sight): what a read that began before this call returned can't be taken."""
+
 
 class Subscription(Protocol):
     position: Position | None  # the last bump applied; None while out of step
 
     def caught_up(self, position: Position) -> bool:
         """Whether every bump up to ``position`` (read from the backend) has been applied."""
+        ...
+
+    def covers(self, key: str, deps: Sequence[str]) -> bool:
+        """Whether every bump that could outdate the entry under ``key`` with ``deps`` is followed
+        (and in step): only then may the near-cache take it. A subscription that follows only part
+        of the bumps (a Redis Cluster's: groups on first sight) starts following what is missing (the
+        read path asks it before a lookup too, with the dependencies it expects)."""
         ...
 
     def close(self) -> None: ...

@@ -13,6 +13,9 @@ Coherence rests on three rules, enforced here:
   read began could concern it — else a commit that landed between the backend's answer and the
   insertion would be missed for good.
 * Losing step empties it.
+* It takes an entry only when its subscription ``covers`` it: every bump that could outdate it is
+  followed (a Redis Cluster's subscription follows each group from its first sight on, and
+  ``widened`` refuses the reads that began before).
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class NearStore:
         with self._lock:
             if not self.in_step or not self._untouched_since(since, entry.deps):
                 return
+            subscription = self.subscription
+            if subscription is not None and not subscription.covers(key, entry.deps):
+                return  # an eviction it needs may not be heard (yet): a Redis Cluster's new group
             old = self._entries.get(key)
             if old is not None:
                 self._remove(old)
@@ -182,3 +188,10 @@ class NearStore:
 
     def synced(self) -> None:
         self._forget_all(True)
+
+    def widened(self) -> None:
+        # Bumps not followed until now may have outdated what a read in flight returned: refuse
+        # every read that began before (the entries held depend only on what was followed).
+        with self._lock:
+            self.epoch += 1
+            self._history.append((self.epoch, None))

@@ -85,6 +85,14 @@ def _position(session: Session, ctx: SessionContext) -> tuple[Any, Any]:
     return tx, None
 
 
+def _follow(near: NearStore, key: str, hint: Sequence[str]) -> None:
+    """A subscription that follows bumps on first sight (a Redis Cluster's groups) starts following
+    what the entry will depend on now, so that the next read's entry can be taken."""
+    subscription = near.subscription
+    if subscription is not None:
+        subscription.covers(key, hint)
+
+
 def lookup(
     session: Session, ctx: SessionContext, key: str, hint: Sequence[str], since: float
 ) -> tuple[Lookup | None, Fill | None, Source | None]:
@@ -106,6 +114,7 @@ def lookup(
         # evicted by a bump the subscriber applied since (up to that very position).
         if _strict_ok(ctx, position) and (held := _held(cache, near, key)) is not None:
             return Lookup(held.entry, held.generation), None, Source(cache, near, key, None, held.memo)
+    _follow(near, key, hint)
     epoch = near.epoch
     found, fill = stampede.lookup(cache, key, hint, since)
     return found, fill, Source(cache, near, key, epoch)
@@ -129,5 +138,6 @@ async def alookup(
             ctx.near_at = (tx, position) if position is not None and tx is not None else None
         if _strict_ok(ctx, position) and (held := _held(cache, near, key)) is not None:
             return Lookup(held.entry, held.generation), None, True, Source(cache, near, key, None, held.memo)
+    _follow(near, key, hint)
     epoch = near.epoch
     return (*await stampede.alookup(cache, key, hint), Source(cache, near, key, epoch))

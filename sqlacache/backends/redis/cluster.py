@@ -54,14 +54,14 @@ generations and versions are read in one pipelined round trip (one request per n
 nodes before any reply is read); dependencies the entry names outside the hint cost a second round
 trip. Without a hint the entry is read first, then its dependencies' versions.
 
-**Bump.** One script per group touched (``bump.lua``'s rules, without its fan-out), pipelined over
-the nodes. If any group fails the bump raises :class:`~sqlacache.backends.base.BackendError`: the
-cache keeps the invalidation pending and retries all of it (bumping a group twice is harmless: one
-more miss). The groups that succeeded are not rolled back and need not be: a bump only ever moves
-versions forward.
+**Bump.** One script per group touched (``bump.lua``, its fan-out by ``SPUBLISH`` on the group's
+shard channel ``<group>:fanout`` with the group's sequence ``<group>:seq``: see cluster_fanout.py
+for the near-cache's subscriber), pipelined over the nodes. If any group fails the bump raises
+:class:`~sqlacache.backends.base.BackendError`: the cache keeps the invalidation pending and
+retries all of it (bumping a group twice is harmless: one more miss). The groups that succeeded
+are not rolled back and need not be: a bump only ever moves versions forward.
 
-Not here (yet): fan-out to near-caches (``near_cache=True`` is refused on this backend), and
-tests of failover, resharding (MOVED/ASK during a call) and CLUSTERDOWN beyond "a failing call
+Not here (yet): tests of failover, resharding (MOVED/ASK during a call) and CLUSTERDOWN beyond "a failing call
 raises BackendError and the read falls back to the database".
 """
 
@@ -84,9 +84,10 @@ from redis.retry import Retry
 
 from sqlacache._sa import await_ as _await
 from sqlacache._sa import in_greenlet as _in_greenlet
-from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Lookup
+from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Listener, Lookup, Position
 from sqlacache.backends.redis import scripts
 from sqlacache.backends.redis.backend import _glob_escape, _root, _ttl_ms
+from sqlacache.backends.redis.cluster_fanout import ClusterSubscriber, parse_position
 from sqlacache.backends.redis.errors import FAILURES, failure
 
 __all__ = ["RedisClusterBackend", "parse_cluster_url"]
@@ -98,12 +99,13 @@ _FAILURES: tuple[type[BaseException], ...] = (*FAILURES, RedisClusterException)
 
 
 def _bump_source() -> str:
-    """``bump.lua`` without its fan-out (sequence and PUBLISH): what a group's bump does."""
+    """``bump.lua`` with its fan-out on the group's shard channel (SPUBLISH): what a group's bump
+    does, its sequence ``<group>:seq`` and channel ``<group>:fanout`` in the group's slot."""
     text = scripts.source("bump")
-    marker = "\nlocal moved = {}"
-    if marker not in text:  # pragma: no cover - bump.lua changed shape: fail loudly at import
-        raise RuntimeError("bump.lua no longer has its fan-out section where cluster.py expects it")
-    return text.split(marker, 1)[0] + "\nreturn g\n"
+    marker = "redis.call('PUBLISH', prefix .. ':fanout'"
+    if text.count(marker) != 1:  # pragma: no cover - bump.lua changed shape: fail loudly at import
+        raise RuntimeError("bump.lua no longer publishes where cluster.py expects it")
+    return text.replace(marker, "redis.call('SPUBLISH', prefix .. ':fanout'")
 
 
 class _Script:
@@ -350,6 +352,7 @@ class RedisClusterBackend:
         self._closed = False
         self._lock = threading.Lock()
         self._clock = _Clock()
+        self._subscribers: list[ClusterSubscriber] = []
         if stripes < 1:
             raise ValueError("stripes must be at least 1")
         self._stripes = stripes
@@ -759,6 +762,50 @@ class RedisClusterBackend:
             self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, replies)})
 
         self._drive("bump", steps())
+
+    # -- fan-out: each group's bump SPUBLISHes on its shard channel; near-caches subscribe ---------
+
+    def subscribe(self, listener: Listener, heartbeat: float) -> ClusterSubscriber:
+        """A subscriber thread (cluster_fanout.py) on the groups' shard channels, started."""
+        side = self._make_sync()
+        if side is None:
+            raise ValueError(
+                "near_cache on a Redis Cluster needs a sync client for its subscriber thread: "
+                "RedisClusterBackend(client=RedisCluster(…), async_client=…)"
+            )
+        stripes = [self._stripe_of(i) for i in range(self._stripes)]
+        subscriber = ClusterSubscriber(side.client, stripes, self._groups_of, listener, heartbeat)
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if not s.closed] + [subscriber]
+        subscriber.start()
+        return subscriber
+
+    def _groups_of(self, key: str, deps: Sequence[str]) -> set[str]:
+        stripe = self._stripe(key)
+        return {self._base(d, stripe) for d in deps}
+
+    def _position_steps(self) -> Generator[_Batch, list[Any], Position]:
+        with self._lock:
+            followed = set().union(*(s.followed() for s in self._subscribers if not s.closed))
+        groups = sorted(followed) or [self._stripe_of(i) for i in range(self._stripes)]
+        replies = yield [("HMGET", f"{g}:seq", "born", "n") for g in groups]
+        out = []
+        for group, reply in zip(groups, replies):
+            at = parse_position(*reply) if isinstance(reply, list) and len(reply) == 2 else None
+            if at is None:
+                raise BackendError(f"Redis Cluster holds a malformed sequence: {reply!r}", "protocol")
+            out.append((group, *at))
+        return tuple(out)
+
+    def position(self) -> Position:
+        """``(group, born, n)`` of every group this backend's subscribers follow: one pipelined
+        round trip (one request per node)."""
+        return self._drive("position", self._position_steps())
+
+    async def aposition(self) -> Position:
+        if not self._has_async():
+            return self.position()
+        return await self._adrive("position", self._position_steps())
 
     # -- housekeeping -----------------------------------------------------------------------------
 
