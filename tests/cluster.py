@@ -1,5 +1,6 @@
 """A throwaway Redis Cluster: three masters from ``redis-server --cluster-enabled yes`` on free
-loopback ports (slots assigned with CLUSTER ADDSLOTSRANGE, nodes joined with CLUSTER MEET)."""
+loopback ports (slots assigned with CLUSTER ADDSLOTSRANGE, nodes joined with CLUSTER MEET), and
+optionally a replica of each (CLUSTER REPLICATE): servers ``masters + i`` replicate master ``i``."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def _state_ok(client: redis.Redis) -> bool:
 
 
 class RedisClusterProcs:
-    def __init__(self, masters: int = 3) -> None:
-        self.bus_ports = [free_port() for _ in range(masters)]
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 3000) -> None:
+        self.masters = masters
+        self.bus_ports = [free_port() for _ in range(masters * (1 + replicas))]
         self.servers = [
             RedisServer(
                 "--cluster-enabled",
@@ -30,7 +32,10 @@ class RedisClusterProcs:
                 "--cluster-port",
                 str(bus),
                 "--cluster-node-timeout",
-                "3000",
+                str(node_timeout_ms),
+                # A replica fails over however long it was cut off from its master (the tests cut it).
+                "--cluster-replica-validity-factor",
+                "0",
             )
             for bus in self.bus_ports
         ]
@@ -46,21 +51,43 @@ class RedisClusterProcs:
     def node(self, i: int) -> redis.Redis:
         return redis.Redis(LOOPBACK, self.servers[i].port)
 
+    def node_id(self, i: int) -> str:
+        client = self.node(i)
+        try:
+            reply = client.execute_command("CLUSTER", "MYID")
+            return reply.decode() if isinstance(reply, bytes) else str(reply)
+        finally:
+            client.close()
+
     def start(self, timeout: float = 20.0) -> None:
         for server in self.servers:
             server.start()
-        n = len(self.servers)
+        n = self.masters
         per = 16384 // n
-        clients = [self.node(i) for i in range(n)]
+        clients = [self.node(i) for i in range(len(self.servers))]
         try:
-            for i, client in enumerate(clients):
+            for i, client in enumerate(clients[:n]):
                 last = 16383 if i == n - 1 else (i + 1) * per - 1
                 client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
             for client in clients[1:]:
                 client.execute_command("CLUSTER", "MEET", LOOPBACK, self.servers[0].port, self.bus_ports[0])
+            ids = [self.node_id(i) for i in range(n)]
+            for j, client in enumerate(clients[n:]):
+                master = ids[j % n]
+                deadline = time.monotonic() + timeout
+                while True:  # the replica must know the master's node id first
+                    try:
+                        client.execute_command("CLUSTER", "REPLICATE", master)
+                        break
+                    except redis.ResponseError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
             deadline = time.monotonic() + timeout
             while True:
                 ok = all(_state_ok(c) and len(c.execute_command("CLUSTER", "SLOTS")) == n for c in clients)
+                if ok and len(clients) > n:
+                    ok = all(c.info("replication").get("master_link_status") == "up" for c in clients[n:])
                 if ok:
                     return
                 if time.monotonic() > deadline:
@@ -71,7 +98,7 @@ class RedisClusterProcs:
                 client.close()
 
     def flushall(self) -> None:
-        for i in range(len(self.servers)):
+        for i in range(self.masters):
             client = self.node(i)
             try:
                 client.flushall()

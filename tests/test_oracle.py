@@ -29,7 +29,8 @@ true results, and hypothesis shrinks the run to a minimal program.
 
 Worlds: sync SQLite + memory, sync SQLite + Redis, sync PostgreSQL + Redis, async aiosqlite + memory,
 async asyncpg + Redis (the async ones drive ``CachingAsyncSession`` through one event loop per test), and
-the near worlds: SQLite, PostgreSQL and asyncpg + Redis with ``near_cache=True`` (strict) in both caches.
+the near worlds: SQLite, PostgreSQL and asyncpg + Redis with ``near_cache=True`` (strict) in both caches,
+and PostgreSQL on the Redis Cluster backend (a throwaway 3-master cluster).
 Both caches of a world watch the same database, so a commit through one evicts the other's near-cache
 directly, not through the fan-out (tests/test_near_fanout.py has real processes for that).
 ``SQLACACHE_ORACLE_EXAMPLES=<n>`` runs ``n`` examples in every world instead of the default budget (about
@@ -84,6 +85,8 @@ _EXAMPLES = {
     "sqlite+redis+near": 30,
     "postgres+redis+near": 25,
     "asyncpg+redis+near": 20,
+    # The Redis Cluster backend on the session's throwaway 3-master cluster (conftest.py).
+    "postgres+cluster": 20,
 }
 _STEPS = {
     "sqlite+memory": 50,
@@ -94,6 +97,7 @@ _STEPS = {
     "sqlite+redis+near": 50,
     "postgres+redis+near": 40,
     "asyncpg+redis+near": 40,
+    "postgres+cluster": 40,
 }
 
 
@@ -642,6 +646,8 @@ def oracle_env(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -
 
     if backend_kind == "memory":
         backend: Any = "memory://"
+    elif backend_kind == "cluster":
+        backend = request.getfixturevalue("redis_cluster").url
     elif near:  # the near-cache's subscriber thread needs the sync client a URL makes too
         backend = request.getfixturevalue("redis_url")
     elif is_async:

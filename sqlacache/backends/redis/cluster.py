@@ -61,13 +61,34 @@ for the near-cache's subscriber), pipelined over the nodes. If any group fails t
 retries all of it (bumping a group twice is harmless: one more miss). The groups that succeeded
 are not rolled back and need not be: a bump only ever moves versions forward.
 
-Not here (yet): tests of failover, resharding (MOVED/ASK during a call) and CLUSTERDOWN beyond "a failing call
-raises BackendError and the read falls back to the database".
+**Failover: the node check.** Replication is asynchronous: a bump acknowledged by a master can be
+missing on the replica promoted in its place, which then holds the group's old versions, and every
+entry depending on that group (in any slot, on any node) looks valid again, to every process.
+identity.py's answer, per node: each node records, in a key of the first slot it serves
+(``P:{P|n|<i>}:run``, ``i`` picked so that the tag hashes to that slot; it replicates and migrates
+with the slot), the ``run_id`` of the server the data was checked on. Every connection the cluster
+client opens runs, inside its connect step (``user_on_connect_func`` of the sync client, the
+nodes' ``redis_connect_func`` of the asyncio one), ``CLUSTER NODES`` and a script comparing that
+key with the server's ``run_id``. A difference (a promoted replica, a restarted or flushed node, a
+slot that moved) is recorded and moves an epoch; the backend then, before any other call goes on,
+bumps ``*`` in every stripe (every entry outdated, on every node), forgets what its handles
+recorded (``_Clock.clear``: a group's counter may have gone back; stores from older handles are
+refused), and only then records the new ``run_id`` (by a script that writes it only on that
+server). A call whose batch saw the epoch move (a new node met during it) starts over: its replies
+may come from a node not yet healed. A process that meets the node after the record finds it
+matching, and the ``*`` bump was done before the record was written, so no process serves from
+the promoted replica what it lost. The first call of a backend opens a connection to every
+primary, so that the check (and, for a new prefix, the first heal) comes before any handle is
+handed out. ``watch_servers=False`` turns the check off. Bumps that fail while a slot has no
+master raise (the cache keeps them pending); reads of a group whose node is down fail, and are
+misses, whatever node the entry is on.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import logging
 import secrets
 import threading
 import zlib
@@ -79,7 +100,8 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.retry import Retry
 
 from sqlacache._sa import await_ as _await
@@ -91,6 +113,8 @@ from sqlacache.backends.redis.cluster_fanout import ClusterSubscriber, parse_pos
 from sqlacache.backends.redis.errors import FAILURES, failure
 
 __all__ = ["RedisClusterBackend", "parse_cluster_url"]
+
+log = logging.getLogger("sqlacache.backend")
 
 _T = TypeVar("_T")
 
@@ -123,6 +147,50 @@ _ROOTS = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_roots")).enco
 _BUMP = _Script((scripts.PRELUDE + "\n" + _bump_source()).encode())
 _ENTRY = _Script(("\n" + scripts.source("cluster_entry")).encode())
 _RELEASE = _Script(scripts.RELEASE)
+
+# The node check (identity.py's, on a key of a slot the node serves): {1} when the node is the
+# server recorded there; else {0, its run_id, the recorded one or false}.
+_WHO = b"""
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if not run then
+  return redis.error_reply('sqlacache: INFO server has no run_id')
+end
+local known = redis.call('GET', KEYS[1])
+if known == run then
+  return {1}
+end
+return {0, run, known}
+"""
+# Records ARGV[1] as the node's server, only on that server (the slot may have moved meanwhile).
+_MARK = _Script(
+    b"""
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if run == ARGV[1] then
+  redis.call('SET', KEYS[1], run)
+  return 1
+end
+return 0
+"""
+)
+# How many times a call starts over because a node turned out to be a new server during it.
+_RESTARTS = 3
+
+
+def _first_slot(nodes: Any) -> int | None:
+    """The first slot the connected node serves, from its ``CLUSTER NODES`` (None: it serves none)."""
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8 or "myself" not in fields[2].split(","):
+            continue
+        if "master" not in fields[2].split(","):
+            return None
+        for field in fields[8:]:
+            if field[:1].isdigit():
+                return int(field.split("-", 1)[0])
+        return None
+    return None
+
 
 # A command of a batch: ("GET", key) etc., or (script, keys, args) for a script.
 _Command = tuple[Any, ...]
@@ -334,6 +402,7 @@ class RedisClusterBackend:
         prefix: str = "sqlacache",
         version_ttl: float = _DEFAULT_VERSION_TTL,
         stripes: int = 64,
+        watch_servers: bool = True,
     ) -> None:
         if not prefix:
             raise ValueError("prefix must not be empty")
@@ -344,8 +413,19 @@ class RedisClusterBackend:
         self.prefix = prefix
         self.corrupt_entries = 0
         self._vttl = str(_ttl_ms(version_ttl))
+        self.server_changes = 0  # nodes found holding data written on another server (or none)
+        self._watch = watch_servers
+        self._lost: dict[str, bytes] = {}  # run key -> the new server's run_id, until healed
+        self._epoch = 0  # moves when a node is found changed, and when that is healed
+        self._slot_tags: dict[int, str] = {}
+        self._primed = not watch_servers
+        self._aprimed = not watch_servers
         self._sync = _Side(client, False) if client is not None else None
         self._async = _Side(async_client, True) if async_client is not None else None
+        if watch_servers and client is not None:
+            self._watch_sync(client)
+        if watch_servers and async_client is not None:
+            self._watch_async(async_client)
         self._sync_factory: Callable[[], Any] | None = None
         self._async_factory: Callable[[], Any] | None = None
         self._owns_clients = False
@@ -366,6 +446,7 @@ class RedisClusterBackend:
         version_ttl: float = _DEFAULT_VERSION_TTL,
         socket_timeout: float = 0.05,
         socket_connect_timeout: float = 0.05,
+        watch_servers: bool = True,
         **client_kwargs: Any,
     ) -> RedisClusterBackend:
         """``redis+cluster://host:port[,host:port…]/``: clients made on first use (the cluster's
@@ -377,7 +458,7 @@ class RedisClusterBackend:
             **url_kwargs,
             **client_kwargs,
         }
-        backend = cls(prefix=prefix, version_ttl=version_ttl)
+        backend = cls(prefix=prefix, version_ttl=version_ttl, watch_servers=watch_servers)
         dropped = (redis.exceptions.ConnectionError,)
 
         def make_sync() -> Any:
@@ -428,14 +509,20 @@ class RedisClusterBackend:
         if self._sync is None and self._sync_factory is not None:
             with self._lock:
                 if self._sync is None:
-                    self._sync = _Side(self._sync_factory(), False)
+                    client = self._sync_factory()
+                    if self._watch:
+                        self._watch_sync(client)
+                    self._sync = _Side(client, False)
         return self._sync
 
     def _make_async(self) -> _Side | None:
         if self._async is None and self._async_factory is not None:
             with self._lock:
                 if self._async is None:
-                    self._async = _Side(self._async_factory(), True)
+                    client = self._async_factory()
+                    if self._watch:
+                        self._watch_async(client)
+                    self._async = _Side(client, True)
         return self._async
 
     def _side(self) -> _Side:
@@ -453,35 +540,200 @@ class RedisClusterBackend:
             "pass a sync client too (RedisClusterBackend(client=..., async_client=...))"
         )
 
-    def _drive(self, what: str, steps: Generator[_Batch, list[Any], _T]) -> _T:
+    def _drive(self, what: str, make: Callable[[], Generator[_Batch, list[Any], _T]]) -> _T:
         try:
             side = self._side()
-            batch = next(steps)
-            while True:
-                replies = side.run(batch)
-                batch = steps.send(replies)
-        except StopIteration as done:
-            result: _T = done.value
-            return result
+            if not (self._aprimed if side.is_async else self._primed):
+                self._prime(side)
+            for _ in range(_RESTARTS):
+                if self._lost:
+                    self._run_sync(side, self._heal_steps())
+                epoch = self._epoch
+                steps = make()
+                try:
+                    batch = next(steps)
+                    while True:
+                        replies = side.run(batch)
+                        if self._epoch != epoch or self._lost:
+                            break  # a node changed during the batch: its replies may be stale
+                        batch = steps.send(replies)
+                except StopIteration as done:
+                    result: _T = done.value
+                    return result
+                finally:
+                    steps.close()
         except _FAILURES as exc:
             raise _failure(what, exc) from exc
+        raise BackendUnavailable(f"Redis Cluster {what}: its nodes kept changing", "connection")
 
-    async def _adrive(self, what: str, steps: Generator[_Batch, list[Any], _T]) -> _T:
+    def _prime(self, side: _Side) -> None:
+        """A connection to every primary at first use, so that the check of each (and the heal of
+        what it finds) comes before the first handle is handed out, not in the middle of a call."""
+        if side.is_async:
+            self._aprimed = True
+            with contextlib.suppress(*_FAILURES):
+                _await(side.client.execute_command("PING", target_nodes=side.client.PRIMARIES))
+            return
+        self._primed = True
+        with contextlib.suppress(*_FAILURES):
+            side.client.execute_command("PING", target_nodes=side.client.PRIMARIES)
+
+    @staticmethod
+    def _run_sync(side: _Side, steps: Generator[_Batch, list[Any], None]) -> None:
+        try:
+            batch = next(steps)
+            while True:
+                batch = steps.send(side.run(batch))
+        except StopIteration:
+            return
+
+    async def _adrive(self, what: str, make: Callable[[], Generator[_Batch, list[Any], _T]]) -> _T:
         if self._closed:
             raise BackendError("RedisClusterBackend is closed")
         try:
             side = self._make_async()
             if side is None:
                 raise BackendError("RedisClusterBackend has no asyncio client")
-            batch = next(steps)
-            while True:
-                replies = await side.arun(batch)
-                batch = steps.send(replies)
-        except StopIteration as done:
-            result: _T = done.value
-            return result
+            if not self._aprimed:
+                self._aprimed = True
+                with contextlib.suppress(*_FAILURES):
+                    await side.client.execute_command("PING", target_nodes=side.client.PRIMARIES)
+            for _ in range(_RESTARTS):
+                if self._lost:
+                    heal = self._heal_steps()
+                    try:
+                        batch = next(heal)
+                        while True:
+                            batch = heal.send(await side.arun(batch))
+                    except StopIteration:
+                        pass
+                epoch = self._epoch
+                steps = make()
+                try:
+                    batch = next(steps)
+                    while True:
+                        replies = await side.arun(batch)
+                        if self._epoch != epoch or self._lost:
+                            break
+                        batch = steps.send(replies)
+                except StopIteration as done:
+                    result: _T = done.value
+                    return result
+                finally:
+                    steps.close()
         except _FAILURES as exc:
             raise _failure(what, exc) from exc
+        raise BackendUnavailable(f"Redis Cluster {what}: its nodes kept changing", "connection")
+
+    # -- nodes that are not the server the data was written on (failover, restart) ---------------
+
+    def _heal_steps(self) -> Generator[_Batch, list[Any], None]:
+        """``*`` bumped in every stripe, this process's handles forgotten, and only then the new
+        servers recorded (each in its own run key, by a script that checks it runs on that server)."""
+        with self._lock:
+            lost = dict(self._lost)
+        if not lost:
+            return
+        bases = [self._stripe_of(i) for i in range(self._stripes)]
+        replies = yield [(_BUMP, [f"{b}:gen"], [b, self._vttl, "1", "*"]) for b in bases]
+        for reply in replies:
+            _int(reply, "generation")
+        self._clock.clear()
+        yield [(_MARK, [key], [run]) for key, run in lost.items()]
+        with self._lock:
+            for key, run in lost.items():
+                if self._lost.get(key) == run:
+                    del self._lost[key]
+            self._epoch += 1
+
+    def _run_key(self, slot: int) -> str:
+        """A key of this prefix in ``slot``: where a node serving it records its ``run_id``."""
+        tag = self._slot_tags.get(slot)
+        if tag is None:
+            i = 0
+            while True:
+                candidate = f"{self.prefix}|n|{i}"
+                if key_slot(candidate.encode()) == slot:
+                    break
+                i += 1
+            tag = self._slot_tags[slot] = candidate
+        return f"{self.prefix}:{{{tag}}}:run"
+
+    def _found(self, connection: Any, reply: Any, key: str) -> None:
+        if isinstance(reply, list) and reply and reply[0] == 1:
+            return
+        if not (isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], bytes)):
+            raise ResponseError(f"sqlacache: malformed reply to the server check: {reply!r}")
+        with self._lock:
+            self._lost[key] = reply[1]
+            self._epoch += 1
+            self.server_changes += 1
+        known = reply[2] if len(reply) > 2 and isinstance(reply[2], bytes) else None
+        where = f"{getattr(connection, 'host', '?')}:{getattr(connection, 'port', '?')}"
+        if known is None:
+            log.info("sqlacache: Redis Cluster node %s holds no record of its server: invalidate all", where)
+        else:
+            log.warning(
+                "sqlacache: Redis Cluster node %s is not the server its data was written on (run_id %s, "
+                "was %s): a failover or a restart may have lost writes; invalidating all",
+                where,
+                reply[1].decode(),
+                known.decode(),
+            )
+
+    def _check_node(self, connection: Any) -> None:
+        connection.send_command("CLUSTER", "NODES")
+        slot = _first_slot(connection.read_response())
+        if slot is None:  # a replica, or a master without slots: holds nothing we read
+            return
+        key = self._run_key(slot)
+        connection.send_command("EVAL", _WHO, 1, key)
+        self._found(connection, connection.read_response(), key)
+
+    async def _acheck_node(self, connection: Any) -> None:
+        await connection.send_command("CLUSTER", "NODES")
+        slot = _first_slot(await connection.read_response())
+        if slot is None:
+            return
+        key = self._run_key(slot)
+        await connection.send_command("EVAL", _WHO, 1, key)
+        self._found(connection, await connection.read_response(), key)
+
+    def _watch_sync(self, client: Any) -> None:
+        previous = getattr(client, "user_on_connect_func", None)
+        if getattr(previous, "watch", None) is self:
+            return
+
+        def hook(connection: Any) -> None:
+            if previous is not None:
+                previous(connection)
+            self._check_node(connection)
+
+        hook.watch = self  # type: ignore[attr-defined]
+        client.user_on_connect_func = hook
+        for node in client.get_nodes():  # connected before: they reconnect (and check) on next use
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect(inuse_connections=False)
+
+    def _watch_async(self, client: Any) -> None:
+        manager = client.nodes_manager
+        previous = manager.connection_kwargs.get("redis_connect_func")
+        if getattr(previous, "watch", None) is self:
+            return
+
+        async def hook(connection: Any) -> None:
+            if previous is not None:
+                await previous(connection)
+            else:
+                await connection.on_connect()
+            await self._acheck_node(connection)
+
+        hook.watch = self  # type: ignore[attr-defined]
+        manager.connection_kwargs["redis_connect_func"] = hook
+        for node in client.get_nodes():
+            node.connection_kwargs["redis_connect_func"] = hook
+            for connection in [*node._connections, *node._free]:
+                connection.redis_connect_func = hook
 
     def _has_async(self) -> bool:
         return self._async is not None or self._async_factory is not None
@@ -604,13 +856,13 @@ class RedisClusterBackend:
         self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, made)})
 
     def lookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
-        return self._drive("lookup", self._lookup_steps(key, hint))[0]
+        return self._drive("lookup", lambda: self._lookup_steps(key, hint))[0]
 
     async def alookup(self, key: str, hint: Sequence[str] = ()) -> Lookup:
         """``lookup`` awaited on the event loop with the asyncio client."""
         if not self._has_async():
             return self.lookup(key, hint)
-        return (await self._adrive("lookup", self._lookup_steps(key, hint)))[0]
+        return (await self._adrive("lookup", lambda: self._lookup_steps(key, hint)))[0]
 
     def generation(self) -> int:
         """The current handle (no round trip: it stands for what this process has observed)."""
@@ -677,7 +929,7 @@ class RedisClusterBackend:
         lease: str | None = None,
     ) -> bool:
         """See the contract and the module docstring (check per group, then the entry)."""
-        return self._drive("store", self._store_steps(key, payload, deps, generation, ttl, lease))
+        return self._drive("store", lambda: self._store_steps(key, payload, deps, generation, ttl, lease))
 
     async def astore(
         self,
@@ -691,14 +943,16 @@ class RedisClusterBackend:
     ) -> bool:
         if not self._has_async():
             return self.store(key, payload, deps, generation, ttl, lease=lease)
-        return await self._adrive("store", self._store_steps(key, payload, deps, generation, ttl, lease))
+        return await self._adrive(
+            "store", lambda: self._store_steps(key, payload, deps, generation, ttl, lease)
+        )
 
     # -- leases -----------------------------------------------------------------------------------
 
     def lease(self, key: str, ttl: float, hint: Sequence[str] = ()) -> tuple[Lookup, str | bool | None]:
         """``lookup`` and, on a miss, the key's fill lease for ``ttl`` seconds (see the contract)."""
         token = secrets.token_hex(8)
-        found, taken = self._drive("lease", self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
+        found, taken = self._drive("lease", lambda: self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
         if found.entry is not None:
             return found, None
         return found, token if taken else False
@@ -709,7 +963,8 @@ class RedisClusterBackend:
         if not self._has_async():
             return self.lease(key, ttl, hint)
         token = secrets.token_hex(8)
-        found, taken = await self._adrive("lease", self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
+        lease = (token, _ttl_ms(ttl))
+        found, taken = await self._adrive("lease", lambda: self._lookup_steps(key, hint, lease))
         if found.entry is not None:
             return found, None
         return found, token if taken else False
@@ -721,7 +976,7 @@ class RedisClusterBackend:
         def steps() -> Generator[_Batch, list[Any], Any]:
             return (yield [("SET", claim_key, token, "NX", "PX", _ttl_ms(ttl))])[0]
 
-        return token if self._drive("claim", steps()) else None
+        return token if self._drive("claim", steps) else None
 
     def release(self, key: str, token: str) -> None:
         lease_key = self._entry_keys(key)[1]
@@ -729,7 +984,7 @@ class RedisClusterBackend:
         def steps() -> Generator[_Batch, list[Any], None]:
             yield [(_RELEASE, [lease_key], [token])]
 
-        self._drive("release", steps())
+        self._drive("release", steps)
 
     # -- bump -------------------------------------------------------------------------------------
 
@@ -761,7 +1016,7 @@ class RedisClusterBackend:
             replies = yield batch
             self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, replies)})
 
-        self._drive("bump", steps())
+        self._drive("bump", steps)
 
     # -- fan-out: each group's bump SPUBLISHes on its shard channel; near-caches subscribe ---------
 
@@ -800,12 +1055,12 @@ class RedisClusterBackend:
     def position(self) -> Position:
         """``(group, born, n)`` of every group this backend's subscribers follow: one pipelined
         round trip (one request per node)."""
-        return self._drive("position", self._position_steps())
+        return self._drive("position", self._position_steps)
 
     async def aposition(self) -> Position:
         if not self._has_async():
             return self.position()
-        return await self._adrive("position", self._position_steps())
+        return await self._adrive("position", self._position_steps)
 
     # -- housekeeping -----------------------------------------------------------------------------
 
@@ -817,7 +1072,7 @@ class RedisClusterBackend:
         def steps() -> Generator[_Batch, list[Any], None]:
             yield batch
 
-        self._drive("delete", steps())
+        self._drive("delete", steps)
 
     def _is_ours(self, key: bytes) -> bool:
         ours = self.prefix.encode() + b":"
