@@ -17,7 +17,7 @@ from tests.helpers import aseed, seed
 from tests.models import User
 
 # Freshness: also in the near-cache worlds (conftest.py).
-pytestmark = pytest.mark.near_worlds
+pytestmark = [pytest.mark.near_worlds, pytest.mark.cluster_worlds]
 
 
 def _pause_after_first_select(engine, reached, resume, wait):

@@ -10,7 +10,7 @@ from tests.helpers import cached, seed
 from tests.models import Order, Status, Tag, User
 
 # Freshness: also in the near-cache worlds (conftest.py).
-pytestmark = pytest.mark.near_worlds
+pytestmark = [pytest.mark.near_worlds, pytest.mark.cluster_worlds]
 
 
 def snapshot(u: User) -> tuple:
