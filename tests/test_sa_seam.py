@@ -42,9 +42,9 @@ SEAM = PACKAGE / "_sa.py"
 # Being split in another branch; its privates move behind the seam after that.
 NOT_CHECKED = {SEAM}
 
-# Private attributes that are not SQLAlchemy's: redis-py's Retry (connect.py) and a connection's socket
-# (backends/redis/own.py).
-OTHER_LIBRARIES = {"_retries", "_supported_errors", "_sock"}  # redis-py's
+# Private attributes that are not SQLAlchemy's: redis-py's Retry (connect.py), a connection's socket
+# (backends/redis/own.py), an asyncio cluster node's connections (backends/redis/cluster.py).
+OTHER_LIBRARIES = {"_retries", "_supported_errors", "_sock", "_connections", "_free"}  # redis-py's
 
 _ATTRIBUTE_FUNCTIONS = {"getattr", "hasattr", "setattr", "delattr"}
 
