@@ -335,9 +335,8 @@ def _serve(
         memo = source.memo if source is not None else None
         make = decode_result(state.session, entry.payload, info, lookup.generation, propagating(state), memo)
     except Exception as exc:  # corrupt, foreign or outdated: a miss, never an error
-        store = ctx.cache.near
-        if store is not None:
-            store.discard(key)  # (if it came from memory)
+        if source is not None:
+            source.corrupt()
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
     ctx.cache.count("hits")

@@ -46,8 +46,8 @@ class Source:
             self.near.offer(self.key, lookup.entry, lookup.generation, self.since, ttl)
 
     def corrupt(self) -> None:
-        if self.since is None:
-            self.near.discard(self.key)
+        """The entry could not be decoded: memory must not keep (or go on serving) that key."""
+        self.near.discard(self.key)
 
 
 def _held(cache: Cache, near: NearStore, key: str) -> NearEntry | None:
