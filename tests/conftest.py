@@ -180,6 +180,17 @@ NEAR = {"near_cache": True, "near_coherence": "strict"}
 CLUSTER_SYNC_WORLDS = ["postgres+cluster", "postgres+cluster+near"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--worlds",
+        choices=("default", "extended", "all"),
+        default="default",
+        help="default: the plain worlds only (the README's test command, under ten minutes); "
+        "extended: only the near-cache and cluster variants of the modules marked near_worlds / "
+        "cluster_worlds (a CI step of its own); all: both",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -191,7 +202,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Near worlds only in the modules (or tests) marked ``near_worlds``."""
+    """Near worlds only in the modules (or tests) marked ``near_worlds``, cluster worlds only in those
+    marked ``cluster_worlds``; and of those variants, what ``--worlds`` asks for."""
 
     def explicit(item: pytest.Item) -> bool:  # the test (or its module) names its worlds itself
         for mark in item.iter_markers("parametrize"):
@@ -209,7 +221,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return item.get_closest_marker("cluster_worlds") is not None or explicit(item)
         return not in_near or item.get_closest_marker("near_worlds") is not None or explicit(item)
 
-    items[:] = [item for item in items if wanted(item)]
+    def variant(item: pytest.Item) -> bool:  # a near or cluster variant a marker opted into
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        worlds = {params.get("world"), params.get("aworld")}
+        return bool(worlds & (NEAR_WORLDS | set(CLUSTER_SYNC_WORLDS))) and not explicit(item)
+
+    mode = config.getoption("--worlds")
+    items[:] = [
+        item for item in items if wanted(item) and (mode == "all" or (mode == "extended") == variant(item))
+    ]
 
 
 def _near_kw(param: str) -> dict[str, Any]:
