@@ -66,11 +66,24 @@ if not generation then
   redis.call('DEL', KEYS[1])
   return miss(2)
 end
+-- The versions and the generation in one MGET: each call into Redis from Lua costs about as much
+-- as the command itself, and a hit is the path that must cost least. (MGET reads a key of another
+-- type as nil: a missing version, which is a miss as it must be.)
+local names = {}
 for i = 2, #fields do
-  local version = num((get(prefix .. ':v:' .. fields[i])))
+  names[i - 1] = prefix .. ':v:' .. fields[i]
+end
+names[#fields] = prefix .. ':gen'
+local values = redis.call('MGET', unpack(names))
+for i = 1, #fields - 1 do
+  local version = num(values[i])
   if not version or version > generation then
     redis.call('DEL', KEYS[1])
     return miss(0)
   end
 end
-return {1, current_generation(prefix), raw}
+local current = values[#fields]
+if not num(current) then
+  current = current_generation(prefix)
+end
+return {1, current, raw}

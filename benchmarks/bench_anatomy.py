@@ -1,0 +1,305 @@
+"""Where a cached read's time goes: a sync ``session.get`` hit and miss taken apart, next to the
+physical floor of each, measured in the same run (issue 11: "where a target cannot be reached, show
+the profile that proves what the remaining time is spent on and how far it is from the physical
+limit").
+
+    .venv/bin/python benchmarks/bench_anatomy.py [--iterations N] [--output FILE.md]
+
+Each timed read opens a ``CachingSession``, calls ``get`` and closes the session. The pieces are
+timed by wrapping the read path's own functions for the run (``plan_get``, the backend round trip,
+decode + attach, the statement, the store's send), so the pieces add up to the read; what is left
+is the glue between them. The floor's parts are measured alone: a ``PING`` round trip to the same
+Redis, the lookup script's server time (``INFO commandstats`` of a Redis this script starts for
+itself, so no other client is counted), and a plain ``Session`` doing the same ``get``.
+
+It needs PostgreSQL (``SQLACACHE_BENCH_PG_URL``, default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``;
+a private schema, dropped at the end) and the ``redis-server`` binary (a throwaway server on a free
+port, shut down at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from sqlalchemy import String, create_engine, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import sqlacache.read.execute as execute_mod
+import sqlacache.read.get as get_mod
+from sqlacache import Cache, CachingSession
+from sqlacache.resilience.resilient import Resilient
+
+PG_URL = os.environ.get("SQLACACHE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+ROWS = 1000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "anatomy_users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    email: Mapped[str] = mapped_column(String(100))
+    score: Mapped[int]
+
+
+@contextmanager
+def throwaway_redis() -> Iterator[redis.Redis]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", d],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=port, socket_timeout=1)
+        try:
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            yield client
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+class Pieces:
+    """Wraps the read path's functions for the run and collects each one's time per read."""
+
+    def __init__(self) -> None:
+        self.now: dict[str, int] = {}
+        self.undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.now[label] = self.now.get(label, 0) + time.perf_counter_ns() - t0
+
+        setattr(owner, name, timed)
+        self.undo.append(lambda: setattr(owner, name, original))
+
+    def take(self) -> dict[str, int]:
+        out, self.now = self.now, {}
+        return out
+
+    def restore(self) -> None:
+        for undo in reversed(self.undo):
+            undo()
+
+
+def median_us(values: list[int]) -> float:
+    return statistics.median(values) / 1000 if values else 0.0
+
+
+def server_usec(client: redis.Redis, command: str) -> tuple[int, int]:
+    stat = client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0, "usec": 0})
+    return int(stat["calls"]), int(stat["usec"])
+
+
+def run(iterations: int) -> str:
+    schema = f"sqlacache_anatomy_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = create_engine(PG_URL, execution_options={"schema_translate_map": {None: schema}})
+    out: list[str] = []
+    try:
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                User.__table__.insert(),
+                [
+                    {"id": i, "name": f"user {i}", "email": f"u{i}@example.com", "score": i}
+                    for i in range(1, 1 + ROWS)
+                ],
+            )
+        with throwaway_redis() as client:
+            port = client.connection_pool.connection_kwargs["port"]
+            cache = Cache(backend=f"redis://127.0.0.1:{port}/0", prefix="anatomy")
+            caching = sessionmaker(engine, class_=CachingSession, cache=cache)
+            plain = sessionmaker(engine)
+            out = measure(client, cache, caching, plain, iterations)
+            cache.close()
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+    return "\n".join(out)
+
+
+def measure(
+    client: redis.Redis, cache: Cache, caching: Callable[[], Session], plain: Callable[[], Session], n: int
+) -> list[str]:
+    def uid(i: int) -> int:
+        return i % ROWS + 1
+
+    for i in range(ROWS):  # every row cached
+        with caching() as s:
+            s.get(User, uid(i))
+    cache.io.wait_for_stores()
+
+    pieces = Pieces()
+    pieces.wrap(get_mod, "plan_get", "plan (key, policy)")
+    pieces.wrap(Resilient, "lease", "lookup round trip")
+    pieces.wrap(get_mod, "_decode_get", "decode + attach")
+    pieces.wrap(execute_mod, "invoke", "the SELECT (statement)")
+    pieces.wrap(Resilient, "_send_store", "store sent (not awaited)")
+
+    ping: list[int] = []
+    plain_get: list[int] = []
+    session_only: list[int] = []
+    hit_total: list[int] = []
+    miss_total: list[int] = []
+    hit_parts: dict[str, list[int]] = {}
+    miss_parts: dict[str, list[int]] = {}
+
+    def timed(fn: Callable[[], Any]) -> int:
+        t0 = time.perf_counter_ns()
+        fn()
+        return time.perf_counter_ns() - t0
+
+    def get_with(factory: Callable[[], Session], i: int) -> Callable[[], Any]:
+        def go() -> Any:
+            with factory() as s:
+                return s.get(User, i)
+
+        return go
+
+    def open_close() -> None:
+        with caching():
+            pass
+
+    lookup_calls = lookup_usec = 0
+    store_calls = store_usec = 0
+    for r in range(n):
+        i = uid(r)
+        ping.append(timed(client.ping))
+        plain_get.append(timed(get_with(plain, i)))
+        session_only.append(timed(open_close))
+
+        pieces.take()
+        c0, u0 = server_usec(client, "evalsha")
+        hit_total.append(timed(get_with(caching, i)))
+        c1, u1 = server_usec(client, "evalsha")
+        lookup_calls, lookup_usec = lookup_calls + c1 - c0, lookup_usec + u1 - u0
+        for k, v in pieces.take().items():
+            hit_parts.setdefault(k, []).append(v)
+
+        cache.invalidate(User, pks=[i])
+        cache.io.settle_stores()
+        pieces.take()
+        c0, u0 = server_usec(client, "evalsha")
+        miss_total.append(timed(get_with(caching, i)))
+        for k, v in pieces.take().items():
+            miss_parts.setdefault(k, []).append(v)
+        cache.io.settle_stores()  # the store's reply, outside the timed region
+        c1, u1 = server_usec(client, "evalsha")
+        store_calls, store_usec = store_calls + c1 - c0, store_usec + u1 - u0
+    pieces.restore()
+    stats = cache.stats()
+
+    rt = median_us(ping)
+    hit_server = lookup_usec / max(1, lookup_calls)
+    miss_server = store_usec / max(1, store_calls)
+
+    def table(
+        title: str,
+        total: list[int],
+        parts: dict[str, list[int]],
+        floor: list[tuple[str, float]],
+        inside: tuple[str, float] | None = None,
+    ) -> list[str]:
+        rows = [f"### {title}", "", "| piece | median µs |", "|---|---:|"]
+        accounted = 0.0
+        if inside is not None:  # what the read does anyway, measured alone (its pieces are in it)
+            parts = {k: v for k, v in parts.items() if k != "the SELECT (statement)"}
+            accounted += inside[1]
+            rows.append(f"| {inside[0]} | {inside[1]:.1f} |")
+        for name, values in parts.items():
+            m = median_us(values)
+            accounted += m
+            rows.append(f"| {name} | {m:.1f} |")
+        whole = median_us(total)
+        rows.append(f"| glue between the pieces (the rest) | {whole - accounted:.1f} |")
+        rows.append(f"| **the read, end to end** | **{whole:.1f}** |")
+        rows += ["", "| the physical floor, measured alone | median µs |", "|---|---:|"]
+        low = 0.0
+        for name, value in floor:
+            low += value
+            rows.append(f"| {name} | {value:.1f} |")
+        rows.append(f"| **floor** | **{low:.1f}** |")
+        rows.append(f"\nThe read costs {whole / low:.2f} times its floor ({whole - low:+.1f} µs).\n")
+        return rows
+
+    lines = [
+        "## Anatomy of a cached `session.get` (sync, PostgreSQL + Redis on loopback)",
+        "",
+        f"{n} hits and {n} misses, interleaved with the floor's measurements; Python "
+        f"{sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}. Redis server time per EVALSHA: "
+        f"{hit_server:.1f} µs on a hit (the lookup script), {miss_server:.1f} µs per script on a miss "
+        "(the lookup that takes the lease, then the store).",
+        "",
+    ]
+    hit_parts = {"CachingSession() + close (measured alone)": session_only, **hit_parts}
+    lines += table(
+        "A hit",
+        hit_total,
+        hit_parts,
+        [
+            ("a Redis round trip (PING)", rt),
+            ("the lookup script's server time", hit_server),
+            ("CachingSession() + close, no read", median_us(session_only)),
+        ],
+    )
+    lines += table(
+        "A miss",
+        miss_total,
+        miss_parts,
+        [
+            ("a plain Session's get (one SELECT), open to close", median_us(plain_get)),
+            ("a Redis round trip (PING)", rt),
+        ],
+        inside=("the get as a plain Session does it (measured alone)", median_us(plain_get)),
+    )
+    lines.append(f"Cache stats at the end: {stats}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--output", help="also write the report to this file")
+    args = parser.parse_args()
+    report = run(args.iterations)
+    print(report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
