@@ -197,14 +197,17 @@ class Cache:
           cache was created is warned once).
         * ``"redis://host:port/db"`` (also ``rediss://``, ``unix://…?db=N``): a sync and an asyncio
           redis-py client with ``socket_timeout`` and ``socket_connect_timeout`` of
-          ``socket_timeout`` seconds. The URL is checked and one connection is opened: a database
-          index the server rejects is a ``ConfigurationError``; a Redis that is down or slow is not
-          (reads go to the database until it answers).
+          ``socket_timeout`` seconds. The URL is checked (the path must be a database number,
+          query parameters must be redis-py's) and one connection is opened: a database index the
+          server rejects is a ``ConfigurationError`` carrying Redis's message; a Redis that is down
+          or slow is not (the cache starts; reads go to the database until it answers).
         * ``"redis+sentinel://host:26379,host:26379/<service>/<db>"`` (also
-          ``rediss+sentinel://``): the master of a Sentinel-managed service.
+          ``rediss+sentinel://``): the master of a Sentinel-managed service, checked the same way
+          (and the service name against the sentinels that answer).
         * ``"redis+cluster://host:7000,host:7000/"`` (also ``rediss+cluster://``): a Redis
           Cluster (Redis >= 7).
-        * A ``redis.Redis`` / ``redis.asyncio.Redis`` client (or a redis-py-compatible one, a
+        * A ``redis.Redis`` / ``redis.asyncio.Redis`` client (or a redis-py-compatible one such as
+          fakeredis, a
           ``Sentinel(...).master_for(...)`` client, a ``RedisCluster``), or a
           :class:`~sqlacache.Backend`.
     :param models: ``{target: {"ops": …, "ttl": seconds}}`` where ``target`` is a mapped class, a
@@ -224,14 +227,16 @@ class Cache:
         ``redis://`` URL: a slow Redis must not slow the application more than that.
     :param max_entries: Entries the memory backend keeps (an int >= 1; default 10 000).
     :param background_stores: A miss never waits for its store. ``False`` (default): with Redis, a
-        sync reader sends the store on a connection of its own without waiting for the reply;
-        inside an ``AsyncSession`` the store is a task of the event loop. ``True``: sync stores are
-        handed to a worker thread instead (for backends that can't send without waiting). Either
+        sync reader sends the store on a connection of its own without waiting for the reply
+        (read with the next store's, or by :meth:`stats`); inside an ``AsyncSession`` the store is
+        a task of the event loop. ``True``: sync stores are handed to a worker thread instead
+        (slower on a busy interpreter; kept for backends that can't send without waiting). Either
         way the store is the same atomic check against the generation the read began at, so a
-        late store never installs stale data. :meth:`wait_for_stores` waits for them.
+        late store never installs stale data. :meth:`wait_for_stores` (``await_for_stores``)
+        waits for them, and :meth:`close` does too. The memory backend stores inline.
     :param invalidation: ``"conditions"`` (default): a committed write evicts the cached reads
         whose conditions its rows' old or new values match. ``"tables"``: a write to a table
-        evicts every cached read of that table.
+        evicts every cached read of that table — simpler to reason about, and the way to compare.
     :param condition_in_limit: The longest ``IN (…)`` list tracked value by value (default 32); a
         longer one is treated as if the condition were absent for that column (it evicts more,
         never less).
