@@ -180,13 +180,92 @@ class Internal:
 
 
 class Cache:
-    """A query cache for SQLAlchemy sessions.
+    """A query cache for SQLAlchemy sessions: what is cached, where, for how long.
 
-    ``backend``: ``"memory://"`` (alias ``"mem://"``), ``"redis://…"``, a redis-py client (sync or
-    asyncio; fakeredis works) or a :class:`~sqlacache.backends.Backend`.
-    ``models``: ``{Model or "pkg.mod.Model" or "*": {"ops": "all" | {...}, "ttl": seconds}}``;
-    ``None`` caches every mapped class with all ops. ``timeout``/``default_timeout`` are the 0.1
-    spellings of ``ttl``/``default_ttl``.
+    Give it to sessions with ``sessionmaker(engine, class_=CachingSession, cache=cache)`` (or
+    ``CachingAsyncSession``), or cache plain sessions of an engine with :meth:`bind`. Every mistake
+    in the configuration (an unknown op or key, a TTL that isn't a positive finite number, a number
+    of the wrong type or range, a flag that isn't a bool, an unimportable dotted path, a class
+    that isn't mapped, an unknown backend scheme or URL part) raises
+    :class:`~sqlacache.ConfigurationError` here, at construction, naming the problem and the fix.
+
+    :param backend: Where entries live.
+
+        * ``"memory://"`` (alias ``"mem://"``): in this process, thread-safe, TTL- and
+          LRU-bounded to ``max_entries``. Per process: a commit in one process does not evict
+          another's entries, so never use it with several workers (a process forked after the
+          cache was created is warned once).
+        * ``"redis://host:port/db"`` (also ``rediss://``, ``unix://…?db=N``): a sync and an asyncio
+          redis-py client with ``socket_timeout`` and ``socket_connect_timeout`` of
+          ``socket_timeout`` seconds. The URL is checked (the path must be a database number,
+          query parameters must be redis-py's) and one connection is opened: a database index the
+          server rejects is a ``ConfigurationError`` carrying Redis's message; a Redis that is down
+          or slow is not (the cache starts; reads go to the database until it answers).
+        * ``"redis+sentinel://host:26379,host:26379/<service>/<db>"`` (also
+          ``rediss+sentinel://``): the master of a Sentinel-managed service, checked the same way
+          (and the service name against the sentinels that answer).
+        * ``"redis+cluster://host:7000,host:7000/"`` (also ``rediss+cluster://``): a Redis
+          Cluster (Redis >= 7).
+        * A ``redis.Redis`` / ``redis.asyncio.Redis`` client (or a redis-py-compatible one such as
+          fakeredis, a
+          ``Sentinel(...).master_for(...)`` client, a ``RedisCluster``), or a
+          :class:`~sqlacache.Backend`.
+    :param models: ``{target: {"ops": …, "ttl": seconds}}`` where ``target`` is a mapped class, a
+        dotted path ``"pkg.module.Class"`` (imported at construction, so a typo fails at start-up)
+        or ``"*"`` for every mapped class not listed. Subclasses inherit their base class's entry.
+        ``ops`` is ``"all"`` (the default) or a set of ``"get"``, ``"fetch"``, ``"count"``,
+        ``"exists"``. ``None`` (the default) caches every mapped class with all ops. A statement's
+        model is its lead entity (the first mapped class it selects from). ``"timeout"`` is the
+        0.1 spelling of ``"ttl"``.
+    :param prefix: Namespace of every Redis key this cache writes; :meth:`invalidate_all` deletes
+        these and nothing else. Non-empty, no spaces or glob characters.
+    :param default_ttl: Seconds (positive, finite; 3600 when not given). TTL precedence: per call
+        (``execution_options={"cache_ttl": …}`` / ``.cached(ttl=…)``) > per model >
+        ``default_ttl``. ``default_timeout`` is its 0.1 spelling (give one of the two).
+    :param enabled: ``False`` makes every session a plain pass-through.
+    :param socket_timeout: Seconds (positive; default 0.05) for the clients built from a
+        ``redis://`` URL: a slow Redis must not slow the application more than that.
+    :param max_entries: Entries the memory backend keeps (an int >= 1; default 10 000).
+    :param background_stores: A miss never waits for its store. ``False`` (default): with Redis, a
+        sync reader sends the store on a connection of its own without waiting for the reply
+        (read with the next store's, or by :meth:`stats`); inside an ``AsyncSession`` the store is
+        a task of the event loop. ``True``: sync stores are handed to a worker thread instead
+        (slower on a busy interpreter; kept for backends that can't send without waiting). Either
+        way the store is the same atomic check against the generation the read began at, so a
+        late store never installs stale data. :meth:`wait_for_stores` (``await_for_stores``)
+        waits for them, and :meth:`close` does too. The memory backend stores inline.
+    :param invalidation: ``"conditions"`` (default): a committed write evicts the cached reads
+        whose conditions its rows' old or new values match. ``"tables"``: a write to a table
+        evicts every cached read of that table — simpler to reason about, and the way to compare.
+    :param condition_in_limit: The longest ``IN (…)`` list tracked value by value (default 32); a
+        longer one is treated as if the condition were absent for that column (it evicts more,
+        never less).
+    :param fill_timeout: Seconds a reader waits for another reader already filling the same
+        missing key (in this process, or in another one holding the key's lease in Redis) before
+        it queries the database itself; also the lease's lifetime. ``0`` turns stampede
+        protection off.
+    :param refresh_ahead: A fraction of the TTL (``0 <= f < 1``; default ``0``, off). An entry
+        read in the last ``f`` of its TTL is recomputed in the background by one reader while
+        everyone is served the entry.
+    :param max_entry_size: Bytes (default 1 MiB; ``None``: no limit). A larger result is not
+        stored (counted ``too_large``); a larger entry found in the backend is a miss and deleted.
+    :param breaker_cooldown: Seconds (default 0.25) the circuit breaker stays open after the
+        backend was unreachable before one request probes it.
+    :param breaker_max_cooldown: Seconds (default 5): the cooldown doubles after each failed probe,
+        up to this.
+    :param near_cache: ``True`` keeps the entries Redis serves in process memory too, kept coherent
+        by Redis pub/sub (default ``False``; a Redis backend only).
+    :param near_coherence: ``"strict"`` (default: one small round trip per transaction; nothing
+        older than a commit that finished before it) or ``"fanout"`` (no round trip; another
+        process's commit is seen once its message arrives).
+    :param near_max_entries: Entries the near-cache keeps (an int >= 1; default 10 000), least
+        recently used dropped first.
+    :param near_max_bytes: Bytes the near-cache keeps (an int >= 1; default 64 MiB).
+    :param near_ttl: Seconds an entry may stay in memory (default 60), never longer than the read's
+        own TTL.
+    :param near_heartbeat: Seconds (default 1): the subscriber PINGs after this long without a
+        message, and a missing answer after as long again counts as a lost connection.
+    :raises ConfigurationError: for any invalid option, at construction.
     """
 
     def __init__(
@@ -336,7 +415,7 @@ class Cache:
     # -- counters ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start (see README, "Observability"), the breaker's state and what is pending."""
+        """Counters since start (docs/operations.rst, "Statistics"), the breaker's state, what is pending."""
         self.io.settle_stores()  # the stores sent without waiting: count what they answered
         out = self.count.snapshot()
         corrupt = getattr(self.backend, "corrupt_entries", 0)  # found and deleted inside the backend
@@ -364,6 +443,7 @@ class Cache:
         return out
 
     def reset_stats(self) -> None:
+        """Set every counter of :meth:`stats` back to zero (gauges such as the breaker's state stay)."""
         self.count.clear()
 
     def retry_pending(self) -> bool:
@@ -374,6 +454,7 @@ class Cache:
         return self.io.deliver_pending(force=True)
 
     async def aretry_pending(self) -> bool:
+        """Async twin of :meth:`retry_pending`."""
         delivered: bool = await _sa.greenlet_spawn(self.retry_pending)
         return delivered
 
@@ -439,7 +520,7 @@ class Cache:
     def use_outbox(self, engine: Engine, *, grace: float = 10.0, interval: float = 1.0) -> None:
         """Record every commit's invalidation in the table ``sqlacache_outbox`` of ``engine``'s
         database, in the commit's own transaction, so that it is delivered even if this process
-        dies before Redis can take it (see README, "Invalidations that cannot be delivered").
+        dies before Redis can take it (see the faults guide, "Invalidations that cannot be delivered").
 
         Creates the table if it is missing. ``engine`` is a sync engine of the database (for an
         async application, one on a sync driver of the same database): a background thread uses
@@ -470,6 +551,7 @@ class Cache:
         await _sa.greenlet_spawn(self.invalidate, model, pks, tables=tables)
 
     async def ainvalidate_all(self) -> None:
+        """Async twin of :meth:`invalidate_all`."""
         await _sa.greenlet_spawn(self.invalidate_all)
 
     # -- wiring -----------------------------------------------------------------------------
@@ -484,6 +566,7 @@ class Cache:
         return _Bound(self)
 
     def unbind(self, engine: Engine | AsyncEngine) -> None:
+        """Undo :meth:`bind`: plain sessions on ``engine`` are no longer cached."""
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         _bound.pop(sync_engine, None)
 
@@ -508,11 +591,13 @@ class Cache:
             self.backend.close()
 
     async def aclose(self) -> None:
+        """Async twin of :meth:`close`: waits for the stores in flight on the event loop first."""
         await self.await_for_stores()
         await _sa.greenlet_spawn(self.close)
 
     # 0.1 spelling
     async def disconnect(self) -> None:
+        """The 0.1 spelling of :meth:`aclose`."""
         await self.aclose()
 
 
@@ -527,6 +612,7 @@ def configure(**kwargs: Any) -> Cache:
 
 
 def default_cache() -> Cache | None:
+    """The default :class:`Cache` (made by :func:`configure`), or ``None`` if there is none."""
     return _default
 
 

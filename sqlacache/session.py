@@ -141,7 +141,16 @@ def _end_unused(session: Session, execution_options: Mapping[str, Any]) -> None:
 
 
 class CachingSession(Session):
-    """A ``Session`` whose reads are cached. ``cache=`` defaults to the one from ``configure()``."""
+    """A ``Session`` whose reads are cached. ``cache=`` defaults to the one from ``configure()``.
+
+    Takes every argument ``Session`` takes, plus ``cache=`` (a :class:`~sqlacache.Cache`); the
+    arguments it doesn't know are passed on up the MRO, so it mixes with other ``Session``
+    subclasses in either order. ``get()`` and ``execute()``/``scalars()``/``scalar()`` of the
+    SELECTs the cache's configuration names are served from the cache when an entry is fresh;
+    ``commit()`` evicts what the transaction's writes could change before it returns. Per call,
+    ``execution_options={"cache": False}`` bypasses the cache and ``{"cache_ttl": seconds}`` sets
+    the TTL; every result has ``.cached(ttl=…)`` to cache a statement the configuration doesn't.
+    """
 
     def __init__(self, *args: Any, cache: Cache | None = None, **kw: Any) -> None:
         # Cooperative: positional arguments go on up the MRO untouched, so this class mixes with
@@ -166,6 +175,7 @@ class CachingSession(Session):
 
     @property
     def cache(self) -> Cache:
+        """The :class:`~sqlacache.Cache` this session reads through."""
         cache: Cache = self.__dict__["_sqlacache_cache"]
         return cache
 
@@ -319,7 +329,14 @@ class _Pending(Awaitable[_T]):
 
 
 class CachingAsyncSession(AsyncSession):
-    """An ``AsyncSession`` whose reads are cached; ``cache=`` as for :class:`CachingSession`."""
+    """An ``AsyncSession`` whose reads are cached; ``cache=`` as for :class:`CachingSession`.
+
+    Use it with ``async_sessionmaker(engine, class_=CachingAsyncSession, cache=cache,
+    expire_on_commit=False)``. Its sync core is a :class:`CachingSession` run in SQLAlchemy's
+    greenlet, so the behaviour is the same; a ``redis.asyncio`` client is awaited from inside it,
+    and the event loop is never blocked. ``await s.execute(stmt).cached(ttl=60)`` runs no SQL on a
+    hit.
+    """
 
     sync_session_class = CachingSession
 
@@ -330,6 +347,7 @@ class CachingAsyncSession(AsyncSession):
 
     @property
     def cache(self) -> Cache:
+        """The :class:`~sqlacache.Cache` this session reads through."""
         cache: Cache = self.sync_session.__dict__["_sqlacache_cache"]
         return cache
 

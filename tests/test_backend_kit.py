@@ -1,6 +1,6 @@
-"""The backend of README.rst's "Writing a backend", run by the shipped kit exactly as written there.
+"""The backend of docs/internals.rst's "Writing a backend", run by the shipped kit exactly as written there.
 
-The example is read from the README, so the documentation and this test cannot drift apart.
+The example is read from that page, so the documentation and this test cannot drift apart.
 """
 
 from __future__ import annotations
@@ -8,18 +8,18 @@ from __future__ import annotations
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.rst"
+PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "internals.rst"
 
 
 def _example() -> str:
-    text = README.read_text(encoding="utf-8")
+    text = PAGE.read_text(encoding="utf-8")
     section = text.split("\nWriting a backend\n-----------------\n", 1)[1]
     block = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", section)
-    assert block is not None, "README.rst's 'Writing a backend' has no python example"
+    assert block is not None, "docs/internals.rst's 'Writing a backend' has no python example"
     return re.sub(r"^   ", "", block.group(1), flags=re.M)
 
 
-exec(compile(_example(), str(README), "exec"))  # defines CountingBackend and TestCountingBackend
+exec(compile(_example(), str(PAGE), "exec"))  # defines CountingBackend and TestCountingBackend
 
 
 def test_the_kit_without_pytest_names_the_extra_to_install():

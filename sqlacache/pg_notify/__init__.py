@@ -15,7 +15,7 @@ The application's own writes need no notification: its sessions evict at commit.
 started with ``sqlacache.origin=app`` skip the notify. Statements issued by other triggers
 (``pg_trigger_depth() > 1``) still notify, because the session doesn't see those writes.
 
-Limits (see the README): between an external commit and the listener's eviction, reads may still
+Limits (see docs/pg_notify.rst): between an external commit and the listener's eviction, reads may still
 hit the old entry (typically a few milliseconds); a store racing with the eviction is refused as
 usual, so the window closes when the eviction lands. While the listener is disconnected nothing is
 evicted; after reconnecting it evicts everything, because it cannot know what it missed. If no

@@ -1,7 +1,7 @@
 """The backend conformance kit: the contract's tests, runnable against any backend.
 
 sqlacache runs it against its own backends (memory, Redis sync and asyncio, fakeredis); a third
-party's backend runs it the same way (see "Writing a backend" in the README)::
+party's backend runs it the same way (see "Writing a backend" in docs/internals.rst)::
 
     from sqlacache.testing import BackendTests
 
