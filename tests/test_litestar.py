@@ -14,10 +14,20 @@ from sqlacache import Cache, ConfigurationError
 
 pytest.importorskip("litestar")
 pytest.importorskip("advanced_alchemy")
-from advanced_alchemy.extensions.litestar import EngineConfig, SQLAlchemyAsyncConfig
-from litestar.testing import AsyncTestClient
+from advanced_alchemy.extensions.litestar import (
+    EngineConfig,
+    SQLAlchemyAsyncConfig,
+    SQLAlchemyPlugin,
+    SQLAlchemySyncConfig,
+    SyncSessionConfig,
+    repository,
+)
+from litestar import Litestar, get
+from litestar.di import NamedDependency
+from litestar.testing import AsyncTestClient, TestClient
+from sqlalchemy.orm import Session
 
-from examples.litestar_app import create_app
+from examples.litestar_app import Author, create_app
 from sqlacache.litestar import SQLACachePlugin
 
 
@@ -120,3 +130,35 @@ def test_plugin_rejects_what_it_cannot_use():
         SQLACachePlugin(Cache())
     with pytest.raises(ConfigurationError, match="has no get_engine"):
         SQLACachePlugin(Cache(), "sqlite+aiosqlite://")
+
+
+def test_plugin_caches_a_sync_config_too(tmp_path):
+    class Authors(repository.SQLAlchemySyncRepository[Author]):
+        model_type = Author
+
+    @get("/count", sync_to_thread=True)
+    def count(db_session: NamedDependency[Session]) -> dict[str, int]:
+        return {"count": Authors(session=db_session).count(name="ann")}
+
+    alchemy = SQLAlchemySyncConfig(
+        connection_string=f"sqlite:///{tmp_path / 'sync.db'}",
+        session_config=SyncSessionConfig(expire_on_commit=False),
+        create_all=True,
+    )
+    cache = Cache()
+    app = Litestar(
+        route_handlers=[count], plugins=[SQLAlchemyPlugin(config=alchemy), SQLACachePlugin(cache, alchemy)]
+    )
+    sql: list[str] = []
+    with TestClient(app=app) as client:
+        with alchemy.get_session() as session:
+            Authors(session=session).add(Author(name="ann", books=1), auto_commit=True)
+        event.listen(alchemy.get_engine(), "before_cursor_execute", lambda c, cur, stmt, *a: sql.append(stmt))
+        assert client.get("/count").json() == {"count": 1}
+        n = len(sql)
+        assert client.get("/count").json() == {"count": 1}
+        assert len(sql) == n, sql[n:]
+        with alchemy.get_session() as session:
+            Authors(session=session).add(Author(name="ann", books=2), auto_commit=True)
+        assert client.get("/count").json() == {"count": 2}
+    assert cache.closed
