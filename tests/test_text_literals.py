@@ -114,3 +114,14 @@ def test_other_text_is_read_from_the_database_every_time(world):
             before = world.statements()
             assert s.execute(statement).scalar_one() == 3
             assert world.statements() > before
+
+
+def test_literal_columns_come_back_with_the_database_types(world):
+    seed(world)
+    read = lambda s: [
+        tuple((type(v), v) for v in row)
+        for row in s.execute(select(User.id, text("1.5"), text("2"), text("'x'"), text("''")).order_by(User.id))
+    ]
+    db, hit = cached(world, read)
+    assert hit == db and len(hit) == 3
+    assert [v for _, v in hit[0]][1:] == [db[0][1][1], 2, "x", ""]
