@@ -120,7 +120,9 @@ def test_literal_columns_come_back_with_the_database_types(world):
     seed(world)
     read = lambda s: [
         tuple((type(v), v) for v in row)
-        for row in s.execute(select(User.id, text("1.5"), text("2"), text("'x'"), text("''")).order_by(User.id))
+        for row in s.execute(
+            select(User.id, text("1.5"), text("2"), text("'x'"), text("''")).order_by(User.id)
+        )
     ]
     db, hit = cached(world, read)
     assert hit == db and len(hit) == 3
