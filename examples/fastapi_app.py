@@ -13,6 +13,13 @@ Run it with ``uvicorn examples.fastapi_app:app`` (from the repository root), the
 Configuration: ``DATABASE_URL`` (default ``sqlite+aiosqlite:///./example.db``; e.g.
 ``postgresql+asyncpg://user@host/db``) and ``CACHE_URL`` (default ``memory://``; e.g.
 ``redis://localhost:6379/0``). ``create_app(engine=..., cache=...)`` builds an app on your own.
+
+What it shows: the lifespan creates the tables and, at shutdown, closes the cache and then the
+engine; ``get_session`` is the dependency that yields one caching session per request.
+
+Several workers (``uvicorn --workers 4``, gunicorn with uvicorn workers): use Redis
+(``CACHE_URL=redis://…``). ``memory://`` is private to each process: one worker's commit would
+evict nothing from another worker's memory, which would keep serving the old rows until their TTL.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class UserOut(BaseModel):
 
 
 async def get_session(request: Request) -> AsyncIterator[CachingAsyncSession]:
+    """One caching session per request; FastAPI closes it once the response is sent."""
     async with request.app.state.Session() as session:
         yield session
 
@@ -79,7 +87,7 @@ def create_app(engine: AsyncEngine | None = None, cache: Cache | None = None) ->
             await conn.run_sync(Base.metadata.create_all)
         try:
             yield
-        finally:
+        finally:  # after the last request: close the cache (its pending stores land), then the engine
             await cache.aclose()
             await engine.dispose()
 

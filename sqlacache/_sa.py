@@ -463,6 +463,12 @@ def raw_columns(select: Select[Any]) -> Sequence[Any]:
     return select._raw_columns
 
 
+def text_bindparams(clause: Any) -> Mapping[str, Any]:
+    """The ``:name`` bind parameters a ``text()`` parsed from its string (``TextClause._bindparams``)."""
+    found: Mapping[str, Any] = clause._bindparams
+    return found
+
+
 def for_update_arg(select: Select[Any]) -> Any:
     """The SELECT's FOR UPDATE clause, or None (``Select._for_update_arg``)."""
     return select._for_update_arg

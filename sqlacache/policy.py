@@ -17,6 +17,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Exists, Select
 
 from sqlacache import _sa
+from sqlacache.analysis.literals import plain_literal
 
 OPS = frozenset({"get", "fetch", "count", "exists"})
 
@@ -188,7 +189,8 @@ def op_of(statement: Any) -> str:
 def never_cached_reason(statement: Any) -> str | None:
     """Why this statement may never be served from or stored to the cache, or None."""
     for element in visitors.iterate(statement):
-        if isinstance(element, TextClause):
+        # text("1") in a SELECT (count(text("1")), as advanced-alchemy counts) reads nothing.
+        if isinstance(element, TextClause) and (element is statement or not plain_literal(element)):
             return "contains text()"
         if isinstance(element, Select) and _sa.for_update_arg(element) is not None:
             return "uses FOR UPDATE"

@@ -342,8 +342,16 @@ class CachingAsyncSession(AsyncSession):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        if isinstance(self.sync_session, CachingSession):
-            self.sync_session._sqlacache_async = True
+        if not isinstance(self.sync_session, CachingSession):
+            # It would cache nothing, silently (advanced-alchemy's session_config(class_=...) swaps
+            # in a sessionmaker of plain Sessions, for instance).
+            raise ConfigurationError(
+                f"CachingAsyncSession's sync session is a {type(self.sync_session).__qualname__}, not a "
+                "CachingSession: it would cache nothing. Give sync_session_class=CachingSession (or a "
+                "subclass), or leave it unset; with advanced-alchemy, keep its session class and add "
+                "sqlacache.litestar.SQLACachePlugin(cache, config) (or call cache.bind(engine))"
+            )
+        self.sync_session._sqlacache_async = True
 
     @property
     def cache(self) -> Cache:

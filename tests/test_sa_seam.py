@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Column, Enum, Integer, MetaData, Table, insert, literal, select
+from sqlalchemy import Column, Enum, Integer, MetaData, Table, insert, literal, select, text
 from sqlalchemy.dialects.sqlite import DATETIME
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.cursor import CursorResultMetaData
@@ -296,6 +296,7 @@ def _checks() -> dict[str, Callable[[str], bool]]:
         "_with_options": _has(query),
         "_raw_columns": _has(query),
         "_for_update_arg": _has(query),
+        "_bindparams": _has(text("1")),
         "_values": _has(ins),
         "_multi_values": _has(ins),
         "_deannotate": _has(ClauseElement),
