@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from sqlmodel import Session as _SQLModelSession
@@ -30,11 +30,14 @@ class CachingSQLModelSession(CachingSession, _SQLModelSession):
             heroes = session.exec(select(Hero).where(Hero.age > 30)).all()
     """
 
-    def exec(self, statement: Any, **kw: Any) -> Any:
-        # SQLModel's exec() runs Session.execute directly, past CachingSession.execute: the reads
-        # deferred by an earlier execute() must still run first, in the transaction state they saw.
-        self._run_deferred()
-        return super().exec(statement, **kw)
+    if not TYPE_CHECKING:  # type checkers keep SQLModel's own overloads of exec()
+
+        def exec(self, statement: Any, **kw: Any) -> Any:
+            # SQLModel's exec() runs Session.execute directly, past CachingSession.execute: the
+            # reads deferred by an earlier execute() must still run first, in the transaction
+            # state they saw.
+            self._run_deferred()
+            return super().exec(statement, **kw)
 
 
 class CachingSQLModelAsyncSession(CachingAsyncSession, _SQLModelAsyncSession):  # type: ignore[misc]
