@@ -35,6 +35,8 @@ from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.outbox import Outbox
 from sqlacache.resilience.resilient import Resilient
 from sqlacache.resilience.stats import Counters
+from sqlacache.security.exclude import Exclusions
+from sqlacache.security.seal import Seal
 
 log = logging.getLogger("sqlacache")
 
@@ -167,8 +169,10 @@ class Internal:
         if not todo and not rows:
             return True
         self.count("invalidations")
-        delivered = self.io.bump(todo, rows)
         cache = self.cache()
+        if cache is not None and rows:
+            rows = cache.exclusions.strip(rows)
+        delivered = self.io.bump(todo, rows)
         near = cache.near if cache is not None else None
         if near is not None:
             # After the bump (a read that began before it must not refill memory with what it
@@ -214,6 +218,9 @@ class Cache:
         near_max_bytes: int = 64 * 1024 * 1024,
         near_ttl: float = 60.0,
         near_heartbeat: float = 1.0,
+        secret: str | bytes | Sequence[str | bytes] | None = None,
+        encryption_key: str | bytes | Sequence[str | bytes] | None = None,
+        exclude_columns: Iterable[str] = (),
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -270,6 +277,11 @@ class Cache:
         self.enabled = enabled
         self.prefix = prefix
         self.keys = KeyBuilder()
+        # Checked before connecting: a bad secret is a configuration error, not a runtime one.
+        seal = (
+            Seal(prefix, secret, encryption_key) if secret is not None or encryption_key is not None else None
+        )
+        self.exclusions = Exclusions(self.policy, exclude_columns)
         self.backend: Backend = backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
@@ -284,6 +296,7 @@ class Cache:
             max_entry_size=max_entry_size,
             breaker=breaker,
             background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
+            seal=seal,
         )
         self.flights = Flights()
         _flag("near_cache", near_cache)

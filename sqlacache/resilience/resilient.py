@@ -41,6 +41,7 @@ from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.pending import Pending
 from sqlacache.resilience.stats import Counters, RateLimitedLog
 from sqlacache.resilience.stores import BackgroundStores, StoreJob
+from sqlacache.security.seal import Seal
 
 log = logging.getLogger("sqlacache.backend")
 
@@ -74,8 +75,11 @@ class Resilient:
         breaker: Breaker,
         background_stores: bool,
         retry_interval: float = 0.02,
+        seal: Seal | None = None,
     ) -> None:
         self.backend = backend
+        # Signs (or encrypts) every entry stored and checks every entry found: None, no work at all.
+        self.seal = seal
         self.count = count
         self.breaker = breaker
         self.max_entry_size = max_entry_size
@@ -207,6 +211,12 @@ class Resilient:
         if entry is None:
             return found
         raw = entry.payload
+        if self.seal is not None:
+            opened = self.seal.open(key, raw)
+            if isinstance(opened, str):
+                self.drop(key, "tampered", opened, level=logging.ERROR)
+                return Lookup(None, found.generation)
+            raw = opened
         if len(raw) < _ENVELOPE.size or raw[:2] != _MAGIC:
             self.drop(key, "corrupt", "not in sqlacache's format")
             return Lookup(None, found.generation)
@@ -242,10 +252,10 @@ class Resilient:
         self.invalidate_all()
         return False
 
-    def drop(self, key: str, what: str, why: Any) -> None:
+    def drop(self, key: str, what: str, why: Any, level: int = logging.WARNING) -> None:
         """An entry that cannot be served: counted, logged once in a while, deleted."""
         self.count(what)
-        self.warn(what, "sqlacache: dropping the cache entry %s: %s", key, why)
+        self.warn(what, "sqlacache: dropping the cache entry %s: %s", key, why, level=level)
         with contextlib.suppress(BackendError, _Skipped):
             self._call("delete", self.backend.delete, [key])
 
@@ -333,7 +343,8 @@ class Resilient:
         refresh_at = 0
         if job.refresh_ahead > 0 and math.isfinite(job.ttl):
             refresh_at = int((time.time() + job.ttl * (1 - job.refresh_ahead)) * 1000)
-        return _ENVELOPE.pack(_MAGIC, refresh_at) + job.payload
+        inner = _ENVELOPE.pack(_MAGIC, refresh_at) + job.payload
+        return inner if self.seal is None else self.seal.close(job.key, inner)
 
     def _storable(self, job: StoreJob) -> bool:
         if self.max_entry_size is not None and len(job.payload) > self.max_entry_size:
