@@ -23,7 +23,6 @@ from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.type_api import TypeEngine
 
 from sqlacache._lru import LRU
-
 from sqlacache.analysis.dependencies import RowImage
 from sqlacache.policy import ConfigurationError, Policy
 

@@ -87,7 +87,8 @@ class Seal:
         """``inner`` as it is stored under ``key``."""
         if self._ciphers:
             nonce = os.urandom(_NONCE)
-            return ENCRYPTED + nonce + self._ciphers[0].encrypt(nonce, inner, self._context + key.encode())
+            sealed: bytes = self._ciphers[0].encrypt(nonce, inner, self._context + key.encode())
+            return ENCRYPTED + nonce + sealed
         return SIGNED + self._tag(self._macs[0], key, inner) + inner
 
     def open(self, key: str, stored: bytes) -> bytes | str:
@@ -99,10 +100,10 @@ class Seal:
             aad = self._context + key.encode()
             for cipher in self._ciphers:
                 try:
-                    inner: bytes = cipher.decrypt(nonce, body, aad)
+                    inner = cipher.decrypt(nonce, body, aad)
                 except Exception:  # cryptography's InvalidTag: another key, or altered bytes
                     continue
-                return inner
+                return bytes(inner)
             return "does not decrypt with any encryption_key (altered, or stored under another key)"
         if stored[:2] != SIGNED or len(stored) < 2 + _TAG:
             return "not signed"
