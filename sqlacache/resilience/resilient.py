@@ -256,6 +256,15 @@ class Resilient:
         """An entry that cannot be served: counted, logged once in a while, deleted."""
         self.count(what)
         self.warn(what, "sqlacache: dropping the cache entry %s: %s", key, why, level=level)
+        if self._loop_bound is not None and not self._loop_bound.sync_capable and not in_greenlet():
+            # Found on the event loop by a native lookup: an asyncio client deletes it in a task.
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                self.track(loop.create_task(greenlet_spawn(self._delete, key)))
+                return
+        self._delete(key)
+
+    def _delete(self, key: str) -> None:
         with contextlib.suppress(BackendError, _Skipped):
             self._call("delete", self.backend.delete, [key])
 
