@@ -371,7 +371,7 @@ def test_memory_backend_signs_too(tmp_path: Any) -> None:
                 assert s.get(Account, 1).email == "u1@example.com"
         assert cache.stats()["hits"] == 1
         store = cache.backend._entries  # type: ignore[attr-defined]
-        [(key, value)] = [(k, v) for k, v in store.items()]
+        [value] = list(store.values())
         assert value.payload[:2] == b"\xa7s"
     finally:
         cache.close()
