@@ -413,7 +413,8 @@ async def test_async_tampered_and_copied_entries_are_never_served(
             async with CachingAsyncSession(engine, cache=cache) as s:
                 assert (await s.get(Account, i)).email == f"u{i}@example.com"
         stats = cache.stats()
-        assert stats["tampered"] == 3
+        # 3, or 2 when the copy's deletion (a task) ran after account 2 was stored again: a miss.
+        assert stats["tampered"] in (2, 3)
         assert stats["hits"] == 1  # only the entry that was not touched (account 1, round 2)
         assert stats["errors"] == 0  # the deletes too went through the asyncio client
     finally:
@@ -462,3 +463,45 @@ def test_encryption_round_trips_every_codec_type(
         cache.invalidate_all()
         cache.close()
         engine.dispose()
+
+
+# -- tenants ---------------------------------------------------------------------------------------
+
+
+def test_tenants_never_share_an_entry_and_invalidate_all_stays_in_its_prefix(
+    tmp_path: Any, redis_url: str, key_prefix: str
+) -> None:
+    """Database-per-tenant: one prefix, identical statements, two databases: two entries, each
+    tenant reads its own rows. invalidate_all() of one prefix leaves another prefix's keys."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    tenant_a, tenant_b = _engine(tmp_path / "a"), _engine(tmp_path / "b")
+    with tenant_b.begin() as conn:
+        conn.execute(Account.__table__.update().values(email="tenant-b@example.com"))
+    cache = Cache(redis_url, prefix=key_prefix)
+    neighbour = Cache(redis_url, prefix=f"{key_prefix}-neighbour")
+    try:
+        for _ in range(2):
+            for engine, email in ((tenant_a, "u1@example.com"), (tenant_b, "tenant-b@example.com")):
+                with CachingSession(engine, cache=cache) as s:
+                    assert s.get(Account, 1).email == email
+                    assert [a.email for a in s.scalars(select(Account).where(Account.id == 1))] == [email]
+            cache.wait_for_stores()
+        assert cache.stats()["hits"] >= 2
+        with CachingSession(tenant_a, cache=neighbour) as s:
+            s.get(Account, 1)
+        neighbour.wait_for_stores()
+        client = redis.Redis.from_url(redis_url)
+        theirs = set(client.scan_iter(f"{key_prefix}-neighbour:*"))
+        assert theirs and len(_entry_keys(redis_url, key_prefix)) == 4  # 2 statements x 2 tenants
+        cache.invalidate_all()
+        assert not _entry_keys(redis_url, key_prefix)
+        assert set(client.scan_iter(f"{key_prefix}-neighbour:*")) == theirs
+        client.close()
+    finally:
+        neighbour.invalidate_all()
+        cache.invalidate_all()
+        cache.close()
+        neighbour.close()
+        tenant_a.dispose()
+        tenant_b.dispose()
