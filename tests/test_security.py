@@ -505,3 +505,21 @@ def test_tenants_never_share_an_entry_and_invalidate_all_stays_in_its_prefix(
         neighbour.close()
         tenant_a.dispose()
         tenant_b.dispose()
+
+
+def test_security_benchmark_runs() -> None:
+    """benchmarks/bench_security.py --quick runs and prints its tables (no timing is asserted)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_security.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| no secret |" in proc.stdout and "| secret |" in proc.stdout

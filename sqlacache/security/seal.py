@@ -8,7 +8,7 @@ secret or key it does no work at all.
 
 Formats (``inner`` is the unsealed envelope ``b"\\xa7q" + refresh time + codec payload``):
 
-* signed: ``b"\\xa7s" + tag + inner``, tag = keyed BLAKE2b-256 over ``prefix \\x1f key \\x1f inner``;
+* signed: ``b"\\xa7s" + tag + inner``, tag = HMAC-SHA256 over ``prefix \\x1f key \\x1f inner``;
 * encrypted: ``b"\\xa7e" + nonce + AES-256-GCM(inner)`` with ``prefix \\x1f key`` as associated
   data (GCM's tag authenticates the entry: no separate signature is needed).
 
@@ -59,7 +59,7 @@ class Seal:
         self._macs: list[bytes] = []
         self._ciphers: list[Any] = []
         if secret is not None:
-            # A derived key: any length of secret works with BLAKE2b's 64-byte key limit.
+            # A derived key per purpose: the same secret never keys two different things.
             self._macs = [
                 hashlib.blake2b(s, digest_size=32, person=b"sqlacache.mac").digest()
                 for s in _secrets(secret, "secret", "(the same in every process)")
@@ -77,11 +77,9 @@ class Seal:
             ]
 
     def _tag(self, mac_key: bytes, key: str, inner: bytes) -> bytes:
-        h = hashlib.blake2b(self._context, key=mac_key, digest_size=_TAG)
-        h.update(key.encode())
-        h.update(b"\x1f")
-        h.update(inner)
-        return h.digest()
+        # One C call over one buffer: HMAC-SHA256 runs on the CPU's SHA extensions where there are
+        # (about 1 µs per KB), faster than keyed BLAKE2b beyond a few hundred bytes.
+        return hmac.digest(mac_key, self._context + key.encode() + b"\x1f" + inner, "sha256")
 
     def close(self, key: str, inner: bytes) -> bytes:
         """``inner`` as it is stored under ``key``."""
