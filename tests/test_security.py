@@ -523,3 +523,65 @@ def test_security_benchmark_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "| no secret |" in proc.stdout and "| secret |" in proc.stdout
+
+
+# -- a Redis shared with other applications: ACL users limited to their prefix ---------------------
+
+
+def test_acl_user_limited_to_its_prefix(tmp_path: Any, redis_server: Any) -> None:
+    """On a redis-server of the test's own (never the shared one): a user with only ``~app-a*`` and
+    ``&app-a*`` (tests/acl.py) runs a cache under ``app-a`` with no error at all — misses, hits,
+    commits, a near-cache, invalidate_all — and can neither read nor clear ``app-b``'s keys."""
+    from tests.acl import add_user
+
+    redis_server.resume()
+    if not redis_server.running:
+        redis_server.start()
+    url_a = add_user(redis_server.url, "app-a", "app-a")
+    engine = _engine(tmp_path)
+    b = Cache(redis_server.url, prefix="app-b")  # another application (the default user)
+    with CachingSession(engine, cache=b) as s:
+        s.get(Account, 2)
+    b.wait_for_stores()
+    admin = redis.Redis.from_url(redis_server.url)
+    theirs = {k: admin.get(k) for k in admin.scan_iter("app-b:*") if admin.type(k) == b"string"}
+    assert theirs
+    a = Cache(url_a, prefix="app-a", secret=SECRET, near_cache=True)
+    try:
+        for _ in range(3):
+            with CachingSession(engine, cache=a) as s:
+                assert s.get(Account, 1).email == "u1@example.com"
+                assert [
+                    x.id for x in s.scalars(select(Account).where(Account.email == "u2@example.com"))
+                ] == [2]
+            a.wait_for_stores()
+        with CachingSession(engine, cache=a) as s:
+            s.get(Account, 1).email = "changed@example.com"
+            s.commit()
+        with CachingSession(engine, cache=a) as s:
+            assert s.get(Account, 1).email == "changed@example.com"
+        a.invalidate_all()
+        stats = a.stats()
+        assert stats["errors"] == 0, stats
+        assert stats["hits"] >= 2
+        # (app-b's cache watches the same database: the commit above invalidated it too, as it must.)
+        theirs = {k: admin.get(k) for k in admin.scan_iter("app-b:*") if admin.type(k) == b"string"}
+        # The same credentials under another prefix: every call is refused (NOPERM); the reads are
+        # right all the same (the database answers) and nothing of app-b's is touched.
+        intruder = Cache(url_a, prefix="app-b")
+        with CachingSession(engine, cache=intruder) as s:
+            assert s.get(Account, 2).email == "u2@example.com"
+        intruder.invalidate_all()
+        assert intruder.stats()["errors"] > 0
+        intruder.close()
+        assert {k: admin.get(k) for k in admin.scan_iter("app-b:*") if admin.type(k) == b"string"} == theirs
+        restricted = redis.Redis.from_url(url_a)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            restricted.get(next(iter(theirs)))
+        restricted.close()
+    finally:
+        a.close()
+        b.invalidate_all()
+        b.close()
+        admin.close()
+        engine.dispose()
