@@ -36,6 +36,7 @@ from sqlacache.resilience.outbox import Outbox
 from sqlacache.resilience.resilient import Resilient
 from sqlacache.resilience.stats import Counters
 from sqlacache.security.exclude import Exclusions
+from sqlacache.security.limits import Quota, limit_value
 from sqlacache.security.seal import Seal
 
 log = logging.getLogger("sqlacache")
@@ -189,8 +190,14 @@ class Cache:
     ``backend``: ``"memory://"`` (alias ``"mem://"``), ``"redis://…"``, a redis-py client (sync or
     asyncio; fakeredis works) or a :class:`~sqlacache.backends.Backend`.
     ``models``: ``{Model or "pkg.mod.Model" or "*": {"ops": "all" | {...}, "ttl": seconds}}``;
-    ``None`` caches every mapped class with all ops. ``timeout``/``default_timeout`` are the 0.1
-    spellings of ``ttl``/``default_ttl``.
+    ``None`` caches every mapped class with all ops; a model's ``"exclude": [columns]`` keeps those
+    columns out of every entry. ``timeout``/``default_timeout`` are the 0.1 spellings of
+    ``ttl``/``default_ttl``.
+
+    Security (docs/security.rst): ``secret`` (a str/bytes, or a list to rotate: the first signs)
+    signs every entry; ``encryption_key`` encrypts them (AES-GCM, the ``encryption`` extra);
+    ``exclude_columns`` names columns (or ``fnmatch`` patterns) never stored for any model;
+    ``max_keys_per_shape`` and ``max_bytes_stored`` bound what this process stores.
     """
 
     def __init__(
@@ -221,6 +228,8 @@ class Cache:
         secret: str | bytes | Sequence[str | bytes] | None = None,
         encryption_key: str | bytes | Sequence[str | bytes] | None = None,
         exclude_columns: Iterable[str] = (),
+        max_keys_per_shape: int | None = None,
+        max_bytes_stored: int | None = None,
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -282,6 +291,11 @@ class Cache:
             Seal(prefix, secret, encryption_key) if secret is not None or encryption_key is not None else None
         )
         self.exclusions = Exclusions(self.policy, exclude_columns)
+        per_shape = limit_value(
+            "max_keys_per_shape", max_keys_per_shape, "entries one statement shape may store"
+        )
+        max_bytes = limit_value("max_bytes_stored", max_bytes_stored, "bytes this process may store")
+        quota = Quota(per_shape, max_bytes) if per_shape is not None or max_bytes is not None else None
         self.backend: Backend = backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
@@ -297,6 +311,7 @@ class Cache:
             breaker=breaker,
             background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
             seal=seal,
+            quota=quota,
         )
         self.flights = Flights()
         _flag("near_cache", near_cache)

@@ -585,3 +585,72 @@ def test_acl_user_limited_to_its_prefix(tmp_path: Any, redis_server: Any) -> Non
         b.close()
         admin.close()
         engine.dispose()
+
+
+# -- limits against abuse --------------------------------------------------------------------------
+
+
+def _entries(url: str, prefix: str) -> int:
+    return len(_entry_keys(url, prefix))
+
+
+def test_max_keys_per_shape_bounds_one_off_entries(tmp_path: Any, redis_url: str, key_prefix: str) -> None:
+    engine = _engine(tmp_path)
+    cache = Cache(redis_url, prefix=key_prefix, max_keys_per_shape=5)
+    try:
+        for i in range(30):  # a search box: one value per request
+            with CachingSession(engine, cache=cache) as s:
+                found = s.scalars(select(Account).where(Account.email == f"search-{i}")).all()
+                assert found == []
+        cache.wait_for_stores()
+        # A first condition read registers its scheme (that store is refused), so up to 5 stored.
+        assert 4 <= _entries(redis_url, key_prefix) <= 5
+        assert cache.stats()["limited"] == 25
+        with CachingSession(engine, cache=cache) as s:  # another shape stores as before
+            assert s.get(Account, 1).email == "u1@example.com"
+        cache.wait_for_stores()
+        assert _entries(redis_url, key_prefix) <= 6 and cache.stats()["limited"] == 25
+        for _ in range(2):  # reads beyond the limit are right, from the database
+            with CachingSession(engine, cache=cache) as s:
+                assert s.scalars(select(Account.id).where(Account.email == "u2@example.com")).all() == [2]
+    finally:
+        cache.invalidate_all()
+        cache.close()
+        engine.dispose()
+
+
+def test_max_bytes_stored_and_expiry(tmp_path: Any, redis_url: str, key_prefix: str) -> None:
+    engine = _engine(tmp_path)
+    cache = Cache(redis_url, prefix=key_prefix, max_bytes_stored=600, models={"*": {"ttl": 1.0}})
+    try:
+        for i in (1, 2):
+            with CachingSession(engine, cache=cache) as s:
+                s.get(Account, i)
+            cache.wait_for_stores()
+        with CachingSession(engine, cache=cache) as s:
+            s.get(Typed, 1)  # a bigger entry: beyond the bytes left
+        cache.wait_for_stores()
+        assert cache.stats()["limited"] >= 1
+        assert _entries(redis_url, key_prefix) < 3
+        import time
+
+        time.sleep(1.1)  # the entries this process stored have expired: room again
+        with CachingSession(engine, cache=cache) as s:
+            t = s.get(Typed, 1)
+            assert t.d == TYPED["d"]
+        cache.wait_for_stores()
+        limited = cache.stats()["limited"]
+        with CachingSession(engine, cache=cache) as s:
+            s.get(Typed, 1)
+        assert cache.stats()["hits"] >= 1 and cache.stats()["limited"] == limited
+    finally:
+        cache.invalidate_all()
+        cache.close()
+        engine.dispose()
+
+
+def test_limit_configuration_errors() -> None:
+    for name in ("max_keys_per_shape", "max_bytes_stored"):
+        for bad in (0, -1, 1.5, True, "10"):
+            with pytest.raises(ConfigurationError, match=name):
+                Cache(**{name: bad})

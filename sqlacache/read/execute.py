@@ -529,7 +529,16 @@ class _Capture:
                 fill = self.fill
                 lease = fill.lease if fill is not None else None
                 cache.io.submit_store(
-                    StoreJob(self.key, payload, deps, generation, self.ttl, lease, cache.refresh_ahead)
+                    StoreJob(
+                        self.key,
+                        payload,
+                        deps,
+                        generation,
+                        self.ttl,
+                        lease,
+                        cache.refresh_ahead,
+                        info.shape.digest,
+                    )
                 )
                 if fill is not None:
                     fill.lease = None  # the store gives it back

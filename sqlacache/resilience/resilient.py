@@ -41,6 +41,7 @@ from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.pending import Pending
 from sqlacache.resilience.stats import Counters, RateLimitedLog
 from sqlacache.resilience.stores import BackgroundStores, StoreJob
+from sqlacache.security.limits import Quota
 from sqlacache.security.seal import Seal
 
 log = logging.getLogger("sqlacache.backend")
@@ -76,10 +77,12 @@ class Resilient:
         background_stores: bool,
         retry_interval: float = 0.02,
         seal: Seal | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self.backend = backend
         # Signs (or encrypts) every entry stored and checks every entry found: None, no work at all.
         self.seal = seal
+        self.quota = quota  # limits on what this process stores (security/limits.py); None: none
         self.count = count
         self.breaker = breaker
         self.max_entry_size = max_entry_size
@@ -361,6 +364,14 @@ class Resilient:
             if job.lease is not None:
                 self.release(job.key, job.lease)
             return False
+        if self.quota is not None:
+            passed = self.quota.admit(job.key, job.shape, len(job.payload) + len(job.key), job.ttl)
+            if passed is not None:
+                self.count("limited")
+                self.warn("limited", "sqlacache: not storing %s: this process reached %s", job.key, passed)
+                if job.lease is not None:
+                    self.release(job.key, job.lease)
+                return False
         return not self._pending or self.deliver_pending()
 
     @staticmethod
