@@ -50,7 +50,7 @@ def add_user(admin_url: str, name: str, prefix: str) -> str:
 
 
 @contextmanager
-def restricted_redis(prefix: str = "sqlacache-test-") -> Iterator[str]:
+def restricted_redis(prefix: str = "sqlacache-") -> Iterator[str]:
     """A throwaway redis-server with a user limited to ``prefix``: that user's URL."""
     from tests.faults import RedisServer
 

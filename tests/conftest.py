@@ -45,8 +45,8 @@ def _require(name: str, url: str, default_port: int) -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     if os.environ.get("SQLACACHE_TEST_REDIS_ACL", "") not in ("", "0"):
-        # Every test as a Redis ACL user limited to the keys and channels ~sqlacache-test-* (the
-        # key_prefix of every test), on a redis-server of its own: see tests/acl.py.
+        # Every test as a Redis ACL user limited to the keys and channels ~sqlacache-* (every prefix
+        # the tests use starts so), on a redis-server of its own: see tests/acl.py.
         from tests.acl import restricted_redis
 
         with restricted_redis() as url:
