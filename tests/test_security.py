@@ -529,15 +529,15 @@ def test_security_benchmark_runs() -> None:
 
 
 def test_acl_user_limited_to_its_prefix(tmp_path: Any, redis_server: Any) -> None:
-    """On a redis-server of the test's own (never the shared one): a user with only ``~app-a*`` and
-    ``&app-a*`` (tests/acl.py) runs a cache under ``app-a`` with no error at all — misses, hits,
+    """On a redis-server of the test's own (never the shared one): a user with only ``~app-a:*`` and
+    ``&app-a:*`` (tests/acl.py) runs a cache under ``app-a`` with no error at all — misses, hits,
     commits, a near-cache, invalidate_all — and can neither read nor clear ``app-b``'s keys."""
     from tests.acl import add_user
 
     redis_server.resume()
     if not redis_server.running:
         redis_server.start()
-    url_a = add_user(redis_server.url, "app-a", "app-a")
+    url_a = add_user(redis_server.url, "app-a", "app-a:")  # ~app-a:* &app-a:*
     engine = _engine(tmp_path)
     b = Cache(redis_server.url, prefix="app-b")  # another application (the default user)
     with CachingSession(engine, cache=b) as s:
