@@ -170,10 +170,8 @@ class Internal:
         if not todo and not rows:
             return True
         self.count("invalidations")
-        cache = self.cache()
-        if cache is not None and rows:
-            rows = cache.exclusions.strip(rows)
         delivered = self.io.bump(todo, rows)
+        cache = self.cache()
         near = cache.near if cache is not None else None
         if near is not None:
             # After the bump (a read that began before it must not refill memory with what it
@@ -312,6 +310,7 @@ class Cache:
             background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
             seal=seal,
             quota=quota,
+            strip=self.exclusions.strip,
         )
         self.flights = Flights()
         _flag("near_cache", near_cache)

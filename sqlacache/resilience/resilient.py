@@ -78,11 +78,14 @@ class Resilient:
         retry_interval: float = 0.02,
         seal: Seal | None = None,
         quota: Quota | None = None,
+        strip: Callable[[Sequence[Row]], Sequence[Row]] | None = None,
     ) -> None:
         self.backend = backend
         # Signs (or encrypts) every entry stored and checks every entry found: None, no work at all.
         self.seal = seal
         self.quota = quota  # limits on what this process stores (security/limits.py); None: none
+        # Drops excluded columns' values from row images before they go to the backend.
+        self.strip = strip
         self.count = count
         self.breaker = breaker
         self.max_entry_size = max_entry_size
@@ -461,6 +464,8 @@ class Resilient:
         """Invalidate now, or return False (nothing kept: the caller keeps it)."""
         if not self.deliver_pending():
             return False
+        if rows and self.strip is not None:
+            rows = self.strip(rows)
         try:
             if rows:
                 self._call("invalidate", self.backend.bump, deps, rows)
