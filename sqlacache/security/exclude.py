@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.orm import Mapper
@@ -23,10 +23,12 @@ from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.type_api import TypeEngine
 
 from sqlacache._lru import LRU
-from sqlacache.analysis.dependencies import RowImage
 from sqlacache.policy import ConfigurationError, Policy
 
 MARK = "never"
+
+# (table, {column: token}, guard): a written row as the backend's bump takes it.
+RowImage = tuple[str, Mapping[str, str], "int | None"]
 
 
 def _base_name(column: Any) -> tuple[str, str]:
