@@ -654,3 +654,50 @@ def test_limit_configuration_errors() -> None:
         for bad in (0, -1, 1.5, True, "10"):
             with pytest.raises(ConfigurationError, match=name):
                 Cache(**{name: bad})
+
+
+def test_schema_per_tenant_never_shares_an_entry(pg_sync_url: str, redis_url: str, key_prefix: str) -> None:
+    """Schema-per-tenant on PostgreSQL: one engine, one prefix, identical statements, the tenant
+    chosen by ``schema_translate_map`` per engine: each tenant reads its own rows, from entries of
+    its own."""
+    from sqlalchemy import text
+
+    schemas = [f"sec_tenant_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    admin = create_engine(pg_sync_url)
+    with admin.begin() as conn:
+        for schema in schemas:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    engine = create_engine(pg_sync_url)
+    tenants = [engine.execution_options(schema_translate_map={None: schema}) for schema in schemas]
+    for tenant, schema in zip(tenants, schemas):
+        with tenant.begin() as conn:
+            Account.__table__.create(conn)
+            conn.execute(
+                Account.__table__.insert(),
+                [dict(id=1, email=f"{schema}@example.com", hashed_password="h", api_key="k")],
+            )
+    cache = Cache(redis_url, prefix=key_prefix)
+    try:
+        for _ in range(2):
+            for tenant, schema in zip(tenants, schemas):
+                with CachingSession(tenant, cache=cache) as s:
+                    assert s.get(Account, 1).email == f"{schema}@example.com"
+                    assert s.scalars(select(Account.email)).all() == [f"{schema}@example.com"]
+        assert cache.stats()["hits"] == 4
+        with CachingSession(tenants[0], cache=cache) as s:
+            s.get(Account, 1).email = "changed@example.com"
+            s.commit()
+        with CachingSession(tenants[0], cache=cache) as s:
+            assert s.get(Account, 1).email == "changed@example.com"
+        # (Dependency names don't carry the translated schema: the commit evicted the other tenant's
+        # entry of the same row too. An extra miss, never a stale or a foreign row.)
+        with CachingSession(tenants[1], cache=cache) as s:
+            assert s.get(Account, 1).email == f"{schemas[1]}@example.com"
+    finally:
+        cache.invalidate_all()
+        cache.close()
+        engine.dispose()
+        with admin.begin() as conn:
+            for schema in schemas:
+                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
