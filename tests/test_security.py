@@ -307,22 +307,33 @@ def test_entry_copied_under_another_key(tmp_path: Any, redis_url: str, key_prefi
         engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
 def test_unsigned_entry_is_not_served_to_a_signed_cache(
-    tmp_path: Any, redis_url: str, key_prefix: str
+    tmp_path: Any, request: pytest.FixtureRequest, key_prefix: str, backend: str
 ) -> None:
+    """A process without the secret (or anything else that writes Redis) stores an entry: a signed
+    cache never serves it. The check sits above the backends: a Redis Cluster gets it too."""
+    url = request.getfixturevalue("redis_url" if backend == "redis" else "redis_cluster")
+    url = url if isinstance(url, str) else url.url
     engine = _engine(tmp_path)
-    plain = Cache(redis_url, prefix=key_prefix)
-    signed = Cache(redis_url, prefix=key_prefix, secret=SECRET)
+    plain = Cache(url, prefix=key_prefix)
+    signed = Cache(url, prefix=key_prefix, secret=SECRET)
     try:
         with CachingSession(engine, cache=plain) as s:
             s.get(Account, 1)
         plain.wait_for_stores()
-        assert _entry_keys(redis_url, key_prefix)
+        with CachingSession(engine, cache=plain) as s:
+            s.get(Account, 1)
+        assert plain.stats()["hits"] == 1  # it is there
         before = len(engine.sql)
         with CachingSession(engine, cache=signed) as s:
             assert s.get(Account, 1).email == "u1@example.com"
         assert len(engine.sql) == before + 1
         assert signed.stats()["tampered"] == 1
+        signed.wait_for_stores()
+        with CachingSession(engine, cache=signed) as s:  # its own, signed entry: served
+            s.get(Account, 1)
+        assert signed.stats()["hits"] == 1
     finally:
         signed.invalidate_all()
         plain.close()
