@@ -18,7 +18,7 @@ import redis
 import redis.asyncio
 from sqlalchemy import JSON, LargeBinary, String, create_engine, event, select
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession, ConfigurationError
 
@@ -43,6 +43,15 @@ class Account(Base):
     hashed_password: Mapped[str] = mapped_column(String(200))
     api_key: Mapped[str] = mapped_column(String(80), info={"sqlacache": "never"})
     reset_token: Mapped[str | None] = mapped_column(String(80), nullable=True)
+
+
+class Member(Base):
+    """The asyncio recipe of docs/security.rst: an excluded column mapped deferred()."""
+
+    __tablename__ = "sec_members"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    hashed_password: Mapped[str] = deferred(mapped_column(String(200), info={"sqlacache": "never"}))
 
 
 class Typed(Base):
@@ -99,6 +108,7 @@ def _engine(tmp_path: Any) -> Any:
             ],
         )
         conn.execute(Typed.__table__.insert(), [TYPED])
+        conn.execute(Member.__table__.insert(), [dict(id=1, name="ann", hashed_password=HASH)])
     engine.sql = []  # type: ignore[attr-defined]
     event.listen(engine, "before_cursor_execute", lambda *a: engine.sql.append(a[2]))  # type: ignore[attr-defined]
     return engine
@@ -750,3 +760,35 @@ def test_encryption_round_trips_every_postgres_codec_type(
         cache.close()
         metadata.drop_all(engine)
         engine.dispose()
+
+
+async def test_async_excluded_deferred_column_behaves_the_same_from_the_cache(
+    tmp_path: Any, redis_url: str, key_prefix: str
+) -> None:
+    """With an AsyncSession an excluded column mapped deferred() is unloaded whether the object
+    came from the database or the cache, and loads the same way (refresh); never in Redis."""
+    from sqlalchemy import inspect as sa_inspect
+
+    _engine(tmp_path).dispose()
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'sec.db'}")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    cache = Cache(client, prefix=key_prefix, secret=SECRET)
+    try:
+        for _ in range(2):
+            async with CachingAsyncSession(engine, cache=cache) as s:
+                m = await s.get(Member, 1)
+                assert m.name == "ann"
+                assert "hashed_password" in sa_inspect(m).unloaded
+                await s.refresh(m, ["hashed_password"])
+                assert m.hashed_password == HASH
+                rows = (await s.scalars(select(Member).where(Member.name == "ann"))).all()
+                assert rows == [m]
+            await cache.await_for_stores()
+        assert cache.stats()["hits"] >= 1
+        for value in _redis_values(redis_url, key_prefix).values():
+            assert b"SECRETHASH" not in value
+    finally:
+        await cache.ainvalidate_all()
+        await cache.aclose()
+        await client.aclose()
+        await engine.dispose()
