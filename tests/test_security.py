@@ -178,6 +178,8 @@ def test_excluded_columns_never_reach_redis(tmp_path: Any, redis_url: str, key_p
                 ]
                 found = s.scalars(select(Account.id).where(Account.api_key == f"{APIKEY}2")).all()
                 assert found == [2]
+                core = s.execute(select(Account.__table__).order_by(Account.id)).all()  # the Table
+                assert [r.hashed_password for r in core] == [f"{HASH}1", f"{HASH}2"]
             cache.wait_for_stores()
         assert cache.stats()["hits"] >= 3
         values = _redis_values(redis_url, key_prefix)
