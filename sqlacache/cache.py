@@ -35,6 +35,9 @@ from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.outbox import Outbox
 from sqlacache.resilience.resilient import Resilient
 from sqlacache.resilience.stats import Counters
+from sqlacache.security.exclude import Exclusions
+from sqlacache.security.limits import Quota, limit_value
+from sqlacache.security.seal import Seal
 
 log = logging.getLogger("sqlacache")
 
@@ -216,7 +219,8 @@ class Cache:
         ``ops`` is ``"all"`` (the default) or a set of ``"get"``, ``"fetch"``, ``"count"``,
         ``"exists"``. ``None`` (the default) caches every mapped class with all ops. A statement's
         model is its lead entity (the first mapped class it selects from). ``"timeout"`` is the
-        0.1 spelling of ``"ttl"``.
+        0.1 spelling of ``"ttl"``. ``"exclude": [columns]`` keeps those columns of the model out
+        of every entry (loaded from the database on access; docs/security.rst).
     :param prefix: Namespace of every Redis key this cache writes; :meth:`invalidate_all` deletes
         these and nothing else. Non-empty, no spaces or glob characters.
     :param default_ttl: Seconds (positive, finite; 3600 when not given). TTL precedence: per call
@@ -265,6 +269,22 @@ class Cache:
         own TTL.
     :param near_heartbeat: Seconds (default 1): the subscriber PINGs after this long without a
         message, and a missing answer after as long again counts as a lost connection.
+    :param secret: A str/bytes of at least 16 bytes, or a list of them to rotate (the first
+        signs, any verifies): every entry carries an HMAC-SHA256 over the prefix, its key and its
+        bytes; one that fails the check is a miss, deleted and counted ``tampered``
+        (docs/security.rst).
+    :param encryption_key: A str/bytes of at least 16 random bytes (or a list, to rotate):
+        entries are encrypted with AES-256-GCM under a key derived from it, bound to the key they
+        are stored under, which also authenticates them (the ``encryption`` extra).
+    :param exclude_columns: Column names, ``table.column`` names or ``fnmatch`` patterns never
+        stored for any model (as a model's ``"exclude"``); a column mapped with
+        ``info={"sqlacache": "never"}`` is excluded too.
+    :param max_keys_per_shape: Entries (an int >= 1; default ``None``, no cap) this process may
+        hold stored per statement shape until their TTL runs out: a client-controlled value (a
+        search box) cannot fill Redis with one-off entries. A store beyond it is counted
+        ``limited``.
+    :param max_bytes_stored: Bytes (an int >= 1; default ``None``) this process may hold stored
+        in the backend until their TTL runs out; beyond it stores are skipped (``limited``).
     :raises ConfigurationError: for any invalid option, at construction.
     """
 
@@ -293,6 +313,11 @@ class Cache:
         near_max_bytes: int = 64 * 1024 * 1024,
         near_ttl: float = 60.0,
         near_heartbeat: float = 1.0,
+        secret: str | bytes | Sequence[str | bytes] | None = None,
+        encryption_key: str | bytes | Sequence[str | bytes] | None = None,
+        exclude_columns: Iterable[str] = (),
+        max_keys_per_shape: int | None = None,
+        max_bytes_stored: int | None = None,
     ) -> None:
         if default_ttl is not None and default_timeout is not None:
             raise ConfigurationError("give default_ttl or its alias default_timeout, not both")
@@ -349,6 +374,16 @@ class Cache:
         self.enabled = enabled
         self.prefix = prefix
         self.keys = KeyBuilder()
+        # Checked before connecting: a bad secret is a configuration error, not a runtime one.
+        seal = (
+            Seal(prefix, secret, encryption_key) if secret is not None or encryption_key is not None else None
+        )
+        self.exclusions = Exclusions(self.policy, exclude_columns)
+        per_shape = limit_value(
+            "max_keys_per_shape", max_keys_per_shape, "entries one statement shape may store"
+        )
+        max_bytes = limit_value("max_bytes_stored", max_bytes_stored, "bytes this process may store")
+        quota = Quota(per_shape, max_bytes) if per_shape is not None or max_bytes is not None else None
         self.backend: Backend = backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
@@ -363,6 +398,9 @@ class Cache:
             max_entry_size=max_entry_size,
             breaker=breaker,
             background_stores=background_stores and not isinstance(self.backend, MemoryBackend),
+            seal=seal,
+            quota=quota,
+            strip=self.exclusions.strip,
         )
         self.flights = Flights()
         _flag("near_cache", near_cache)

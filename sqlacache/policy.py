@@ -99,6 +99,22 @@ def _ops(value: Any, where: str) -> frozenset[str]:
     return ops
 
 
+def _exclude(value: Any, mapper: Mapper[Any], where: str) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            f"{where}: 'exclude' must be a list of column attributes, e.g. ['hashed_password']"
+        )
+    names = frozenset(value)
+    known = {p.key for p in mapper.column_attrs}
+    unknown = sorted(str(n) for n in names if n not in known)
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: 'exclude' names {unknown}, which are not column attributes of "
+            f"{mapper.class_.__name__}; choose among {sorted(known)}"
+        )
+    return names
+
+
 def ttl_value(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ConfigurationError(
@@ -134,6 +150,8 @@ class Policy:
         self._rules: dict[type, Rule] = {}
         self._fallback: Rule | None = None
         self._memo: dict[type, Rule | None] = {}
+        # Column attributes a model's rule keeps out of every entry (security/exclude.py).
+        self.excluded: dict[type, frozenset[str]] = {}
         if models is None:
             self._fallback = Rule(OPS, self.default_ttl)
             return
@@ -143,20 +161,34 @@ class Policy:
             where = f"models[{target!r}]"
             if not isinstance(spec, Mapping):
                 raise ConfigurationError(f"{where}: expected a dict like {{'ops': 'all', 'ttl': 60}}")
-            unknown = set(spec) - {"ops", "ttl", "timeout"}
+            unknown = set(spec) - {"ops", "ttl", "timeout", "exclude"}
             if unknown:
-                raise ConfigurationError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: ops, ttl")
+                raise ConfigurationError(
+                    f"{where}: unknown key(s) {sorted(unknown)}; allowed: ops, ttl, exclude"
+                )
             if "ttl" in spec and "timeout" in spec:
                 raise ConfigurationError(f"{where}: give 'ttl' or its alias 'timeout', not both")
             ttl = spec.get("ttl", spec.get("timeout", self.default_ttl))
             rule = Rule(_ops(spec.get("ops", "all"), where), ttl_value(ttl, where))
             if target == "*":
+                if "exclude" in spec:
+                    raise ConfigurationError(
+                        f"{where}: 'exclude' names one model's columns; for every model use "
+                        "Cache(exclude_columns=[...]) (names or patterns like '*_token')"
+                    )
                 self._fallback = rule
                 continue
             cls = _resolve(target) if isinstance(target, str) else target
-            if not isinstance(cls, type) or not isinstance(inspect(cls, raiseerr=False), Mapper):
+            mapper = inspect(cls, raiseerr=False) if isinstance(cls, type) else None
+            if not isinstance(mapper, Mapper):
                 raise ConfigurationError(f"{where}: {cls!r} is not a mapped class")
             self._rules[cls] = rule
+            if "exclude" in spec:
+                self.excluded[cls] = _exclude(spec["exclude"], mapper, where)
+
+    def excluded_for(self, cls: type) -> frozenset[str]:
+        """The column attributes the rules of ``cls`` and its bases exclude."""
+        return frozenset().union(*(self.excluded.get(c, ()) for c in cls.__mro__))
 
     def rule_for(self, cls: type | None) -> Rule | None:
         if cls is None:

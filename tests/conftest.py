@@ -43,8 +43,16 @@ def _require(name: str, url: str, default_port: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    return _require("Redis", REDIS_URL, 6379)
+def redis_url() -> Iterator[str]:
+    if os.environ.get("SQLACACHE_TEST_REDIS_ACL", "") not in ("", "0"):
+        # Every test as a Redis ACL user limited to the keys and channels ~sqlacache-* (every prefix
+        # the tests use starts so), on a redis-server of its own: see tests/acl.py.
+        from tests.acl import restricted_redis
+
+        with restricted_redis() as url:
+            yield url
+        return
+    yield _require("Redis", REDIS_URL, 6379)
 
 
 @pytest.fixture(scope="session")

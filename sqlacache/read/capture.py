@@ -7,7 +7,7 @@ changes or an older transaction's view. A result that contains one is simply not
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 
 PAYLOAD_FORMAT = 1
+
+# mapper → the column attributes never stored (security/exclude.py)
+Excluded = Callable[[Mapper[Any]], frozenset[str]]
 
 
 class Unstorable(Exception):
@@ -104,11 +107,12 @@ class Graph:
 
 
 def _encode_entities(
-    roots: Sequence[Any], frame: Frame, graph: Graph, oldest: list[int]
+    roots: Sequence[Any], frame: Frame, graph: Graph, oldest: list[int], excluded: Excluded
 ) -> tuple[list[Any], dict[int, int]]:
     """The entity table of a payload. Objects this read created are encoded from what it loaded;
     objects that were already in the session from what they were loaded with, lowering ``oldest``
-    to that load's generation. Anything else raises Unstorable."""
+    to that load's generation. Anything else raises Unstorable. Columns ``excluded`` names for a
+    mapper are left out (a hit expires them: they load from the database on access)."""
     table: list[Any] = []
     index: dict[int, int] = {}
 
@@ -135,9 +139,10 @@ def _encode_entities(
         graph.row(state, layout, loaded, related)
         slot = len(table)
         index[id(obj)] = slot
+        skip = excluded(state.mapper)
         entry: list[Any] = [
             class_path(state.class_),
-            {k: layout.columns[k].encode(v) for k, v in loaded.items()},
+            {k: layout.columns[k].encode(v) for k, v in loaded.items() if k not in skip},
             {},
         ]
         table.append(entry)
@@ -164,8 +169,17 @@ def _encode_entities(
     return table, index
 
 
+def _none(mapper: Mapper[Any]) -> frozenset[str]:
+    return frozenset()
+
+
 def encode_result(
-    data: Sequence[Any], single: bool, columns: list[ValueCodec | None], frame: Frame, graph: Graph
+    data: Sequence[Any],
+    single: bool,
+    columns: list[ValueCodec | None],
+    frame: Frame,
+    graph: Graph,
+    excluded: Excluded = _none,
 ) -> tuple[bytes, int]:
     """(payload bytes, the generation to store it at) for a result's rows (objects when ``single``,
     else tuples); what the graph read goes into ``graph``."""
@@ -175,11 +189,11 @@ def encode_result(
         raise Unstorable("no generation: the backend was unavailable when the read began")
     oldest = [frame.generation]
     if single:
-        table, index = _encode_entities(data, frame, graph, oldest)
+        table, index = _encode_entities(data, frame, graph, oldest, excluded)
         rows: list[Any] = [None if o is None else index[id(o)] for o in data]
     else:
         roots = [v for row in data for v, c in zip(row, columns) if c is ENTITY and v is not None]
-        table, index = _encode_entities(roots, frame, graph, oldest)
+        table, index = _encode_entities(roots, frame, graph, oldest, excluded)
         rows = [
             [
                 (None if v is None else index[id(v)]) if c is None else c.encode(v)

@@ -180,7 +180,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     if ck is None:
         return None
     info = shape_info(cache, statement, ck.key)
-    if info.reason is not None:
+    if info.reason is not None or cache.exclusions.named_by(info.shape.digest, statement):
         if not ctx.frames:  # a nested load's entity rows are stored in the enclosing entry anyway
             cache.count("uncacheable")
         return None
@@ -519,7 +519,9 @@ class _Capture:
             graph = Graph(
                 self.dialect, statement_tables if ticket is None else layout_of(ticket.mapper).tables
             )
-            payload, generation = encode_result(rows, self.single, info.columns or [], frame, graph)
+            payload, generation = encode_result(
+                rows, self.single, info.columns or [], frame, graph, cache.exclusions.of_mapper
+            )
             deps = sorted(set(self.statement_deps) | graph.deps | frame.deps)
             if not self.standalone:
                 cache.count("unstorable")
@@ -527,7 +529,16 @@ class _Capture:
                 fill = self.fill
                 lease = fill.lease if fill is not None else None
                 cache.io.submit_store(
-                    StoreJob(self.key, payload, deps, generation, self.ttl, lease, cache.refresh_ahead)
+                    StoreJob(
+                        self.key,
+                        payload,
+                        deps,
+                        generation,
+                        self.ttl,
+                        lease,
+                        cache.refresh_ahead,
+                        info.shape.digest,
+                    )
                 )
                 if fill is not None:
                     fill.lease = None  # the store gives it back

@@ -41,6 +41,8 @@ from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.pending import Pending
 from sqlacache.resilience.stats import Counters, RateLimitedLog
 from sqlacache.resilience.stores import BackgroundStores, StoreJob
+from sqlacache.security.limits import Quota
+from sqlacache.security.seal import Seal
 
 log = logging.getLogger("sqlacache.backend")
 
@@ -74,8 +76,16 @@ class Resilient:
         breaker: Breaker,
         background_stores: bool,
         retry_interval: float = 0.02,
+        seal: Seal | None = None,
+        quota: Quota | None = None,
+        strip: Callable[[Sequence[Row]], Sequence[Row]] | None = None,
     ) -> None:
         self.backend = backend
+        # Signs (or encrypts) every entry stored and checks every entry found: None, no work at all.
+        self.seal = seal
+        self.quota = quota  # limits on what this process stores (security/limits.py); None: none
+        # Drops excluded columns' values from row images before they go to the backend.
+        self.strip = strip
         self.count = count
         self.breaker = breaker
         self.max_entry_size = max_entry_size
@@ -207,6 +217,12 @@ class Resilient:
         if entry is None:
             return found
         raw = entry.payload
+        if self.seal is not None:
+            opened = self.seal.open(key, raw)
+            if isinstance(opened, str):
+                self.drop(key, "tampered", opened, level=logging.ERROR)
+                return Lookup(None, found.generation)
+            raw = opened
         if len(raw) < _ENVELOPE.size or raw[:2] != _MAGIC:
             self.drop(key, "corrupt", "not in sqlacache's format")
             return Lookup(None, found.generation)
@@ -242,10 +258,19 @@ class Resilient:
         self.invalidate_all()
         return False
 
-    def drop(self, key: str, what: str, why: Any) -> None:
+    def drop(self, key: str, what: str, why: Any, level: int = logging.WARNING) -> None:
         """An entry that cannot be served: counted, logged once in a while, deleted."""
         self.count(what)
-        self.warn(what, "sqlacache: dropping the cache entry %s: %s", key, why)
+        self.warn(what, "sqlacache: dropping the cache entry %s: %s", key, why, level=level)
+        if self._loop_bound is not None and not self._loop_bound.sync_capable and not in_greenlet():
+            # Found on the event loop by a native lookup: an asyncio client deletes it in a task.
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                self.track(loop.create_task(greenlet_spawn(self._delete, key)))
+                return
+        self._delete(key)
+
+    def _delete(self, key: str) -> None:
         with contextlib.suppress(BackendError, _Skipped):
             self._call("delete", self.backend.delete, [key])
 
@@ -333,7 +358,8 @@ class Resilient:
         refresh_at = 0
         if job.refresh_ahead > 0 and math.isfinite(job.ttl):
             refresh_at = int((time.time() + job.ttl * (1 - job.refresh_ahead)) * 1000)
-        return _ENVELOPE.pack(_MAGIC, refresh_at) + job.payload
+        inner = _ENVELOPE.pack(_MAGIC, refresh_at) + job.payload
+        return inner if self.seal is None else self.seal.close(job.key, inner)
 
     def _storable(self, job: StoreJob) -> bool:
         if self.max_entry_size is not None and len(job.payload) > self.max_entry_size:
@@ -341,6 +367,14 @@ class Resilient:
             if job.lease is not None:
                 self.release(job.key, job.lease)
             return False
+        if self.quota is not None:
+            passed = self.quota.admit(job.key, job.shape, len(job.payload) + len(job.key), job.ttl)
+            if passed is not None:
+                self.count("limited")
+                self.warn("limited", "sqlacache: not storing %s: this process reached %s", job.key, passed)
+                if job.lease is not None:
+                    self.release(job.key, job.lease)
+                return False
         return not self._pending or self.deliver_pending()
 
     @staticmethod
@@ -430,6 +464,8 @@ class Resilient:
         """Invalidate now, or return False (nothing kept: the caller keeps it)."""
         if not self.deliver_pending():
             return False
+        if rows and self.strip is not None:
+            rows = self.strip(rows)
         try:
             if rows:
                 self._call("invalidate", self.backend.bump, deps, rows)

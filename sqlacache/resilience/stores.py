@@ -22,6 +22,7 @@ class StoreJob(NamedTuple):
     ttl: float
     lease: str | None = None
     refresh_ahead: float = 0.0
+    shape: str = ""  # the statement shape's digest (security/limits.py counts entries per shape)
 
 
 class BackgroundStores:
