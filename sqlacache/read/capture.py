@@ -22,7 +22,7 @@ from sqlalchemy.sql.schema import Table
 from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
-from sqlacache.analysis.codec import ValueCodec
+from sqlacache.analysis.codec import CodecError, ValueCodec
 from sqlacache.context import Frame, SessionContext
 from sqlacache.keys import class_path
 from sqlacache.layout import KNOWN, MapperLayout, layout_of
@@ -135,11 +135,11 @@ def _encode_entities(
         graph.row(state, layout, loaded, related)
         slot = len(table)
         index[id(obj)] = slot
-        entry: list[Any] = [
-            class_path(state.class_),
-            {k: layout.columns[k].encode(v) for k, v in loaded.items()},
-            {},
-        ]
+        try:
+            encoded = {k: layout.columns[k].encode(v) for k, v in loaded.items()}
+        except CodecError as exc:
+            raise _named(exc, state.mapper, loaded) from exc
+        entry: list[Any] = [class_path(state.class_), encoded, {}]
         table.append(entry)
         rels: dict[str, Any] = {}
         dict_ = state.dict
@@ -164,8 +164,44 @@ def _encode_entities(
     return table, index
 
 
+def _named(exc: CodecError, mapper: Any, loaded: dict[str, Any]) -> CodecError:
+    """``exc`` with the attribute and column type it came from (found again: the error path only)."""
+    layout = layout_of(mapper)
+    for key, value in loaded.items():
+        try:
+            layout.columns[key].encode(value)
+        except CodecError:
+            prop = mapper.attrs[key]
+            kind = prop.columns[0].type if getattr(prop, "columns", None) else "?"
+            return CodecError(f"{mapper.class_.__name__}.{key} ({kind!r}): {exc}")
+    return exc
+
+
+def _encode_row(
+    row: Any, columns: list[ValueCodec | None], index: dict[int, int], labels: list[str]
+) -> list[Any]:
+    try:
+        return [
+            (None if v is None else index[id(v)]) if c is None else c.encode(v) for v, c in zip(row, columns)
+        ]
+    except CodecError as exc:
+        for i, (v, c) in enumerate(zip(row, columns)):
+            if c is not None:
+                try:
+                    c.encode(v)
+                except CodecError:
+                    label = labels[i] if i < len(labels) else f"#{i + 1}"
+                    raise CodecError(f"column {label}: {exc}") from exc
+        raise
+
+
 def encode_result(
-    data: Sequence[Any], single: bool, columns: list[ValueCodec | None], frame: Frame, graph: Graph
+    data: Sequence[Any],
+    single: bool,
+    columns: list[ValueCodec | None],
+    frame: Frame,
+    graph: Graph,
+    labels: list[str] = [],  # noqa: B006 (read only)
 ) -> tuple[bytes, int]:
     """(payload bytes, the generation to store it at) for a result's rows (objects when ``single``,
     else tuples); what the graph read goes into ``graph``."""
@@ -180,11 +216,5 @@ def encode_result(
     else:
         roots = [v for row in data for v, c in zip(row, columns) if c is ENTITY and v is not None]
         table, index = _encode_entities(roots, frame, graph, oldest)
-        rows = [
-            [
-                (None if v is None else index[id(v)]) if c is None else c.encode(v)
-                for v, c in zip(row, columns)
-            ]
-            for row in data
-        ]
+        rows = [_encode_row(row, columns, index, labels) for row in data]
     return orjson.dumps([PAYLOAD_FORMAT, table, rows]), oldest[0]

@@ -39,7 +39,7 @@ from sqlacache.backends.base import (
 )
 from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.pending import Pending
-from sqlacache.resilience.stats import Counters, RateLimitedLog
+from sqlacache.resilience.stats import Counters, RateLimitedLog, Recorder
 from sqlacache.resilience.stores import BackgroundStores, StoreJob
 
 log = logging.getLogger("sqlacache.backend")
@@ -58,6 +58,28 @@ Row = tuple[str, Mapping[str, str], "int | None"]
 
 def _unexpected(op: str, exc: BaseException) -> BackendError:
     return BackendError(f"cache {op} raised {exc!r}", "client")
+
+
+def _timed(recorder: Recorder, op: str, fn: Callable[..., _T]) -> Callable[..., _T]:
+    def timed(*args: Any, **kwargs: Any) -> _T:
+        began = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            recorder.timing(op, time.perf_counter() - began)
+
+    return timed
+
+
+def _atimed(recorder: Recorder, op: str, fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    async def timed(*args: Any, **kwargs: Any) -> _T:
+        began = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            recorder.timing(op, time.perf_counter() - began)
+
+    return timed
 
 
 class _Skipped(Exception):
@@ -101,6 +123,9 @@ class Resilient:
         self.count("errors")
         self.count(f"errors.{op}")
         self.count(f"errors.{kind}")
+        recorder = self.count.recorder
+        if recorder is not None:
+            recorder.event("errors", "", op, kind)
         if isinstance(exc, BackendUnavailable):
             self.breaker.failed()
         else:
@@ -111,6 +136,9 @@ class Resilient:
         if not probe and not self.breaker.allow():
             self.count("breaker_skips")
             raise _Skipped
+        recorder = self.count.recorder
+        if recorder is not None:  # a metrics sink listens: time the call
+            fn = _timed(recorder, op, fn)
         try:
             result = fn(*args, **kwargs)
         except BackendError as exc:
@@ -128,6 +156,9 @@ class Resilient:
         if not self.breaker.allow():
             self.count("breaker_skips")
             raise _Skipped
+        recorder = self.count.recorder
+        if recorder is not None:
+            fn = _atimed(recorder, op, fn)
         try:
             result = await fn(*args, **kwargs)
         except BackendError as exc:
