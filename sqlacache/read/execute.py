@@ -181,12 +181,12 @@ def refused(cache: Cache, code: str, reason: str, model: str = "", op: str = "")
 
 def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guard) -> Result[Any] | None:
     cache = ctx.cache
-    if _sa.must_reach_database(state.load_options):
-        return None  # a refresh, a lazy load of an expired attribute: the ORM's own, not a refusal
     why = options_reason(state.execution_options)
     if why is not None:
         refused(cache, "load_option", why)
         return None
+    if _sa.must_reach_database(state.load_options):
+        return None  # a refresh, a lazy load of an expired attribute: the ORM's own, not a refusal
     opts = state.execution_options
     ticket: GetTicket | None = opts.get("_sqlacache_get")
     if ticket is not None:
