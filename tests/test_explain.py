@@ -30,11 +30,23 @@ class Thing:
     __hash__ = None  # type: ignore[assignment]
 
 
+class ThingType(sa.TypeDecorator[Thing]):
+    impl = sa.Integer
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else value.n
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else Thing(value)
+
+
 class Person(Base):
     __tablename__ = "person"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str]
     blob: Mapped[Any] = mapped_column(sa.PickleType, nullable=True)
+    thing: Mapped[Any] = mapped_column(ThingType, nullable=True)
 
 
 class Pet(Base):
@@ -50,7 +62,10 @@ def world(tmp_path):
     with engine.begin() as conn:
         conn.execute(
             sa.insert(Person),
-            [{"id": 1, "name": "ann", "blob": None}, {"id": 2, "name": "bob", "blob": Thing(2)}],
+            [
+                {"id": 1, "name": "ann", "blob": None, "thing": None},
+                {"id": 2, "name": "bob", "blob": Thing(2), "thing": Thing(3)},
+            ],
         )
         conn.execute(sa.insert(Pet), [{"id": 1, "name": "rex"}])
     cache = Cache("memory://", models={Person: {"ops": {"get", "fetch"}, "ttl": 60}})
@@ -144,6 +159,9 @@ def test_a_value_the_codec_refuses_is_named_with_its_column(world):
     assert not served_from_cache(Session, seen, columns)
     # (PickleType's pickler module is in the statement's cache key: a shape no key can name)
     assert cache.explain(columns).code == "uncacheable"
+    typed = select(Person.id, Person.thing).where(Person.id == 2)
+    assert not served_from_cache(Session, seen, typed)
+    assert "column 'thing' (ThingType())" in cache.explain(typed).reason  # type: ignore[operator]
 
 
 def test_explain_of_a_plain_session_a_closed_or_disabled_cache_and_a_write(world):
