@@ -17,7 +17,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingSession, ConfigurationError
 from sqlacache.metrics import LogEvents, OpenTelemetryMetrics, PrometheusCollector
-from tests.helpers import seed
+from tests.helpers import aseed, seed
 from tests.models import Base, User
 
 WORLDS = pytest.mark.parametrize("world", ["sqlite+memory", "postgres+redis"], indirect=True)
@@ -66,14 +66,18 @@ def test_prometheus_scrape_counts_reads_by_model_and_op(world):
     assert found[("sqlacache_backend_call_seconds_bucket", (("call", call), ("le", "+Inf")))] == lookups
 
 
-def test_prometheus_counts_backend_errors_by_call_and_kind(tmp_path, key_prefix):
+def test_prometheus_counts_backend_errors_by_call_and_kind(tmp_path, key_prefix, caplog):
     engine = sa.create_engine(f"sqlite:///{tmp_path}/m.db")
     Base.metadata.create_all(engine)
     cache = Cache("redis://127.0.0.1:1/0", prefix=key_prefix)  # nothing listens there
     registry = CollectorRegistry()
     registry.register(PrometheusCollector(cache, namespace="app_cache"))
-    with sessionmaker(engine, class_=CachingSession, cache=cache)() as s:
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with caplog.at_level(logging.WARNING, logger="sqlacache"), Session() as s:
         assert s.get(User, 1) is None  # from the database: the outage is not the caller's
+    # the warning carries the same labels as the metric
+    warned = [r for r in caplog.records if getattr(r, "sqlacache_event", None) == "errors"]
+    assert warned and warned[0].sqlacache_reason == "connection"  # type: ignore[attr-defined]
     found = samples(registry)
     errors = {labels: v for (name, labels), v in found.items() if name == "app_cache_errors_total"}
     assert errors and all(dict(labels)["kind"] for labels in errors)
@@ -155,3 +159,18 @@ def test_wrong_inputs_are_configuration_errors():
     with pytest.raises(ConfigurationError, match="MeterProvider"):
         OpenTelemetryMetrics(cache, meter_provider="otel")  # type: ignore[arg-type]
     cache.close()
+
+
+@pytest.mark.parametrize("aworld", ["aiosqlite+memory", "asyncpg+redis"], indirect=True)
+async def test_async_sessions_are_counted_alike(aworld):
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(aworld.cache))
+    await aseed(aworld)
+    for _ in range(2):
+        async with aworld.Session() as s:
+            (await s.execute(select(User).where(User.name == "u1"))).scalars().all()
+    await aworld.cache.await_for_stores()
+    found = samples(registry)
+    assert found[("sqlacache_reads_total", (("model", "User"), ("op", "fetch"), ("result", "miss")))] == 1
+    assert found[("sqlacache_reads_total", (("model", "User"), ("op", "fetch"), ("result", "hit")))] == 1
+    assert sum(v for (name, _), v in found.items() if name == "sqlacache_backend_call_seconds_count") >= 2

@@ -371,7 +371,10 @@ def _serve(
             source.corrupt()
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
-    ctx.cache.count.event("hits", info.model, label)
+    count = ctx.cache.count
+    count("hits")
+    if count.recorder is not None:  # a metrics sink listens
+        count.recorder.event("hits", info.model, label)
     if ctx.frames:
         ctx.frames[-1].deps.update(entry.deps)
     if state.execution_options.get("prebuffer_rows"):

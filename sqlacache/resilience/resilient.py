@@ -130,7 +130,14 @@ class Resilient:
             self.breaker.failed()
         else:
             self.breaker.succeeded()  # it answered: reachable
-        self.warn(f"{op}:{kind}", "sqlacache: cache %s failed (%s), using the database: %s", op, kind, exc)
+        self.warn(
+            f"{op}:{kind}",
+            "sqlacache: cache %s failed (%s), using the database: %s",
+            op,
+            kind,
+            exc,
+            extra={"sqlacache_event": "errors", "sqlacache_op": op, "sqlacache_reason": kind},
+        )
 
     def _call(self, op: str, fn: Callable[..., _T], *args: Any, probe: bool = False, **kwargs: Any) -> _T:
         if not probe and not self.breaker.allow():
@@ -176,7 +183,11 @@ class Resilient:
         self.count("errors")
         self.count("errors.internal")
         self.warn(
-            f"internal:{where}", "sqlacache: internal error %s; using the database", where, exc_info=exc
+            f"internal:{where}",
+            "sqlacache: internal error %s; using the database",
+            where,
+            exc_info=exc,
+            extra={"sqlacache_event": "errors", "sqlacache_op": where, "sqlacache_reason": "internal"},
         )
 
     def track(self, task: asyncio.Task[Any]) -> None:

@@ -111,6 +111,7 @@ class RateLimitedLog:
         *args: Any,
         exc_info: BaseException | None = None,
         level: int = logging.WARNING,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         now = time.monotonic()
         with self._lock:
@@ -122,4 +123,4 @@ class RateLimitedLog:
         if suppressed:
             message += " (%d more like it not logged)"
             args = (*args, suppressed)
-        self.logger.log(level, message, *args, exc_info=exc_info)
+        self.logger.log(level, message, *args, exc_info=exc_info, extra=extra)
