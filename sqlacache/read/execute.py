@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -157,13 +157,15 @@ class Guard:
         self.passthrough = False
 
 
-def refused(cache: Cache, code: str, reason: str, model: str = "", op: str = "") -> None:
+def refused(cache: Cache, code: str, why: str | Callable[[], str], model: str = "", op: str = "") -> None:
     """A read the cache doesn't serve nor store: a debug line on ``sqlacache.reads`` (whose
-    ``extra`` fields are the metrics' labels) and, when a metrics sink listens, a refusal event."""
+    ``extra`` fields are the metrics' labels) and, when a metrics sink listens, a refusal event.
+    ``why`` may be a function: its sentence is only made for the log line."""
     recorder = cache.count.recorder
     if recorder is not None:
         recorder.event("refusals", model, op, code)
     if log.isEnabledFor(logging.DEBUG):
+        reason = why if isinstance(why, str) else why()
         log.debug(
             "sqlacache: not cached (%s %s): %s",
             model or "-",
@@ -216,8 +218,9 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     else:
         rule = cache.policy.rule_for(info.lead)
         if not forced and (rule is None or label not in rule.ops):
-            if cache.count.recorder is not None or log.isEnabledFor(logging.DEBUG):
-                refused(cache, "not_configured", policy_reason(cache, info, label) or "", info.model, label)
+            refused(
+                cache, "not_configured", lambda: policy_reason(cache, info, label) or "", info.model, label
+            )
             return None
         ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
     # The database path begins the session's transaction (or refuses to, autobegin=False) and
@@ -228,7 +231,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         guard.autoflush(session)
     statement_tables = info.table_names
     if tables_written(ctx, statement_tables):
-        refused(cache, "written", written_reason(ctx, statement_tables) or "", info.model, label)
+        refused(cache, "written", lambda: written_reason(ctx, statement_tables) or "", info.model, label)
         return None
     statement_deps: list[str]
     refresh: Fill | None = opts.get("_sqlacache_refresh")
