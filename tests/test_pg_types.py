@@ -162,3 +162,44 @@ def test_the_codecs_round_trip_and_reject_bad_payloads():
     # and one the codec cannot carry is refused at encode, naming its type
     with pytest.raises(CodecError, match="IPv4Address"):
         codec_for(pg.TSRANGE()).encode(ipaddress.ip_address("1.2.3.4"))
+
+
+def test_reads_by_and_writes_of_these_types_stay_fresh(pg_hosts, redis_url, key_prefix):
+    """Keys and invalidation handle the values too: a commit changing an address or a range evicts
+    the reads that name it, and a read conditioned on one is cached (or not) but never stale."""
+    cache = Cache(backend=redis_url, prefix=key_prefix)
+    seen = _counting(pg_hosts)
+    Session = sessionmaker(pg_hosts, class_=CachingSession, cache=cache)
+    by_address = select(Host.id).where(Host.inet == ipaddress.ip_interface("10.0.0.1/24"))
+    by_range = select(Host.id).where(Host.ints == pg.Range(1, 5))
+    reads = [select(Host).where(Host.id == 1), by_address, by_range]
+
+    def read_all() -> list[Any]:
+        with Session() as s:
+            return [
+                fingerprint(list(s.scalars(reads[0]))),
+                list(s.scalars(by_address)),
+                list(s.scalars(by_range)),
+            ]
+
+    before = read_all()
+    assert before[1:] == [[1], [1]]
+    with Session() as s:
+        assert cache.explain(by_address, s).cacheable and cache.explain(by_range, s).cacheable
+    n = len(seen)
+    assert read_all() == before
+    assert len(seen) == n  # all three from the cache
+    with Session() as s:
+        host = s.get(Host, 1)
+        host.inet = ipaddress.ip_interface("10.9.9.9/8")
+        host.ints = pg.Range(2, 9)
+        s.commit()
+    after = read_all()
+    assert after[1:] == [[], []]
+    assert after[0][0][1] == (ipaddress.IPv4Interface, ipaddress.IPv4Interface("10.9.9.9/8"))
+    assert after[0][0][6] == exact(pg.Range(2, 9))
+    n = len(seen)
+    assert read_all() == after
+    assert len(seen) == n
+    cache.invalidate_all()
+    cache.close()
