@@ -158,6 +158,12 @@ def test_wrong_inputs_are_configuration_errors():
         PrometheusCollector(cache, namespace="bad-name")
     with pytest.raises(ConfigurationError, match="MeterProvider"):
         OpenTelemetryMetrics(cache, meter_provider="otel")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="prefix='my cache'"):
+        OpenTelemetryMetrics(cache, prefix="my cache")
+    with pytest.raises(ConfigurationError, match=r"logging\.Logger"):
+        LogEvents(cache, logger="sqlacache")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="level='debug'"):
+        LogEvents(cache, level="debug")  # type: ignore[arg-type]
     cache.close()
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlacache.policy import ConfigurationError
 from sqlacache.resilience.stats import BUCKETS
 
 if TYPE_CHECKING:
@@ -58,6 +59,12 @@ class LogEvents:
     """
 
     def __init__(self, cache: Cache, logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
+        if logger is not None and not isinstance(logger, logging.Logger):
+            raise ConfigurationError(
+                f"LogEvents: logger={logger!r} is not a logging.Logger; pass logging.getLogger('name')"
+            )
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise ConfigurationError(f"LogEvents: level={level!r}: give a logging level, e.g. logging.INFO")
         self.logger = logger or logging.getLogger("sqlacache.events")
         self.level = level
         self._recorder = cache.count.recording()

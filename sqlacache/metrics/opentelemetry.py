@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,11 @@ class OpenTelemetryMetrics:
             raise ConfigurationError(
                 f"OpenTelemetryMetrics: meter_provider={meter_provider!r} is not an "
                 "opentelemetry MeterProvider (e.g. opentelemetry.sdk.metrics.MeterProvider(...))"
+            )
+        if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.]*", prefix):
+            raise ConfigurationError(
+                f"OpenTelemetryMetrics: prefix={prefix!r}: give an instrument name prefix "
+                "(a letter, then letters, digits, '_' or '.'), e.g. 'sqlacache'"
             )
         self.cache = cache
         provider = meter_provider or otel.get_meter_provider()

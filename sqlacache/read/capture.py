@@ -177,22 +177,19 @@ def _named(exc: CodecError, mapper: Any, loaded: dict[str, Any]) -> CodecError:
     return exc
 
 
-def _encode_row(
-    row: Any, columns: list[ValueCodec | None], index: dict[int, int], labels: list[str]
-) -> list[Any]:
-    try:
-        return [
-            (None if v is None else index[id(v)]) if c is None else c.encode(v) for v, c in zip(row, columns)
-        ]
-    except CodecError as exc:
+def _named_column(
+    exc: CodecError, data: Sequence[Any], columns: list[ValueCodec | None], labels: list[str]
+) -> CodecError:
+    """``exc`` with the result column it came from (found again: the error path only)."""
+    for row in data:
         for i, (v, c) in enumerate(zip(row, columns)):
             if c is not None:
                 try:
                     c.encode(v)
                 except CodecError:
                     label = labels[i] if i < len(labels) else f"#{i + 1}"
-                    raise CodecError(f"column {label}: {exc}") from exc
-        raise
+                    return CodecError(f"column {label}: {exc}")
+    return exc
 
 
 def encode_result(
@@ -216,5 +213,14 @@ def encode_result(
     else:
         roots = [v for row in data for v, c in zip(row, columns) if c is ENTITY and v is not None]
         table, index = _encode_entities(roots, frame, graph, oldest)
-        rows = [_encode_row(row, columns, index, labels) for row in data]
+        try:
+            rows = [
+                [
+                    (None if v is None else index[id(v)]) if c is None else c.encode(v)
+                    for v, c in zip(row, columns)
+                ]
+                for row in data
+            ]
+        except CodecError as exc:
+            raise _named_column(exc, data, columns, labels) from exc
     return orjson.dumps([PAYLOAD_FORMAT, table, rows]), oldest[0]
