@@ -59,6 +59,9 @@ def test_prometheus_scrape_counts_reads_by_model_and_op(world):
     assert found[("sqlacache_stores_total", (("result", "stored"),))] >= 1
     assert found[("sqlacache_invalidations_total", ())] >= 2  # the seed's commit and the update's
     assert found[("sqlacache_breaker_open", ())] == 0
+    stats = world.cache.stats()
+    assert found[("sqlacache_events_total", (("event", "hits"),))] == stats["hits"]
+    assert found[("sqlacache_state", (("gauge", "pending_invalidations"),))] == 0
     # a read's lookup is a "lease" where the backend takes the right to fill with it (Redis)
     call = "lease" if ("sqlacache_backend_call_seconds_count", (("call", "lease"),)) in found else "lookup"
     lookups = found[("sqlacache_backend_call_seconds_count", (("call", call),))]
@@ -108,6 +111,7 @@ def test_opentelemetry_reader_sees_the_same_counts(world):
     assert value("sqlacache.refusals", model="User", op="fetch", reason="text")[0].value == 1
     assert value("sqlacache.evictions", table="users")[0].value >= 1
     assert value("sqlacache.stores", result="stored")[0].value >= 1
+    assert value("sqlacache.events", event="misses")[0].value == 1
     duration = (
         value("sqlacache.backend.duration", call="lookup")
         or value("sqlacache.backend.duration", call="lease")

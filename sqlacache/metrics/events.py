@@ -32,6 +32,22 @@ STORE_RESULTS = {
 }
 
 
+# Values of Cache.stats() that go up and down (the rest of its numbers only go up).
+STAT_GAUGES = frozenset({"pending_invalidations", "near_entries", "near_bytes", "near_in_step"})
+
+
+def stat_counters(stats: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Every counter of ``Cache.stats()`` (``hits``, ``coalesced``, ``errors.timeout``, ``near_hits``…)."""
+    return sorted(
+        (name, value) for name, value in stats.items() if type(value) is int and name not in STAT_GAUGES
+    )
+
+
+def stat_gauges(stats: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """The gauges of ``Cache.stats()`` present (the near-cache's only with one)."""
+    return sorted((name, int(stats[name])) for name in STAT_GAUGES if name in stats)
+
+
 @dataclass
 class Snapshot:
     """What a sink exports at one instant."""

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
         "pip install 'sqlacache[opentelemetry]'"
     ) from exc
 
-from sqlacache.metrics.events import EVENTS, STORE_RESULTS, Snapshot, snapshot
+from sqlacache.metrics.events import EVENTS, STORE_RESULTS, Snapshot, snapshot, stat_counters, stat_gauges
 from sqlacache.policy import ConfigurationError
 from sqlacache.resilience.stats import BUCKETS
 
@@ -64,6 +64,16 @@ class OpenTelemetryMetrics:
             f"{prefix}.invalidations",
             callbacks=[self._stat("invalidations")],
             description="invalidations sent",
+        )
+        meter.create_observable_counter(
+            f"{prefix}.events",
+            callbacks=[self._flat],
+            description="every counter of Cache.stats(), by its name (attribute event)",
+        )
+        meter.create_observable_gauge(
+            f"{prefix}.state",
+            callbacks=[self._gauges],
+            description="the gauges of Cache.stats() (attribute gauge)",
         )
         meter.create_observable_gauge(
             f"{prefix}.pending_invalidations",
@@ -118,6 +128,12 @@ class OpenTelemetryMetrics:
             return [Observation(self._snapshot().stats.get(name, 0))]
 
         return observe
+
+    def _flat(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(v, {"event": name}) for name, v in stat_counters(self._snapshot().stats)]
+
+    def _gauges(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(v, {"gauge": name}) for name, v in stat_gauges(self._snapshot().stats)]
 
     def _breaker(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(int(self._snapshot().stats["breaker"] != "closed"))]

@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
         "sqlacache.metrics.PrometheusCollector needs prometheus-client: pip install 'sqlacache[prometheus]'"
     ) from exc
 
-from sqlacache.metrics.events import STORE_RESULTS, snapshot
+from sqlacache.metrics.events import STORE_RESULTS, snapshot, stat_counters, stat_gauges
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -90,6 +90,20 @@ class PrometheusCollector(Collector):
         yield CounterMetricFamily(
             f"{ns}_internal_errors", "sqlacache's own errors, survived", value=stats.get("errors.internal", 0)
         )
+        flat = CounterMetricFamily(
+            f"{ns}_events", "Every counter of Cache.stats(), by its name", labels=["event"]
+        )
+        for name, value in stat_counters(stats):
+            flat.add_metric([name], value)
+        yield flat
+        state = GaugeMetricFamily(
+            f"{ns}_state",
+            "The gauges of Cache.stats() (pending_invalidations, near_entries…)",
+            labels=["gauge"],
+        )
+        for name, value in stat_gauges(stats):
+            state.add_metric([name], value)
+        yield state
         yield GaugeMetricFamily(
             f"{ns}_pending_invalidations",
             "Invalidations kept for retry while the backend is unreachable",
