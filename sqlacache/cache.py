@@ -393,6 +393,23 @@ class Cache:
             self, statement, session, bind=bind, params=params, execution_options=execution_options
         )
 
+    def explain_get(
+        self,
+        entity: Any,
+        ident: Any,
+        session: Any = None,
+        *,
+        bind: Any = None,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """:meth:`explain` for ``session.get(entity, ident)``: whether it would be answered from this
+        cache, and if not why (the object is in the session's identity map, ``get`` is not
+        configured for the model, the transaction wrote its table…); with ``session`` or ``bind``,
+        its key and dependencies."""
+        from sqlacache.read.explain import explain_get
+
+        return explain_get(self, entity, ident, session, bind=bind, execution_options=execution_options)
+
     def reset_stats(self) -> None:
         self.count.clear()
 

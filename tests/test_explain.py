@@ -176,3 +176,53 @@ def test_explain_of_a_plain_session_a_closed_or_disabled_cache_and_a_write(world
     forced = select(Pet).execution_options(cache=True)
     assert cache.explain(forced).cacheable
     assert served_from_cache(Session, seen, forced)
+
+
+def gets_from_cache(Session: Any, seen: list[str], model: Any, ident: Any) -> bool:
+    for _ in range(2):
+        before = len(seen)
+        with Session() as s:
+            s.get(model, ident)
+    return len(seen) == before
+
+
+def test_explain_get_agrees_with_session_get(world):
+    _engine, cache, Session, seen = world
+    with Session() as s:
+        found = cache.explain_get(Person, 1, s)
+    assert found.cacheable and (found.model, found.op, found.ttl) == ("Person", "get", 60.0)
+    assert found.key is not None and any(d.startswith("r:person:") for d in found.dependencies)
+    assert gets_from_cache(Session, seen, Person, 1)
+    assert cache.backend.lookup(found.key, []).entry is not None  # type: ignore[union-attr]
+
+    with Session() as s:
+        found = cache.explain_get(Pet, 1, s)
+    assert (found.cacheable, found.code) == (False, "not_configured")
+    assert not gets_from_cache(Session, seen, Pet, 1)
+
+    with Session() as s:
+        found = cache.explain_get(Person, 1, s, execution_options={"populate_existing": True})
+        assert found.code == "load_option"
+        before = len(seen)
+        s.get(Person, 1, populate_existing=True)
+        assert len(seen) == before + 1
+
+    with Session() as s:
+        held = s.get(Person, 1)  # (the identity map holds objects weakly)
+        found = cache.explain_get(Person, 1, s)
+        assert found.code == "identity_map"
+        before, hits = len(seen), cache.stats()["hits"]
+        assert s.get(Person, 1) is held
+        assert (len(seen), cache.stats()["hits"]) == (before, hits)  # no read at all
+
+    with Session() as s:
+        s.add(Person(id=9, name="new"))
+        s.flush()
+        assert cache.explain_get(Person, 1, s).code == "written"
+        before = len(seen)
+        s.get(Person, 1)
+        assert len(seen) == before + 1  # from the database, though the entry is cached
+        s.rollback()
+
+    assert cache.explain_get(Person, (1, 2)).code == "bad_ident"
+    assert cache.explain_get("Person", 1).code == "not_mapped"

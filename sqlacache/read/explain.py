@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapper, Session
 
 from sqlacache import _sa
+from sqlacache.analysis import dependencies as deps_mod
+from sqlacache.analysis import rowtokens
 from sqlacache.context import context_of
 from sqlacache.keys import Uncacheable
+from sqlacache.layout import layout_of
 from sqlacache.read.plan import (
     NO_CACHE_KEY,
     ShapeInfo,
@@ -142,3 +145,76 @@ def explain(
     return Explanation(
         True, None, None, info.model, op, tuple(sorted(info.table_names)), tuple(deps), key, ttl
     )
+
+
+def explain_get(
+    cache: Cache,
+    entity: Any,
+    ident: Any,
+    session: Session | None = None,
+    *,
+    bind: Any = None,
+    execution_options: Mapping[str, Any] | None = None,
+) -> Explanation:
+    """See :meth:`Cache.explain_get`: the checks of ``read/get.py``'s ``plan_get``, in its order."""
+    from sqlacache.read.get import _normalize_ident, reshaped_by_hooks
+
+    if cache.closed:
+        return _no("closed", "the cache is closed", op="get")
+    if not cache.enabled:
+        return _no("disabled", "the cache is disabled (Cache(enabled=False))", op="get")
+    mapper = inspect(entity, raiseerr=False)
+    if not isinstance(mapper, Mapper):
+        return _no("not_mapped", f"{entity!r} is not a mapped class", op="get")
+    model, tables = mapper.class_.__name__, layout_of(mapper).tables
+
+    def no(code: str, reason: str) -> Explanation:
+        return Explanation(False, reason, code, model, "get", tuple(sorted(tables)))
+
+    ctx = None
+    if session is not None:
+        session = getattr(session, "sync_session", session)
+        ctx = context_of(session)
+        if ctx is None or not ctx.reads:
+            return no(
+                "no_cache", "this session reads through no cache (a plain Session on an unbound engine)"
+            )
+        if ctx.cache is not cache:
+            return no("other_cache", "this session reads through another Cache")
+    options = execution_options or {}
+    why = options_reason(options)
+    if why is not None:
+        return no("off" if options.get("cache") is False else "load_option", why)
+    rule = cache.policy.rule_for(mapper.class_)
+    if options.get("cache") is not True and (rule is None or "get" not in rule.ops):
+        if rule is None:
+            return no("not_configured", f"{model} is not configured in models= (add it, or '*')")
+        ops = ", ".join(sorted(rule.ops))
+        return no("not_configured", f"op 'get' is not configured for {model} (its ops: {ops})")
+    layout = layout_of(mapper)
+    pk = _normalize_ident(mapper, layout, ident)
+    if pk is None:
+        return no("bad_ident", f"{ident!r} is not a whole primary key of {model} {layout.pk_keys}")
+    if session is not None and ctx is not None:
+        if mapper.identity_key_from_primary_key(pk) in session.identity_map:
+            return no(
+                "identity_map", "the object is in this session's identity map: get() returns it, no read"
+            )
+        why = written_reason(ctx, tables)
+        if why is not None:
+            return no("written", why)
+        if bind is None:
+            bind = session.get_bind(mapper)
+    ttl = options.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
+    if bind is None or (session is not None and reshaped_by_hooks(session)):
+        # (Other do_orm_execute hooks: the get runs as the statement they reshape, keyed by it.)
+        return Explanation(True, None, None, model, "get", tuple(sorted(tables)), (), None, ttl)
+    bind = getattr(bind, "sync_engine", bind)
+    try:
+        key = cache.keys.get_key(cache.internal.namespace(bind), mapper, pk)
+    except Uncacheable as exc:
+        return no("uncacheable_value", str(exc))
+    tokens = rowtokens.pk_tokens(mapper, pk, bind.dialect)
+    own = deps_mod.pk_read_deps(tables, tokens) if tokens is not None else deps_mod.table_read_deps(tables)
+    deps = (cache.internal.database_dep(bind), *own)
+    return Explanation(True, None, None, model, "get", tuple(sorted(tables)), deps, key, ttl)
