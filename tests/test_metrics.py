@@ -184,3 +184,32 @@ async def test_async_sessions_are_counted_alike(aworld):
     assert found[("sqlacache_reads_total", (("model", "User"), ("op", "fetch"), ("result", "miss")))] == 1
     assert found[("sqlacache_reads_total", (("model", "User"), ("op", "fetch"), ("result", "hit")))] == 1
     assert sum(v for (name, _), v in found.items() if name == "sqlacache_backend_call_seconds_count") >= 2
+
+
+def test_nested_loads_of_an_unconfigured_model_are_not_refusals(tmp_path):
+    """selectinload(User.orders) with only User configured: the orders are in User's entry."""
+    from sqlalchemy.orm import selectinload
+
+    from tests.models import Order
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/n.db")
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(User), [{"id": 1, "name": "a"}])
+        conn.execute(sa.insert(Order), [{"id": 1, "user_id": 1, "total": 5}])
+    cache = Cache("memory://", models={User: {"ops": "all"}})
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(cache))
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    stmt = select(User).options(selectinload(User.orders))
+    for _ in range(3):  # (a first store may be refused: the read registered its condition scheme)
+        with Session() as s:
+            assert [o.total for u in s.scalars(stmt) for o in u.orders] == [5]
+    with Session() as s:
+        s.scalars(select(Order)).all()  # a read of its own: that one is refused
+    found = samples(registry)
+    refusals = {labels: v for (name, labels), v in found.items() if name == "sqlacache_refusals_total"}
+    assert refusals == {(("model", "Order"), ("op", "fetch"), ("reason", "not_configured")): 1}
+    assert found[("sqlacache_reads_total", (("model", "User"), ("op", "fetch"), ("result", "hit")))] >= 1
+    cache.close()
+    engine.dispose()

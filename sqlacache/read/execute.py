@@ -218,9 +218,9 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     else:
         rule = cache.policy.rule_for(info.lead)
         if not forced and (rule is None or label not in rule.ops):
-            refused(
-                cache, "not_configured", lambda: policy_reason(cache, info, label) or "", info.model, label
-            )
+            if not ctx.frames:  # (a nested load's rows are stored in the enclosing entry anyway)
+                sentence = lambda: policy_reason(cache, info, label) or ""  # noqa: E731
+                refused(cache, "not_configured", sentence, info.model, label)
             return None
         ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
     # The database path begins the session's transaction (or refuses to, autobegin=False) and
