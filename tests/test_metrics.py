@@ -213,3 +213,24 @@ def test_nested_loads_of_an_unconfigured_model_are_not_refusals(tmp_path):
     assert found[("sqlacache_reads_total", (("model", "User"), ("op", "fetch"), ("result", "hit")))] >= 1
     cache.close()
     engine.dispose()
+
+
+def test_the_core_and_the_module_import_without_the_optional_libraries():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['prometheus_client'] = None\n"
+        "sys.modules['opentelemetry'] = None\n"
+        "import sqlacache, sqlacache.metrics\n"
+        "from sqlacache.metrics import LogEvents\n"
+        "for name in ('PrometheusCollector', 'OpenTelemetryMetrics'):\n"
+        "    try:\n"
+        "        getattr(sqlacache.metrics, name)\n"
+        "    except ImportError as exc:\n"
+        "        print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'sqlacache[prometheus]'" in out
+    assert "pip install 'sqlacache[opentelemetry]'" in out
