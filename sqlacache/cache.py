@@ -386,6 +386,8 @@ class Cache:
         With ``session`` (sync or async), its transaction's writes count too, and the key and the
         dependencies are those of its bind (or give ``bind=``, an engine). A refusal only a result
         can show (a value the codec refuses) is reported once a read of the statement has met it.
+        It sees the statement as given: ``do_orm_execute`` hooks of your own that rewrite it
+        (tenant criteria…) run at execution, so the key of what they make differs.
         """
         from sqlacache.read.explain import explain  # the read path sits above this module
 

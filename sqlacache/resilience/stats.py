@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -38,7 +39,8 @@ class Recorder:
         with self._lock:
             self.events[(event, model, op, reason)] += n
         for listener in self.listeners:
-            listener(event, model, op, reason, n)
+            with contextlib.suppress(Exception):  # a sink's failure must not reach a read
+                listener(event, model, op, reason, n)
 
     def timing(self, call: str, seconds: float) -> None:
         with self._lock:
@@ -51,8 +53,9 @@ class Recorder:
                 i += 1
             counts[i] += 1
             total[0] += seconds
-        for listener in self.timing_listeners:
-            listener(call, seconds)
+        for timing_listener in self.timing_listeners:
+            with contextlib.suppress(Exception):
+                timing_listener(call, seconds)
 
     def snapshot(self) -> tuple[dict[Labels, int], dict[str, tuple[list[int], float]]]:
         with self._lock:
