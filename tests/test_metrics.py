@@ -20,7 +20,9 @@ from sqlacache.metrics import LogEvents, OpenTelemetryMetrics, PrometheusCollect
 from tests.helpers import aseed, seed
 from tests.models import Base, User
 
-WORLDS = pytest.mark.parametrize("world", ["sqlite+memory", "postgres+redis"], indirect=True)
+WORLDS = pytest.mark.parametrize(
+    "world", ["sqlite+memory", "postgres+redis", "postgres+redis+near"], indirect=True
+)
 
 
 def activity(world: Any) -> None:
