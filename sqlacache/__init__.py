@@ -4,6 +4,7 @@ from sqlacache.backends import Backend, BackendError, MemoryBackend, RedisBacken
 from sqlacache.binding import CacheClosedError
 from sqlacache.cache import Cache, configure, default_cache
 from sqlacache.policy import ConfigurationError
+from sqlacache.read.explain import Explanation
 from sqlacache.session import CachingAsyncSession, CachingSession, DeferredResult
 from sqlacache.write.tracker import Evictions, UnitOfWorkTracker
 
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigurationError",
     "DeferredResult",
     "Evictions",
+    "Explanation",
     "MemoryBackend",
     "RedisBackend",
     "UnitOfWorkTracker",

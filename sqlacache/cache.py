@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
@@ -38,6 +38,9 @@ from sqlacache.resilience.stats import Counters
 from sqlacache.security.exclude import Exclusions
 from sqlacache.security.limits import Quota, limit_value
 from sqlacache.security.seal import Seal
+
+if TYPE_CHECKING:
+    from sqlacache.read.explain import Explanation
 
 log = logging.getLogger("sqlacache")
 
@@ -170,6 +173,11 @@ class Internal:
         if not todo and not rows:
             return True
         self.count("invalidations")
+        recorder = self.count.recorder
+        if recorder is not None:  # per table, for the metrics sinks
+            tables = {deps_mod.table_of_dep(d) for d in todo}.union(row[0] for row in rows)
+            for table in sorted(t for t in tables if t):
+                recorder.event("evictions", table, "commit")
         delivered = self.io.bump(todo, rows)
         cache = self.cache()
         near = cache.near if cache is not None else None
@@ -479,6 +487,47 @@ class Cache:
             )
             out.setdefault("near_hits", 0)
         return out
+
+    def explain(
+        self,
+        statement: Any,
+        session: Any = None,
+        *,
+        bind: Any = None,
+        params: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """Whether ``session.execute(statement)`` would be served from and stored to this cache,
+        and if not, why (see :class:`~sqlacache.Explanation`), decided by the read path's own checks.
+
+        With ``session`` (sync or async), its transaction's writes count too, and the key and the
+        dependencies are those of its bind (or give ``bind=``, an engine). A refusal only a result
+        can show (a value the codec refuses) is reported once a read of the statement has met it.
+        It sees the statement as given: ``do_orm_execute`` hooks of your own that rewrite it
+        (tenant criteria…) run at execution, so the key of what they make differs.
+        """
+        from sqlacache.read.explain import explain  # the read path sits above this module
+
+        return explain(
+            self, statement, session, bind=bind, params=params, execution_options=execution_options
+        )
+
+    def explain_get(
+        self,
+        entity: Any,
+        ident: Any,
+        session: Any = None,
+        *,
+        bind: Any = None,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """:meth:`explain` for ``session.get(entity, ident)``: whether it would be answered from this
+        cache, and if not why (the object is in the session's identity map, ``get`` is not
+        configured for the model, the transaction wrote its table…); with ``session`` or ``bind``,
+        its key and dependencies."""
+        from sqlacache.read.explain import explain_get
+
+        return explain_get(self, entity, ident, session, bind=bind, execution_options=execution_options)
 
     def reset_stats(self) -> None:
         """Set every counter of :meth:`stats` back to zero (gauges such as the breaker's state stay)."""

@@ -17,6 +17,7 @@ import datetime
 import decimal
 import enum
 import hashlib
+import ipaddress
 import marshal
 import types
 import uuid
@@ -27,6 +28,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Table, inspect
+from sqlalchemy.dialects.postgresql.ranges import MultiRange, Range
 from sqlalchemy.orm import ColumnProperty, Mapper, MapperProperty
 from sqlalchemy.sql.schema import Column, MetaData
 from sqlalchemy.sql.type_api import TypeEngine
@@ -116,6 +118,16 @@ class Shape:
     mappers: tuple[Mapper[Any], ...]  # in order of first appearance: the lead entity first
 
 
+_IP_TYPES = (
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Interface,
+    ipaddress.IPv6Interface,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+)
+
+
 def value_token(v: Any) -> Any:
     """A bound value → a JSON-able form that is injective across the types we accept."""
     if v is None or v is True or v is False or isinstance(v, str):
@@ -140,6 +152,12 @@ def value_token(v: Any) -> Any:
         return ["u", v.hex]
     if isinstance(v, (bytes, bytearray, memoryview)):
         return ["b", base64.b64encode(bytes(v)).decode()]
+    if isinstance(v, _IP_TYPES):  # PostgreSQL INET/CIDR values: the class says address/interface/network
+        return ["ip", type(v).__name__, str(v)]
+    if isinstance(v, Range):
+        return ["rg", value_token(v.lower), value_token(v.upper), v.bounds, v.empty]
+    if isinstance(v, MultiRange):  # (a list subclass, bound as a multirange, not as an array)
+        return ["mr", [value_token(i) for i in v]]
     if isinstance(v, (list, tuple)):
         return ["l" if isinstance(v, list) else "t", [value_token(i) for i in v]]
     if isinstance(v, (set, frozenset)):

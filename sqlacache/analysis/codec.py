@@ -25,6 +25,8 @@ Wire format, per column type (``None`` is JSON ``null`` everywhere):
 * ARRAY: nested JSON arrays of the item encodings (tuples too when ``as_tuple``). When the items are
   JSON or generic, whose encodings may be arrays themselves, and ``dimensions`` is not declared, the
   payload is ``[levels, nested]`` so that a leaf list is never mistaken for a dimension.
+* PostgreSQL INET/CIDR, ranges and multiranges: see :mod:`sqlacache.analysis.pgtypes`;
+  MACADDR, MACADDR8 and MONEY: JSON string (both drivers return text).
 * anything else (TypeDecorator, PickleType, NullType, unknown types): the generic tagged form below.
 
 A value whose Python type does not match its column type (SQLite's dynamic typing, ``sum()`` of a
@@ -64,7 +66,7 @@ from sqlalchemy.sql import sqltypes
 from sqlalchemy.types import TypeEngine
 
 from sqlacache import _sa
-from sqlacache.analysis import generic
+from sqlacache.analysis import generic, pgtypes
 from sqlacache.analysis.generic import MAX_DEPTH, check_utf8, describe, escape, is_escape_shaped, unescape
 from sqlacache.analysis.scalars import (
     I64_MIN,
@@ -318,6 +320,9 @@ _DATETIME: Final = ValueCodec(_enc_datetime, _dec_datetime)
 _INTERVAL: Final = ValueCodec(_enc_interval, _dec_interval)
 _UUID: Final = ValueCodec(_enc_uuid, _dec_uuid)
 _JSON: Final = ValueCodec(_enc_json, _dec_json)
+_IP: Final = ValueCodec(pgtypes.enc_ip, pgtypes.dec_ip)
+_RANGE: Final = ValueCodec(pgtypes.enc_range, pgtypes.dec_range)
+_MULTIRANGE: Final = ValueCodec(pgtypes.enc_multirange, pgtypes.dec_multirange)
 
 
 def _enum_codec(enum_class: Any) -> ValueCodec:
@@ -486,6 +491,14 @@ def _build(type_: TypeEngine[Any]) -> tuple[ValueCodec, bool]:
         return (_UUID if type_.as_uuid else _STR), False
     if isinstance(type_, _BINARY_TYPES):
         return _BYTES, False
+    if isinstance(type_, pgtypes.NETWORK_TYPES):
+        return _IP, False
+    if isinstance(type_, pgtypes.MULTIRANGE_TYPES):
+        return _MULTIRANGE, True
+    if isinstance(type_, pgtypes.RANGE_TYPES):
+        return _RANGE, True
+    if isinstance(type_, pgtypes.TEXT_TYPES):
+        return _STR, False
     return _GENERIC, True
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.sql.schema import Table
 from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import rowtokens
-from sqlacache.analysis.codec import ValueCodec
+from sqlacache.analysis.codec import CodecError, ValueCodec
 from sqlacache.context import Frame, SessionContext
 from sqlacache.keys import class_path
 from sqlacache.layout import KNOWN, MapperLayout, layout_of
@@ -140,11 +140,11 @@ def _encode_entities(
         slot = len(table)
         index[id(obj)] = slot
         skip = excluded(state.mapper)
-        entry: list[Any] = [
-            class_path(state.class_),
-            {k: layout.columns[k].encode(v) for k, v in loaded.items() if k not in skip},
-            {},
-        ]
+        try:
+            encoded = {k: layout.columns[k].encode(v) for k, v in loaded.items() if k not in skip}
+        except CodecError as exc:
+            raise _named(exc, state.mapper, loaded) from exc
+        entry: list[Any] = [class_path(state.class_), encoded, {}]
         table.append(entry)
         rels: dict[str, Any] = {}
         dict_ = state.dict
@@ -173,6 +173,34 @@ def _none(mapper: Mapper[Any]) -> frozenset[str]:
     return frozenset()
 
 
+def _named(exc: CodecError, mapper: Any, loaded: dict[str, Any]) -> CodecError:
+    """``exc`` with the attribute and column type it came from (found again: the error path only)."""
+    layout = layout_of(mapper)
+    for key, value in loaded.items():
+        try:
+            layout.columns[key].encode(value)
+        except CodecError:
+            prop = mapper.attrs[key]
+            kind = prop.columns[0].type if getattr(prop, "columns", None) else "?"
+            return CodecError(f"{mapper.class_.__name__}.{key} ({kind!r}): {exc}")
+    return exc
+
+
+def _named_column(
+    exc: CodecError, data: Sequence[Any], columns: list[ValueCodec | None], labels: Sequence[str]
+) -> CodecError:
+    """``exc`` with the result column it came from (found again: the error path only)."""
+    for row in data:
+        for i, (v, c) in enumerate(zip(row, columns)):
+            if c is not None:
+                try:
+                    c.encode(v)
+                except CodecError:
+                    label = labels[i] if i < len(labels) else f"#{i + 1}"
+                    return CodecError(f"column {label}: {exc}")
+    return exc
+
+
 def encode_result(
     data: Sequence[Any],
     single: bool,
@@ -180,6 +208,7 @@ def encode_result(
     frame: Frame,
     graph: Graph,
     excluded: Excluded = _none,
+    labels: Sequence[str] = (),
 ) -> tuple[bytes, int]:
     """(payload bytes, the generation to store it at) for a result's rows (objects when ``single``,
     else tuples); what the graph read goes into ``graph``."""
@@ -194,11 +223,14 @@ def encode_result(
     else:
         roots = [v for row in data for v, c in zip(row, columns) if c is ENTITY and v is not None]
         table, index = _encode_entities(roots, frame, graph, oldest, excluded)
-        rows = [
-            [
-                (None if v is None else index[id(v)]) if c is None else c.encode(v)
-                for v, c in zip(row, columns)
+        try:
+            rows = [
+                [
+                    (None if v is None else index[id(v)]) if c is None else c.encode(v)
+                    for v, c in zip(row, columns)
+                ]
+                for row in data
             ]
-            for row in data
-        ]
+        except CodecError as exc:
+            raise _named_column(exc, data, columns, labels) from exc
     return orjson.dumps([PAYLOAD_FORMAT, table, rows]), oldest[0]

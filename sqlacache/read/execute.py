@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,17 +35,22 @@ from sqlacache.layout import layout_of, remember
 from sqlacache.read import near
 from sqlacache.read.capture import Graph, Unstorable, encode_result
 from sqlacache.read.plan import (
+    NO_CACHE_KEY,
     GetTicket,
     KeyPlan,
     ShapeInfo,
     StatementGet,
     deps_of_statement,
     entry_written,
+    excluded_reason,
     hint_for,
     key_plans,
     learn,
+    options_reason,
+    policy_reason,
     shape_info,
     tables_written,
+    written_reason,
 )
 from sqlacache.read.rebuild import decode_result, propagating
 from sqlacache.read.results import ResultTemplate, derive_template, result_from_rows, tap, template_from
@@ -86,6 +91,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         return None
     flag = state.execution_options.get("cache")
     if flag is False:
+        refused(ctx.cache, "off", "the execution option cache=False turns it off")
         return None
     if ctx.routed and bound_to(session.get_bind(**state.bind_arguments)) is not ctx.cache:
         return None  # a session that routes statements itself, to an engine not bound to this cache
@@ -152,18 +158,38 @@ class Guard:
         self.passthrough = False
 
 
-def _plain_read(state: ORMExecuteState) -> bool:
-    """False for loads that must reach the database: refresh, populate_existing, streaming…"""
-    if _sa.must_reach_database(state.load_options):
-        return False
-    opts = state.execution_options
-    return not (opts.get("populate_existing") or opts.get("yield_per") or opts.get("stream_results"))
+def refused(cache: Cache, code: str, why: str | Callable[[], str], model: str = "", op: str = "") -> None:
+    """A read the cache doesn't serve nor store: a debug line on ``sqlacache.reads`` (whose
+    ``extra`` fields are the metrics' labels) and, when a metrics sink listens, a refusal event.
+    ``why`` may be a function: its sentence is only made for the log line."""
+    recorder = cache.count.recorder
+    if recorder is not None:
+        recorder.event("refusals", model, op, code)
+    if log.isEnabledFor(logging.DEBUG):
+        reason = why if isinstance(why, str) else why()
+        log.debug(
+            "sqlacache: not cached (%s %s): %s",
+            model or "-",
+            op or "-",
+            reason,
+            extra={
+                "sqlacache_event": "refusal",
+                "sqlacache_model": model,
+                "sqlacache_op": op,
+                "sqlacache_reason": code,
+                "sqlacache_detail": reason,
+            },
+        )
 
 
 def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guard) -> Result[Any] | None:
     cache = ctx.cache
-    if not _plain_read(state):
+    why = options_reason(state.execution_options)
+    if why is not None:
+        refused(cache, "load_option", why)
         return None
+    if _sa.must_reach_database(state.load_options):
+        return None  # a refresh, a lazy load of an expired attribute: the ORM's own, not a refusal
     opts = state.execution_options
     ticket: GetTicket | None = opts.get("_sqlacache_get")
     if ticket is not None:
@@ -178,18 +204,28 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
     statement: Any = state.statement
     ck = _sa.cache_key(statement)
     if ck is None:
+        refused(cache, "uncacheable", NO_CACHE_KEY)
         return None
     info = shape_info(cache, statement, ck.key)
-    if info.reason is not None or cache.exclusions.named_by(info.shape.digest, statement):
+    excluded = cache.exclusions.named_by(info.shape.digest, statement) if info.reason is None else ""
+    if info.reason is not None or excluded:
         if not ctx.frames:  # a nested load's entity rows are stored in the enclosing entry anyway
             cache.count("uncacheable")
+            if excluded:
+                refused(cache, "excluded", excluded_reason(excluded), info.model, op or info.op)
+            else:
+                refused(cache, info.reason_code, info.reason or "", info.model, op or info.op)
         return None
     session = state.session
+    label = "get" if ticket is not None else (op or info.op)
     if ticket is not None:
         ttl = ticket.ttl
     else:
         rule = cache.policy.rule_for(info.lead)
-        if not forced and (rule is None or (op or info.op) not in rule.ops):
+        if not forced and (rule is None or label not in rule.ops):
+            if not ctx.frames:  # (a nested load's rows are stored in the enclosing entry anyway)
+                sentence = lambda: policy_reason(cache, info, label) or ""  # noqa: E731
+                refused(cache, "not_configured", sentence, info.model, label)
             return None
         ttl = opts.get("cache_ttl") or (rule.ttl if rule is not None else cache.policy.default_ttl)
     # The database path begins the session's transaction (or refuses to, autobegin=False) and
@@ -200,6 +236,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
         guard.autoflush(session)
     statement_tables = info.table_names
     if tables_written(ctx, statement_tables):
+        refused(cache, "written", lambda: written_reason(ctx, statement_tables) or "", info.model, label)
         return None
     statement_deps: list[str]
     refresh: Fill | None = opts.get("_sqlacache_refresh")
@@ -228,8 +265,9 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
                 values,
                 state.parameters if isinstance(state.parameters, Mapping) else None,
             )
-        except Uncacheable:
+        except Uncacheable as exc:
             cache.count("uncacheable")
+            refused(cache, "uncacheable_value", str(exc), info.model, label)
             return None
         plan_key = (key, cache.precise, cache.condition_in_limit)
         memo = key_plans.get(plan_key)
@@ -260,7 +298,7 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
                         again, fill = stampede.begin(cache, key, hint, began)
                         lookup = again if again is not None else lookup
             hit = _serve(
-                ctx, state, info, template, mode, key, lookup, plan if ticket is None else None, source
+                ctx, state, info, template, mode, key, lookup, plan if ticket is None else None, label, source
             )
             if hit is not None:
                 if source is not None and lookup is not None:
@@ -280,15 +318,16 @@ def _read(ctx: SessionContext, state: ORMExecuteState, forced: bool, guard: Guar
                 if again is not None:
                     template = info.templates.get(mode)  # the leader we waited for may have made it
                     hit = _serve(
-                        ctx, state, info, template, mode, key, again, plan if ticket is None else None
+                        ctx, state, info, template, mode, key, again, plan if ticket is None else None, label
                     )
                     if hit is not None:
                         return hit
                     lookup = again
         if refresh is None:  # a refresh-ahead read is counted as "refreshes", not as a reader's miss
-            cache.count("misses")
+            cache.count.event("misses", info.model, label)
         filling = True
         capture = _Capture(ctx, info, key, fill, ticket, statement_deps, dialect, plan, ttl, lookup)
+        capture.label = label
         return _fill(state, capture, guard)
     finally:
         if not filling:
@@ -317,6 +356,7 @@ def _serve(
     key: str,
     lookup: Lookup | None,
     plan: KeyPlan | None,
+    label: str,
     source: near.Source | None = None,
 ) -> Result[Any] | None:
     """The cached result, when the lookup found one this session may use."""
@@ -339,7 +379,10 @@ def _serve(
             source.corrupt()
         ctx.cache.io.drop(key, "corrupt", exc)
         return None
-    ctx.cache.count("hits")
+    count = ctx.cache.count
+    count("hits")
+    if count.recorder is not None:  # a metrics sink listens
+        count.recorder.event("hits", info.model, label)
     if ctx.frames:
         ctx.frames[-1].deps.update(entry.deps)
     if state.execution_options.get("prebuffer_rows"):
@@ -465,6 +508,7 @@ class _Capture:
         self.standalone = True  # whether its rows make an entry on their own
         self.later_before: set[Any] | None = None
         self.done = False
+        self.label = "get" if ticket is not None else info.op  # the op, for metrics and logs
 
     def watch(self, result: Any, mode: tuple[bool, bool]) -> None:
         self.mode, self.single = mode, _sa.supports_scalars(result)
@@ -520,12 +564,16 @@ class _Capture:
                 self.dialect, statement_tables if ticket is None else layout_of(ticket.mapper).tables
             )
             payload, generation = encode_result(
-                rows, self.single, info.columns or [], frame, graph, cache.exclusions.of_mapper
+                rows, self.single, info.columns or [], frame, graph, cache.exclusions.of_mapper, info.labels
             )
             deps = sorted(set(self.statement_deps) | graph.deps | frame.deps)
             if not self.standalone:
                 cache.count("unstorable")
             elif not tables_written(ctx, graph.tables | statement_tables):
+                info.unstored = None
+                recorder = cache.count.recorder
+                if recorder is not None:
+                    recorder.event("fills", info.model, self.label)
                 fill = self.fill
                 lease = fill.lease if fill is not None else None
                 cache.io.submit_store(
@@ -545,10 +593,11 @@ class _Capture:
             learn(self.plan, deps, layout_of(ticket.mapper).get_hint if ticket is not None else info.hint)
         except Unstorable as exc:
             cache.count("unstorable")
-            log.debug("sqlacache: not storing %s: %s", self.key, exc)
+            refused(cache, "unstorable", f"its result is not stored: {exc}", info.model, self.label)
         except (CodecError, orjson.JSONEncodeError) as exc:  # orjson refuses e.g. lone surrogates
             cache.count("unencodable")
-            log.debug("sqlacache: cannot encode %s: %s", self.key, exc)
+            info.unstored = f"the codec refused a value of its last result: {exc}"
+            refused(cache, "unencodable", info.unstored, info.model, self.label)
         except Exception as exc:  # a bug of ours: the caller still gets its rows, nothing is stored
             cache.internal.error(exc, "while storing a result")
         for loaded_state, values in frame.fresh.items():

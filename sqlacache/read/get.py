@@ -167,7 +167,10 @@ def finish_get(
             else:
                 if source is not None:
                     source.served(lookup, plan.ttl)
-                ctx.cache.count("hits")
+                count = ctx.cache.count
+                count("hits")
+                if count.recorder is not None:  # a metrics sink listens
+                    count.recorder.event("hits", plan.mapper.class_.__name__, "get")
                 stampede.end(ctx.cache, fill)
                 if lookup.refresh_due:
                     _refresh_get(session, ctx.cache, plan)

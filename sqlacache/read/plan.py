@@ -54,12 +54,81 @@ class ShapeInfo:
     analysis: Analysis | None = None  # its conditions (built on first use)
     criteria_tables: frozenset[str] | None = None  # tables read whole because of loader criteria
     pk_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → primary key columns
+    model: str = ""  # the metrics' and logs' name for it: its lead class, else the tables it reads
+    reason_code: str = ""  # ``reason`` as a short label (see ``reason_code``)
+    labels: list[str] = field(default_factory=list)  # per result column, "name (TYPE)", for messages
+    # Why its last result was not stored (a value the codec refuses…), for explain(); None once stored.
+    unstored: str | None = None
+
+
+def reason_code(reason: str) -> str:
+    """A short, stable label for a reason (metrics label values must not carry values or names)."""
+    for prefix, code in (
+        ("contains text()", "text"),
+        ("uses FOR UPDATE", "for_update"),
+        ("calls", "nondeterministic"),
+        ("literal column", "nondeterministic"),
+        ("result shape", "result_shape"),
+    ):
+        if reason.startswith(prefix):
+            return code
+    return "uncacheable"
+
+
+def excluded_reason(column: str) -> str:
+    """Why a statement naming an excluded column is not cached (``exclude``, docs/security.rst)."""
+    return f"it names {column}, a column kept out of the cache (exclude)"
+
+
+NO_CACHE_KEY = "SQLAlchemy gives the statement no cache key (a construct with no cache key support)"
+
+# The execution options that make a read go to the database whatever the configuration (the ORM
+# must refresh, or the caller streams its rows).
+MUST_REACH_DATABASE = ("populate_existing", "yield_per", "stream_results")
+
+
+def options_reason(options: Mapping[str, Any]) -> str | None:
+    """Why these execution options keep a read from the cache, or None."""
+    if options.get("cache") is False:
+        return "the execution option cache=False turns it off"
+    for name in MUST_REACH_DATABASE:
+        if options.get(name):
+            return f"the execution option {name}={options[name]!r} makes it reach the database"
+    return None
+
+
+def policy_reason(cache: Cache, info: ShapeInfo, op: str) -> str | None:
+    """Why the configuration (``models=``) doesn't cache this op of this shape, or None."""
+    rule = cache.policy.rule_for(info.lead)
+    if rule is None:
+        what = info.lead.__name__ if info.lead is not None else "a statement without a mapped class"
+        return f"{what} is not configured in models= (add it, or '*')"
+    if op not in rule.ops:
+        return f"op {op!r} is not configured for {info.model} (its ops: {', '.join(sorted(rule.ops))})"
+    return None
+
+
+def written_reason(ctx: SessionContext, tables: Any) -> str | None:
+    """Why this session reads these tables from the database until its transaction ends, or None."""
+    if ctx.written_everything:
+        return (
+            "this session's transaction ran SQL whose writes are unknown: "
+            "reads go to the database until it ends"
+        )
+    if ctx.written:
+        hit = sorted(t for t in tables if t in ctx.written)
+        if hit:
+            return (
+                f"this session's transaction wrote {', '.join(hit)}: it reads them from the database "
+                "until it ends (read-your-writes)"
+            )
+    return None
 
 
 _shapes: LRU[Any, ShapeInfo] = LRU(4096)
 
 
-def _columns_of(statement: Any) -> list[ValueCodec | None] | None:
+def _columns_of(statement: Any, labels: list[str]) -> list[ValueCodec | None] | None:
     try:
         descriptions = statement.column_descriptions
     except Exception:  # not a statement the ORM can describe
@@ -69,8 +138,10 @@ def _columns_of(statement: Any) -> list[ValueCodec | None] | None:
         kind = d.get("type")
         if isinstance(kind, TypeEngine):
             out.append(codec_for(kind))
+            labels.append(f"{d.get('name')!r} ({kind!r})")
         elif isinstance(kind, type) and isinstance(inspect(kind, raiseerr=False), Mapper):
             out.append(ENTITY)  # plain or aliased: rows hold instances of the class either way
+            labels.append(kind.__name__)
         else:
             return None  # bundles and other composite columns: served from the database
     return out
@@ -87,7 +158,8 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             shape = cache.keys.shape(key_tuple)
         except Uncacheable as exc:
             shape, reason = Shape("", frozenset(), ()), reason or str(exc)
-        columns = _columns_of(statement)
+        labels: list[str] = []
+        columns = _columns_of(statement, labels)
         if columns is None and reason is None:
             reason = "result shape not supported (bundles)"
         for table in shape.tables:  # so raw SQL naming these tables finds their foreign keys
@@ -98,14 +170,18 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             if isinstance(t, Table)
         }
         lead = shape.mappers[0].class_ if shape.mappers else None
+        table_names = frozenset(deps_mod.table_name(t) for t in shape.tables)
         info = ShapeInfo(
             shape,
             reason,
             op_of(statement),
             lead,
             columns,
-            table_names=frozenset(deps_mod.table_name(t) for t in shape.tables),
+            table_names=table_names,
             pk_columns=pk_columns,
+            model=lead.__name__ if lead is not None else ",".join(sorted(table_names)),
+            reason_code=reason_code(reason) if reason is not None else "",
+            labels=labels,
         )
         with _shapes_lock:  # threads that built it at once must share one (its template, its memo)
             info = _shapes.get(key_tuple) or info

@@ -39,7 +39,7 @@ from sqlacache.backends.base import (
 )
 from sqlacache.resilience.breaker import Breaker
 from sqlacache.resilience.pending import Pending
-from sqlacache.resilience.stats import Counters, RateLimitedLog
+from sqlacache.resilience.stats import Counters, RateLimitedLog, Recorder
 from sqlacache.resilience.stores import BackgroundStores, StoreJob
 from sqlacache.security.limits import Quota
 from sqlacache.security.seal import Seal
@@ -60,6 +60,28 @@ Row = tuple[str, Mapping[str, str], "int | None"]
 
 def _unexpected(op: str, exc: BaseException) -> BackendError:
     return BackendError(f"cache {op} raised {exc!r}", "client")
+
+
+def _timed(recorder: Recorder, op: str, fn: Callable[..., _T]) -> Callable[..., _T]:
+    def timed(*args: Any, **kwargs: Any) -> _T:
+        began = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            recorder.timing(op, time.perf_counter() - began)
+
+    return timed
+
+
+def _atimed(recorder: Recorder, op: str, fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    async def timed(*args: Any, **kwargs: Any) -> _T:
+        began = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            recorder.timing(op, time.perf_counter() - began)
+
+    return timed
 
 
 class _Skipped(Exception):
@@ -111,16 +133,29 @@ class Resilient:
         self.count("errors")
         self.count(f"errors.{op}")
         self.count(f"errors.{kind}")
+        recorder = self.count.recorder
+        if recorder is not None:
+            recorder.event("errors", "", op, kind)
         if isinstance(exc, BackendUnavailable):
             self.breaker.failed()
         else:
             self.breaker.succeeded()  # it answered: reachable
-        self.warn(f"{op}:{kind}", "sqlacache: cache %s failed (%s), using the database: %s", op, kind, exc)
+        self.warn(
+            f"{op}:{kind}",
+            "sqlacache: cache %s failed (%s), using the database: %s",
+            op,
+            kind,
+            exc,
+            extra={"sqlacache_event": "errors", "sqlacache_op": op, "sqlacache_reason": kind},
+        )
 
     def _call(self, op: str, fn: Callable[..., _T], *args: Any, probe: bool = False, **kwargs: Any) -> _T:
         if not probe and not self.breaker.allow():
             self.count("breaker_skips")
             raise _Skipped
+        recorder = self.count.recorder
+        if recorder is not None:  # a metrics sink listens: time the call
+            fn = _timed(recorder, op, fn)
         try:
             result = fn(*args, **kwargs)
         except BackendError as exc:
@@ -138,6 +173,9 @@ class Resilient:
         if not self.breaker.allow():
             self.count("breaker_skips")
             raise _Skipped
+        recorder = self.count.recorder
+        if recorder is not None:
+            fn = _atimed(recorder, op, fn)
         try:
             result = await fn(*args, **kwargs)
         except BackendError as exc:
@@ -155,7 +193,11 @@ class Resilient:
         self.count("errors")
         self.count("errors.internal")
         self.warn(
-            f"internal:{where}", "sqlacache: internal error %s; using the database", where, exc_info=exc
+            f"internal:{where}",
+            "sqlacache: internal error %s; using the database",
+            where,
+            exc_info=exc,
+            extra={"sqlacache_event": "errors", "sqlacache_op": where, "sqlacache_reason": "internal"},
         )
 
     def track(self, task: asyncio.Task[Any]) -> None:

@@ -135,8 +135,9 @@ class Exclusions:
                     return ".".join(_base_name(base))
         return None
 
-    def named_by(self, digest: str, statement: Any) -> bool:
-        """Whether a statement (of the shape ``digest``) names an excluded column: never cached."""
+    def named_by(self, digest: str, statement: Any) -> str:
+        """The excluded column a statement (of the shape ``digest``) names, or "": such a statement
+        is never cached."""
         found = self._shapes.get(digest)
         if found is None:
             values = []
@@ -149,4 +150,4 @@ class Exclusions:
                     values.append(d["expr"])
             found = self.named_in(statement, values) or ""
             self._shapes.put(digest, found)
-        return bool(found)
+        return found
