@@ -123,7 +123,9 @@ def _tables(depends_on: Iterable[Any]) -> list[str]:
 class Memoized:
     """What ``Cache.memoize`` wraps a function with (sync or async share this)."""
 
-    def __init__(self, cache: Cache, fn: Callable[..., Any], tables: list[str], ttl: float, bind: Any) -> None:
+    def __init__(
+        self, cache: Cache, fn: Callable[..., Any], tables: list[str], ttl: float, bind: Any
+    ) -> None:
         self.cache = cache
         self.fn = fn
         self.signature = inspect.signature(fn)
@@ -252,4 +254,3 @@ def memoize(cache: Cache, depends_on: Iterable[Any], ttl: float | None, bind: An
         return cast(F, wrapper)
 
     return decorate
-

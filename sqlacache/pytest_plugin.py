@@ -61,7 +61,9 @@ def _worker() -> str | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     backend = config.getoption("--sqlacache-backend")
-    if not isinstance(backend, str) or not backend.startswith(("memory://", "mem://", "redis://", "rediss://")):
+    if not isinstance(backend, str) or not backend.startswith(
+        ("memory://", "mem://", "redis://", "rediss://")
+    ):
         raise pytest.UsageError(
             f"--sqlacache-backend={backend!r}: give memory:// or a Redis URL, e.g. redis://localhost:6379/0"
         )

@@ -103,7 +103,10 @@ def test_the_password_is_not_printed() -> None:
     [
         (["ping", "--url", "http://x"], "give a Redis URL"),
         (["stats", "--url", "redis://127.0.0.1:6379/0", "--prefix", "a b"], "--prefix 'a b'"),
-        (["invalidate", "--url", "redis://127.0.0.1:6379/0"], "one of the arguments --table --all is required"),
+        (
+            ["invalidate", "--url", "redis://127.0.0.1:6379/0"],
+            "one of the arguments --table --all is required",
+        ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required: COMMAND"),
         (["ping", "--timeout", "0"], "--timeout 0.0: give a positive number"),
@@ -129,7 +132,7 @@ def test_stats_counts_what_the_prefix_holds(app: Any, redis_url: str, key_prefix
 
 
 def test_inspect_an_entry_then_see_it_outdated(app: Any, redis_url: str, key_prefix: str) -> None:
-    read, cache, engine = app
+    _, cache, engine = app
     [key] = entry_keys(redis_url, key_prefix)
     done = cli("inspect", key, "--url", redis_url, "--prefix", key_prefix, "--json")
     assert done.returncode == 0, done.stderr
@@ -156,14 +159,16 @@ def test_inspect_a_foreign_value(redis_url: str, key_prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
         client.set(f"{key_prefix}:e:junk", b"hello", px=60_000)
-        found = json.loads(cli("inspect", "junk", "--url", redis_url, "--prefix", key_prefix, "--json").stdout)
+        found = json.loads(
+            cli("inspect", "junk", "--url", redis_url, "--prefix", key_prefix, "--json").stdout
+        )
         assert found["valid"] is False and "not in sqlacache's entry format" in found["problem"]
     finally:
         client.delete(f"{key_prefix}:e:junk")
 
 
 def test_invalidate_a_table(app: Any, redis_url: str, key_prefix: str) -> None:
-    read, cache, engine = app
+    read = app[0]
     other = cli("invalidate", "--table", "other_table", "--url", redis_url, "--prefix", key_prefix)
     assert other.returncode == 0, other.stderr
     assert read() == 0  # another table: still cached
@@ -174,7 +179,7 @@ def test_invalidate_a_table(app: Any, redis_url: str, key_prefix: str) -> None:
 
 
 def test_invalidate_all(app: Any, redis_url: str, key_prefix: str) -> None:
-    read, cache, engine = app
+    read = app[0]
     done = cli("invalidate", "--all", "--url", redis_url, "--prefix", key_prefix)
     assert done.returncode == 0, done.stderr
     assert entry_keys(redis_url, key_prefix) == []
@@ -198,8 +203,23 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--maxmemory",
+            "64mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -238,7 +258,10 @@ def test_doctor_advice(own_redis: str) -> None:
         done = cli("doctor", "--url", own_redis)
         assert done.returncode == 1
         assert "WARN  maxmemory-policy noeviction: once Redis is full nothing more is cached" in done.stdout
-        assert "persistence on (RDB snapshots (save), AOF)" in done.stdout and "2 problem(s) found" in done.stdout
+        assert (
+            "persistence on (RDB snapshots (save), AOF)" in done.stdout
+            and "2 problem(s) found" in done.stdout
+        )
         client.config_set("maxmemory-policy", "volatile-lru")
         client.config_set("save", "")
         client.config_set("appendonly", "no")

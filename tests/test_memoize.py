@@ -74,7 +74,7 @@ def make_cache(backend: str, key_prefix: str) -> Iterator[Any]:
 
 
 def add_person(engine: Any, pid: int, name: str, cache: Cache | None = None) -> None:
-    with (CachingSession(engine, cache=cache) if cache is not None else Session(engine)) as s:
+    with CachingSession(engine, cache=cache) if cache is not None else Session(engine) as s:
         s.add(Person(id=pid, name=name))
         s.commit()
 

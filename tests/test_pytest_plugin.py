@@ -106,7 +106,7 @@ def test_fixture_on_redis_uses_a_private_prefix_and_deletes_it(pytester, redis_u
 
 # An application that makes its own Cache and passes it with cache= (the fixture's default cache
 # is not what it reads through), tested with the plugin's isolation, assertions and switches.
-APP = '''
+APP = """
 import os
 from pathlib import Path
 
@@ -138,9 +138,9 @@ APP_CACHE = Cache(backend=os.environ.get("APP_BACKEND", "memory://"), prefix="ap
 def names():
     with CachingSession(ENGINE, cache=APP_CACHE) as s:
         return [i.name for i in s.scalars(select(Item).order_by(Item.id))]
-'''
+"""
 
-APP_TESTS = '''
+APP_TESTS = """
 import pytest
 from pathlib import Path
 from sqlacache.testing import assert_cached, assert_hits, assert_no_sql
@@ -156,7 +156,7 @@ def test_starts_cold(sqlacache_assert, run):
     with sqlacache_assert.hits(2), sqlacache_assert.no_sql(ENGINE), sqlacache_assert.cached(APP_CACHE):
         assert names() == ["one", "two"]
         assert names() == ["one", "two"]
-'''
+"""
 
 
 def _app(pytester: pytest.Pytester, tests: str = APP_TESTS) -> None:
@@ -172,7 +172,9 @@ def test_the_applications_own_cache_is_not_isolated_without_the_option(pytester)
     result = _run_app(pytester)
     # The first test fills APP_CACHE; the next ones find its entries: their first read is no miss.
     result.assert_outcomes(passed=1, failed=2)
-    result.stdout.fnmatch_lines(["*expected 1 cache miss(es), got 0; cache counts in the block: {'hits': 1}*"])
+    result.stdout.fnmatch_lines(
+        ["*expected 1 cache miss(es), got 0; cache counts in the block: {'hits': 1}*"]
+    )
 
 
 @pytest.mark.parametrize("how", ["option", "ini", "fixture"])
@@ -185,7 +187,9 @@ def test_the_applications_own_cache_is_emptied_around_each_test(pytester, how):
         _app(pytester)
         pytester.makeini("[pytest]\nsqlacache_isolate = true\n")
     else:  # sqlacache_cache isolates the other caches too
-        _app(pytester, APP_TESTS.replace("(sqlacache_assert, run)", "(sqlacache_assert, sqlacache_cache, run)"))
+        _app(
+            pytester, APP_TESTS.replace("(sqlacache_assert, run)", "(sqlacache_assert, sqlacache_cache, run)")
+        )
     result = _run_app(pytester, *args)
     result.assert_outcomes(passed=3)
 
@@ -227,7 +231,8 @@ def test_queries_counts_statements():
     result.assert_outcomes(passed=1, failed=3)
     result.stdout.fnmatch_lines(
         [
-            "*AssertionError: expected 3 cache hit(s), got 0; cache counts in the block: {'misses': 1, 'stores': 1}*",
+            "*AssertionError: expected 3 cache hit(s), got 0; cache counts in the block: "
+            "{'misses': 1, 'stores': 1}*",
             "*AssertionError: expected the block to be served from the cache (hits, no misses);*",
             "*AssertionError: expected 0 SQL statement(s), got 1:*",
             "*1. SELECT items.id, items.name*",
@@ -272,7 +277,9 @@ def test_under_xdist_each_worker_has_its_own_prefix(pytester, redis_url, monkeyp
 
     monkeypatch.setenv("APP_BACKEND", redis_url)
     _app(pytester, APP_TESTS.replace("range(3)", "range(8)"))
-    result = _run_app(pytester, "-n", "2", "-p", "xdist", "--sqlacache-isolate", f"--sqlacache-backend={redis_url}")
+    result = _run_app(
+        pytester, "-n", "2", "-p", "xdist", "--sqlacache-isolate", f"--sqlacache-backend={redis_url}"
+    )
     result.assert_outcomes(passed=8)
     prefixes = set((pytester.path / "prefixes.txt").read_text().split())
     assert prefixes == {"app-cache-gw0", "app-cache-gw1"}

@@ -60,7 +60,9 @@ def _config(target: Target, name: str) -> str | None:
 
 def _policy(report: Report, policy: str | None, maxmemory: str | None) -> None:
     if policy is None or maxmemory is None:
-        report.add("WARN", "cannot read maxmemory / maxmemory-policy (CONFIG GET refused): check them by hand")
+        report.add(
+            "WARN", "cannot read maxmemory / maxmemory-policy (CONFIG GET refused): check them by hand"
+        )
         return
     if maxmemory == "0":
         # The policy only applies once there is a limit.
@@ -74,7 +76,10 @@ def _policy(report: Report, policy: str | None, maxmemory: str | None) -> None:
     if policy in ("allkeys-lru", "allkeys-lfu"):
         report.add("OK", f"maxmemory-policy {policy}: Redis evicts what is least used; a lost key is a miss")
     elif policy == "allkeys-random":
-        report.add("OK", "maxmemory-policy allkeys-random is safe (a lost key is a miss); allkeys-lru keeps more hits")
+        report.add(
+            "OK",
+            "maxmemory-policy allkeys-random is safe (a lost key is a miss); allkeys-lru keeps more hits",
+        )
     elif policy.startswith("volatile-"):
         report.add(
             "OK",
@@ -96,13 +101,17 @@ def _persistence(report: Report, save: str | None, appendonly: str | None) -> No
     if save is None or appendonly is None:
         report.add("WARN", "cannot read save / appendonly (CONFIG GET refused): check persistence by hand")
         return
-    kept = [what for what, on in (("RDB snapshots (save)", save.strip() != ""), ("AOF", appendonly == "yes")) if on]
+    kept = [
+        what
+        for what, on in (("RDB snapshots (save)", save.strip() != ""), ("AOF", appendonly == "yes"))
+        if on
+    ]
     if kept:
         report.add(
             "WARN",
             f"persistence on ({', '.join(kept)}): a restart from an older snapshot brings back entries "
             "later commits invalidated (processes that saw newer data evict everything; idle ones "
-            "can't tell). Run a cache without persistence: --save \"\" --appendonly no",
+            'can\'t tell). Run a cache without persistence: --save "" --appendonly no',
         )
     else:
         report.add("OK", "no persistence: a restart starts empty, which is always fresh")
@@ -118,17 +127,24 @@ def doctor(target: Target) -> Report:
     )
     version = tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:2] if p.isdigit())
     if version and version < (6, 2):
-        report.add("WARN", f"Redis {info.get('redis_version')} is older than 6.2, the oldest sqlacache is tested on")
+        report.add(
+            "WARN", f"Redis {info.get('redis_version')} is older than 6.2, the oldest sqlacache is tested on"
+        )
     if elapsed > 25:
-        report.add("WARN", f"PING took {elapsed:.1f} ms, half the default socket_timeout (50 ms): slower "
-                   "calls time out and reads fall back to the database")
+        report.add(
+            "WARN",
+            f"PING took {elapsed:.1f} ms, half the default socket_timeout (50 ms): slower "
+            "calls time out and reads fall back to the database",
+        )
     _policy(report, _config(target, "maxmemory-policy"), _config(target, "maxmemory"))
     _persistence(report, _config(target, "save"), _config(target, "appendonly"))
     generation = target.client.get(f"{target.prefix}:gen")
     if generation is None:
         report.add("OK", f"prefix {target.prefix!r}: no data yet (nothing cached under it)")
     else:
-        report.add("OK", f"prefix {target.prefix!r}: in use (generation {generation.decode(errors='replace')})")
+        report.add(
+            "OK", f"prefix {target.prefix!r}: in use (generation {generation.decode(errors='replace')})"
+        )
     return report
 
 

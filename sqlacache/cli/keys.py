@@ -85,7 +85,7 @@ def _preview(payload: bytes, limit: int = 400) -> str:
     try:
         text = orjson.dumps(orjson.loads(payload)).decode()
     except orjson.JSONDecodeError:
-        return f"(not JSON, {len(payload)} bytes) {payload[:limit // 4].hex()}"
+        return f"(not JSON, {len(payload)} bytes) {payload[: limit // 4].hex()}"
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
@@ -134,9 +134,11 @@ def run_inspect(target: Target, key: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(found, indent=2))
         return OK
-    print(f"{found['key']}  ({found['type']}, {found.get('bytes', '?')} bytes, ttl {found.get('ttl_seconds', '?')} s)")
+    size, ttl = found.get("bytes", "?"), found.get("ttl_seconds", "?")
+    print(f"{found['key']}  ({found['type']}, {size} bytes, ttl {ttl} s)")
     if "generation" in found:
-        print(f"  stored at generation {found['generation']}: {'VALID' if found['valid'] else 'OUTDATED (a miss)'}")
+        state = "VALID" if found["valid"] else "OUTDATED (a miss)"
+        print(f"  stored at generation {found['generation']}: {state}")
         for dep in found["dependencies"]:
             version = dep["version"] if dep["version"] is not None else "missing"
             print(f"  {'ok ' if dep['ok'] else 'NEW'}  {dep['dependency']}  version {version}")

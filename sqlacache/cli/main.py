@@ -30,14 +30,22 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "doctor", parents=[common], help="connectivity, version, maxmemory-policy and persistence advice"
     )
-    stats = commands.add_parser("stats", parents=[common], help="what the prefix holds, and the server's counters")
+    stats = commands.add_parser(
+        "stats", parents=[common], help="what the prefix holds, and the server's counters"
+    )
     stats.add_argument("--json", action="store_true", help="print JSON")
-    inv = commands.add_parser("invalidate", parents=[common], help="evict a table's cached reads, or everything")
+    inv = commands.add_parser(
+        "invalidate", parents=[common], help="evict a table's cached reads, or everything"
+    )
     which = inv.add_mutually_exclusive_group(required=True)
     which.add_argument("--table", action="append", metavar="TABLE", help="a table name (repeat for more)")
     which.add_argument("--all", action="store_true", help="everything under the prefix")
-    inspect = commands.add_parser("inspect", parents=[common], help="one entry: its dependencies, validity, payload")
-    inspect.add_argument("key", metavar="KEY", help="the key with its prefix (as redis-cli --scan shows it) or without")
+    inspect = commands.add_parser(
+        "inspect", parents=[common], help="one entry: its dependencies, validity, payload"
+    )
+    inspect.add_argument(
+        "key", metavar="KEY", help="the key with its prefix (as redis-cli --scan shows it) or without"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON")
     return top
 
@@ -45,7 +53,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.timeout <= 0:
-        print(f"python -m sqlacache: --timeout {args.timeout}: give a positive number of seconds", file=sys.stderr)
+        print(
+            f"python -m sqlacache: --timeout {args.timeout}: give a positive number of seconds",
+            file=sys.stderr,
+        )
         return 2
     try:
         target = connect(args.url, args.prefix, args.timeout)

@@ -61,8 +61,7 @@ def connect(url: str | None, prefix: str, timeout: float) -> Target:
     url = url or os.environ.get(URL_ENV) or DEFAULT_URL
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise Failed(
-            f"--url {shown(url)!r}: give a Redis URL, e.g. redis://127.0.0.1:6379/0 "
-            f"(or set {URL_ENV})",
+            f"--url {shown(url)!r}: give a Redis URL, e.g. redis://127.0.0.1:6379/0 (or set {URL_ENV})",
             USAGE,
         )
     try:

@@ -63,7 +63,9 @@ def counting(cache: Cache | None = None) -> Iterator[Counted]:
 
 
 def _describe(counted: Counted) -> str:
-    shown = {k: v for k, v in sorted(counted.counts.items()) if k in ("hits", "near_hits", "misses", "stores")}
+    shown = {
+        k: v for k, v in sorted(counted.counts.items()) if k in ("hits", "near_hits", "misses", "stores")
+    }
     return f"cache counts in the block: {shown or 'nothing'}"
 
 
