@@ -55,15 +55,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sqlacache_isolate", "empty every live sqlacache Cache around each test", type="bool")
 
 
+# What ``Cache(backend=…)`` takes as a URL (connect.py); anything else is a typo, said before any test.
+_SCHEMES = frozenset(
+    {
+        "memory",
+        "mem",
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "rediss+sentinel",
+        "redis+cluster",
+        "rediss+cluster",
+    }
+)
+
+
 def _worker() -> str | None:
     return os.environ.get("PYTEST_XDIST_WORKER")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     backend = config.getoption("--sqlacache-backend")
-    if not isinstance(backend, str) or not backend.startswith(
-        ("memory://", "mem://", "redis://", "rediss://")
-    ):
+    scheme = backend.partition("://")[0].lower() if isinstance(backend, str) and "://" in backend else ""
+    if scheme not in _SCHEMES:
         raise pytest.UsageError(
             f"--sqlacache-backend={backend!r}: give memory:// or a Redis URL, e.g. redis://localhost:6379/0"
         )
