@@ -15,6 +15,7 @@ import inspect
 import types
 import typing
 import uuid
+from collections import abc
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -43,6 +44,8 @@ _LEAVES: frozenset[Any] = frozenset(
     {int, float, str, bool, bytes, Decimal, date, datetime, time, timedelta, uuid.UUID, type(None)}
 )
 _CONTAINERS: frozenset[Any] = frozenset({list, tuple, dict})
+# Abstract annotations a list, tuple or dict satisfies: checked item by item, the value at call time.
+_ABSTRACT: frozenset[Any] = frozenset({abc.Sequence, abc.MutableSequence, abc.Mapping, abc.MutableMapping})
 _FIX = (
     "memoize caches None, bool, int, float, str, bytes, Decimal, date, time, datetime, timedelta, UUID "
     "and lists, tuples and str-keyed dicts of them (no ORM objects: return their ids or plain values)"
@@ -55,14 +58,16 @@ def _annotation_problem(hint: Any) -> str | None:
         return None
     origin = typing.get_origin(hint)
     if origin is None:
-        if hint in _CONTAINERS:
+        if hint in _CONTAINERS or hint in _ABSTRACT:
             return None
         return f"{getattr(hint, '__qualname__', hint)!s}"
+    if origin is typing.Annotated:
+        return _annotation_problem(typing.get_args(hint)[0])
     if origin is typing.Union or origin is types.UnionType:
         args: tuple[Any, ...] = typing.get_args(hint)
-    elif origin in _CONTAINERS:
+    elif origin in _CONTAINERS or origin in _ABSTRACT:
         args = typing.get_args(hint)
-        if origin is dict and args and args[0] is not str:
+        if origin in (dict, abc.Mapping, abc.MutableMapping) and args and args[0] is not str:
             return f"{hint} (dict keys must be str)"
     elif origin is typing.Literal:
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -291,6 +291,19 @@ def test_refused_types_are_named_clearly(make_cache: Any) -> None:
 
         @cache.memoize(depends_on=[Person])
         def g() -> dict[int, str]: ...
+
+    with pytest.raises(ConfigurationError, match=r"result is annotated .*Iterator"):
+
+        @cache.memoize(depends_on=[Person])
+        def gen() -> Iterator[int]:
+            yield 1
+
+    # What a list, tuple or str-keyed dict satisfies is accepted; the values are checked when called.
+    @cache.memoize(depends_on=[Person])
+    def fine(a: int | None, b: Sequence[str] = (), c: Mapping[str, Decimal] | None = None) -> tuple[int, ...]:
+        return (1, 2)
+
+    assert fine(None) == fine(None) == (1, 2)
 
     @cache.memoize(depends_on=[Person])
     def h(x: Any) -> Any:
