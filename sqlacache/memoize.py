@@ -220,10 +220,6 @@ class Memoized:
         await _sa.greenlet_spawn(self.store, key, value, deps, found.generation)
         return value
 
-    def invalidate(self) -> None:
-        """Evict every memoized result of every function that depends on these tables."""
-        self.cache.internal.bump(self.table_deps[1:])
-
 
 def memoize(cache: Cache, depends_on: Iterable[Any], ttl: float | None, bind: Any) -> Callable[[F], F]:
     tables = _tables(depends_on)
@@ -255,7 +251,6 @@ def memoize(cache: Cache, depends_on: Iterable[Any], ttl: float | None, bind: An
                 return memo.call(*args, **kwargs)
 
             wrapper = swrapper
-        wrapper.memoized = memo
         return cast(F, wrapper)
 
     return decorate

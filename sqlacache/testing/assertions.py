@@ -40,7 +40,8 @@ def _counts(caches: list[Cache]) -> dict[int, dict[str, Any]]:
 
 @contextlib.contextmanager
 def counting(cache: Cache | None = None) -> Iterator[Counted]:
-    """Count what the cache (every live cache when None) did inside the block."""
+    """Count what the cache did inside the block; with None, every cache alive at the block's end
+    (made before it or inside it: one collected inside the block takes its counts with it)."""
     before = _counts([cache] if cache is not None else list(live))
     out = Counted()
     try:
