@@ -19,6 +19,7 @@ from collections import abc
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
@@ -30,6 +31,9 @@ from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis import generic
 from sqlacache.analysis.scalars import CodecError
+from sqlacache.backends import Lookup
+from sqlacache.fill import stampede
+from sqlacache.fill.stampede import Fill
 from sqlacache.keys import digest
 from sqlacache.policy import ConfigurationError, ttl_value
 from sqlacache.resilience.stores import StoreJob
@@ -178,11 +182,18 @@ class Memoized:
         self.cache.count("memoize_hits")
         return True, value
 
-    def store(self, key: str, value: Any, deps: list[str], generation: int) -> None:
-        payload = self.encode(value)
+    def store(self, key: str, value: Any, deps: list[str], found: Lookup | None, fill: Fill | None) -> None:
+        payload = self.encode(value)  # refused the same way whatever the backend's state
         self.cache.count("misses")
         self.cache.count("memoize_misses")
-        self.cache.io.store(StoreJob(key, payload, deps, generation, self.ttl))
+        if found is None:  # the backend can't say (down, or an eviction undelivered): don't store
+            return
+        lease = fill.lease if fill is not None else None
+        # At the generation the lookup took before the function ran: refused if a commit moved
+        # a dependency since (the race a compute and a commit run, closed in the backend).
+        self.cache.io.store(StoreJob(key, payload, deps, found.generation, self.ttl, lease))
+        if fill is not None:
+            fill.lease = None  # the store gave it back
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         cache = self.cache
@@ -190,17 +201,19 @@ class Memoized:
             return self.fn(*args, **kwargs)
         key = self.key(args, kwargs)
         deps = self.deps()
-        found = cache.io.lookup(key, deps)
-        if found is not None and found.entry is not None:
-            ok, value = self.served(key, found.entry.payload)
-            if ok:
-                return value
-        value = self.fn(*args, **kwargs)
-        if found is None:  # the backend can't say (down, or an eviction undelivered): don't store
-            self.encode(value)  # the same refusal whatever the backend's state
+        # As the read path does: concurrent callers of one key (threads here, processes through a
+        # lease) wait for the first one's result instead of all computing it.
+        found, fill = stampede.lookup(cache, key, deps, monotonic())
+        try:
+            if found is not None and found.entry is not None:
+                ok, value = self.served(key, found.entry.payload)
+                if ok:
+                    return value
+            value = self.fn(*args, **kwargs)
+            self.store(key, value, deps, found, fill)
             return value
-        self.store(key, value, deps, found.generation)
-        return value
+        finally:
+            stampede.end(cache, fill)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         cache = self.cache
@@ -208,17 +221,18 @@ class Memoized:
             return await self.fn(*args, **kwargs)
         key = self.key(args, kwargs)
         deps = self.deps()
-        found = await cache.io.alookup(key, deps)
-        if found is not None and found.entry is not None:
-            ok, value = self.served(key, found.entry.payload)
-            if ok:
-                return value
-        value = await self.fn(*args, **kwargs)
-        if found is None:
-            self.encode(value)
+        # In a greenlet, where waiting for another caller's fill awaits instead of blocking the loop.
+        found, fill = await _sa.greenlet_spawn(stampede.lookup, cache, key, deps, monotonic())
+        try:
+            if found is not None and found.entry is not None:
+                ok, value = self.served(key, found.entry.payload)
+                if ok:
+                    return value
+            value = await self.fn(*args, **kwargs)
+            await _sa.greenlet_spawn(self.store, key, value, deps, found, fill)
             return value
-        await _sa.greenlet_spawn(self.store, key, value, deps, found.generation)
-        return value
+        finally:
+            await _sa.greenlet_spawn(stampede.end, cache, fill)
 
 
 def memoize(cache: Cache, depends_on: Iterable[Any], ttl: float | None, bind: Any) -> Callable[[F], F]:

@@ -364,3 +364,59 @@ def test_on_postgres_through_a_caching_session(pg_sync_url: str, redis_url: str,
         with engine.begin() as conn:
             conn.execute(text(f"DROP TABLE {table}"))
         engine.dispose()
+
+
+def test_concurrent_callers_wait_for_one_compute(backend: str, key_prefix: str) -> None:
+    """Eight threads (on two Caches: two processes, on Redis) call a slow function at once: it runs
+    once, and every caller gets its result."""
+    caches = [Cache(backend=backend, prefix=key_prefix) for _ in range(2 if backend != "memory://" else 1)]
+    calls: list[int] = []
+    lock = threading.Lock()
+    functions = []
+    for cache in caches:
+
+        @cache.memoize(depends_on=[Person])
+        def slow(n: int) -> int:
+            with lock:
+                calls.append(n)
+            time.sleep(0.3)
+            return n * 2
+
+        functions.append(slow)
+    start = threading.Barrier(8)
+    results: list[int] = []
+
+    def caller(i: int) -> None:
+        start.wait()
+        value = functions[i % len(functions)](21)
+        with lock:
+            results.append(value)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert results == [42] * 8
+        assert calls == [21]
+    finally:
+        caches[0].invalidate_all()
+        for cache in caches:
+            cache.close()
+
+
+def test_a_failing_function_lets_the_next_caller_compute(make_cache: Any) -> None:
+    cache = make_cache()
+    outcomes = iter([ValueError("boom"), 7])
+
+    @cache.memoize(depends_on=[Person])
+    def flaky() -> int:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    with pytest.raises(ValueError, match="boom"):
+        flaky()
+    assert flaky() == 7 and flaky() == 7
