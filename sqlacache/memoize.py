@@ -5,7 +5,8 @@ The entry goes through the same contract as a cached read (``backends/base.py``)
 and on ``d:`` of the databases the cache watches (raw SQL it could not read). The generation is
 taken by the lookup that missed, *before* the function runs, and the store is refused if any of
 those moved since: a commit landing while the function computes cannot leave its older value
-behind. Arguments and results go through the generic tagged codec (exact JSON, never pickle).
+behind. Concurrent callers of one key wait for the first one's result (``fill/stampede.py``).
+Arguments and results go through the generic tagged codec (exact JSON, never pickle).
 """
 
 from __future__ import annotations

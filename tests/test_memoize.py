@@ -420,3 +420,19 @@ def test_a_failing_function_lets_the_next_caller_compute(make_cache: Any) -> Non
     with pytest.raises(ValueError, match="boom"):
         flaky()
     assert flaky() == 7 and flaky() == 7
+
+
+async def test_concurrent_tasks_wait_for_one_compute(make_cache: Any) -> None:
+    import asyncio
+
+    cache = make_cache()
+    calls: list[int] = []
+
+    @cache.memoize(depends_on=[Person])
+    async def slow(n: int) -> int:
+        calls.append(n)
+        await asyncio.sleep(0.3)
+        return n + 1
+
+    assert await asyncio.gather(*[slow(1) for _ in range(8)]) == [2] * 8
+    assert calls == [1]
