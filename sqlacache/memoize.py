@@ -190,6 +190,9 @@ class Memoized:
         if found is None:  # the backend can't say (down, or an eviction undelivered): don't store
             return
         lease = fill.lease if fill is not None else None
+        # A database the function's sessions made the cache watch meanwhile: its ``d:`` too (the
+        # store refuses a dependency that has no version yet; the next call stores).
+        deps = sorted({*deps, *self.deps()})
         # At the generation the lookup took before the function ran: refused if a commit moved
         # a dependency since (the race a compute and a commit run, closed in the backend).
         self.cache.io.store(StoreJob(key, payload, deps, found.generation, self.ttl, lease))

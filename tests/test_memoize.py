@@ -141,7 +141,7 @@ def test_another_cache_on_the_same_redis_evicts(db: str, redis_url: str, key_pre
     try:
         calls: list[int] = []
 
-        @a.memoize(depends_on=[Person])
+        @a.memoize(depends_on=[Person], bind=engine_a)
         def count() -> int:
             calls.append(1)
             with CachingSession(engine_a, cache=a) as s:
@@ -240,6 +240,26 @@ def test_raw_sql_the_cache_cannot_read_evicts(db: str, make_cache: Any) -> None:
     with engine.begin() as conn:  # a statement whose tables sqlacache can't name
         conn.exec_driver_sql("WITH x AS (SELECT 1) INSERT INTO memo_people SELECT 5, 'q' FROM x")
     assert count() == 1
+
+
+def test_without_bind_the_database_is_learnt_from_the_functions_sessions(db: str, make_cache: Any) -> None:
+    """No ``bind=``: the first call's CachingSession makes the cache watch the database; that call's
+    result isn't stored (its entry would miss the database's dependency), the next one's is, and
+    raw SQL the cache can't read evicts it."""
+    engine = create_engine(db)
+    cache = make_cache()
+    calls: list[int] = []
+
+    @cache.memoize(depends_on=[Person])
+    def count() -> int:
+        calls.append(1)
+        with CachingSession(engine, cache=cache) as s:
+            return s.scalar(select(func.count()).select_from(Person)) or 0
+
+    assert [count(), count(), count()] == [0, 0, 0] and len(calls) == 2
+    with engine.begin() as conn:
+        conn.exec_driver_sql("WITH x AS (SELECT 1) INSERT INTO memo_people SELECT 5, 'q' FROM x")
+    assert count() == 1 and len(calls) == 3
 
 
 def test_ttl_expires(make_cache: Any) -> None:
@@ -347,7 +367,7 @@ def test_on_postgres_through_a_caching_session(pg_sync_url: str, redis_url: str,
     cache = Cache(backend=redis_url, prefix=key_prefix)
     try:
 
-        @cache.memoize(depends_on=[table])
+        @cache.memoize(depends_on=[table], bind=engine)
         def count() -> int:
             with CachingSession(engine, cache=cache) as s:
                 return int(s.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
