@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,9 @@ _SCHEMES = frozenset(
 )
 
 
+_SAVED = pytest.StashKey[tuple[dict[str, Any], list[Cache]]]()
+
+
 def _worker() -> str | None:
     return os.environ.get("PYTEST_XDIST_WORKER")
 
@@ -82,6 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"--sqlacache-backend={backend!r}: give memory:// or a Redis URL, e.g. redis://localhost:6379/0"
         )
+    # Put back at unconfigure: a run inside a run (pytester in-process) leaves the outer one as it was.
+    config.stash[_SAVED] = (dict(cache_mod.test_run), [c for c in list(cache_mod.live) if c.enabled])
     worker = _worker()
     if worker:
         # Like pytest-django's test_db_gw0: each worker its own namespace on a shared Redis.
@@ -93,7 +99,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(_SAVED, None)
+    if saved is None:
+        return
+    run, enabled = saved
     cache_mod.test_run.clear()
+    cache_mod.test_run.update(run)
+    for cache in enabled:
+        cache.enabled = True
 
 
 def pytest_report_header(config: pytest.Config) -> str:

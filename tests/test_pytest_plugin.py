@@ -292,3 +292,25 @@ def test_under_xdist_each_worker_has_its_own_prefix(pytester, redis_url, monkeyp
             for key in client.scan_iter(match=f"{prefix}*", count=1000):
                 client.delete(key)
         client.close()
+
+
+def test_a_run_inside_a_run_leaves_the_outer_one_as_it_was(pytester):
+    from sqlacache import Cache
+    from sqlacache import cache as cache_mod
+
+    outer = Cache()
+    before = dict(cache_mod.test_run)
+    pytester.makepyfile(
+        test_inner="""
+import sqlacache
+
+def test_off():
+    assert not sqlacache.Cache().enabled
+"""
+    )
+    result = pytester.runpytest_inprocess(
+        "--sqlacache=off", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"
+    )
+    result.assert_outcomes(passed=1)
+    assert outer.enabled and Cache().enabled
+    assert cache_mod.test_run == before
