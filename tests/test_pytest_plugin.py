@@ -300,6 +300,7 @@ def test_a_run_inside_a_run_leaves_the_outer_one_as_it_was(pytester):
 
     outer = Cache()
     before = dict(cache_mod.test_run)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(
         test_inner="""
 import sqlacache
