@@ -195,7 +195,8 @@ def test_invalidate_unreachable_is_exit_3() -> None:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
+def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    extra: list[str] = getattr(request, "param", [])
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
@@ -219,6 +220,7 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
             "64mb",
             "--maxmemory-policy",
             "allkeys-lru",
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -272,3 +274,12 @@ def test_doctor_advice(own_redis: str) -> None:
         assert done.returncode == 1 and "maxmemory is 0 (no limit" in done.stdout
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("own_redis", [["--rename-command", "CONFIG", ""]], indirect=True)
+def test_doctor_without_config_get(own_redis: str) -> None:
+    """A managed Redis that refuses CONFIG: the checks it needs are reported as "by hand"."""
+    done = cli("doctor", "--url", own_redis)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot read maxmemory / maxmemory-policy (CONFIG GET refused): check them by hand" in done.stdout
+    assert "cannot read save / appendonly" in done.stdout
