@@ -456,3 +456,33 @@ async def test_concurrent_tasks_wait_for_one_compute(make_cache: Any) -> None:
 
     assert await asyncio.gather(*[slow(1) for _ in range(8)]) == [2] * 8
     assert calls == [1]
+
+
+def test_on_a_redis_cluster(db: str, redis_cluster: Any, key_prefix: str) -> None:
+    """The cluster backend (groups per table, stripes for the global deps): a commit evicts, and a
+    commit during the compute makes the store refused."""
+    engine = create_engine(db)
+    cache, other = (Cache(backend=redis_cluster.url, prefix=key_prefix) for _ in range(2))
+    try:
+        commit_during = [False]
+        calls: list[int] = []
+
+        @cache.memoize(depends_on=[Person], bind=engine)
+        def count() -> int:
+            calls.append(1)
+            with Session(engine) as s:
+                n = s.scalar(select(func.count()).select_from(Person)) or 0
+            if commit_during[0]:
+                commit_during[0] = False
+                add_person(create_engine(db), 2, "kim", cache=other)
+            return n
+
+        assert count() == 0 and count() == 0 and len(calls) == 1
+        add_person(engine, 1, "jo")
+        commit_during[0] = True
+        assert count() == 1  # read before the commit it made land: returned, not stored
+        assert count() == 2 and count() == 2 and len(calls) == 3
+    finally:
+        cache.invalidate_all()
+        cache.close()
+        other.close()
