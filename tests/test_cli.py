@@ -173,7 +173,7 @@ def test_invalidate_a_table(app: Any, redis_url: str, key_prefix: str) -> None:
     assert other.returncode == 0, other.stderr
     assert read() == 0  # another table: still cached
     done = cli("invalidate", "--table", "CLI_GADGETS", "--url", redis_url, "--prefix", key_prefix)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "evicted the reads of CLI_GADGETS" in done.stdout
     assert read() == 1 and read() == 0  # evicted: read from the database, then cached again
 
@@ -189,6 +189,38 @@ def test_invalidate_all(app: Any, redis_url: str, key_prefix: str) -> None:
 def test_invalidate_unreachable_is_exit_3() -> None:
     done = cli("invalidate", "--all", "--url", "redis://127.0.0.1:1/0", "--timeout", "0.3")
     assert done.returncode == 3
+    assert done.stderr == (
+        "python -m sqlacache invalidate: the invalidation could not be delivered to Redis at "
+        "redis://127.0.0.1:1/0\n"
+    )
+
+
+def test_invalidate_a_wrong_url_is_exit_2() -> None:
+    done = cli("invalidate", "--all", "--url", "http://x")
+    assert done.returncode == 2 and "unknown scheme 'http'" in done.stderr
+
+
+def test_invalidate_on_a_redis_cluster(tmp_path: Path, redis_cluster: Any, key_prefix: str) -> None:
+    """``invalidate`` takes any URL a Cache takes: a table's reads on a Redis Cluster are evicted."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache(backend=redis_cluster.url, prefix=key_prefix)
+    calls: list[int] = []
+
+    @cache.memoize(depends_on=[Gadget], bind=engine)
+    def count() -> int:
+        calls.append(1)
+        return len(calls)
+
+    try:
+        assert count() == 1 and count() == 1
+        done = cli("invalidate", "--table", "cli_gadgets", "--url", redis_cluster.url, "--prefix", key_prefix)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert count() == 2
+    finally:
+        cache.invalidate_all()
+        cache.close()
 
 
 # -- doctor, on a redis-server of its own (CONFIG SET on the shared one would change it for everyone)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import redis
 
 from sqlacache.cli import doctor, invalidate, keys
-from sqlacache.cli.server import DEFAULT_URL, OK, UNREACHABLE, URL_ENV, Failed, connect
+from sqlacache.cli.server import DEFAULT_URL, OK, UNREACHABLE, URL_ENV, Failed, check_prefix, connect
 
 EPILOG = f"""exit codes: 0 ok; 1 the command found a problem (doctor's advice, no such key);
 2 wrong command line; 3 Redis unreachable or failing. --url defaults to ${URL_ENV}, else {DEFAULT_URL}."""
@@ -59,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
+        if args.command == "invalidate":  # through a Cache: whatever URL a Cache takes
+            url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+            prefix = check_prefix(args.prefix)
+            return invalidate.run_invalidate(url, prefix, args.table or [], args.all, args.timeout)
         target = connect(args.url, args.prefix, args.timeout)
         try:
             if args.command == "ping":
@@ -67,9 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return doctor.run_doctor(target)
             if args.command == "stats":
                 return keys.run_stats(target, args.json)
-            if args.command == "inspect":
-                return keys.run_inspect(target, args.key, args.json)
-            return invalidate.run_invalidate(target, args.table or [], args.all, args.timeout)
+            return keys.run_inspect(target, args.key, args.json)
         finally:
             target.client.close()
     except Failed as exc:
