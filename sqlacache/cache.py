@@ -12,9 +12,9 @@ import os
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from sqlacache.read.explain import Explanation
 
 log = logging.getLogger("sqlacache")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _flag(name: str, value: Any) -> None:
@@ -96,6 +98,19 @@ def database_id(engine: Engine) -> str:
         where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
         found = _database_ids[engine] = f"{url.get_backend_name()}://{where}/{database}"
     return found
+
+
+def watched_databases(cache: Cache) -> list[str]:
+    """The databases whose commits invalidate ``cache`` (``database_id`` of each)."""
+    return [db for db, caches in list(_watchers.items()) if cache in caches]
+
+
+# Every Cache not yet collected: the pytest plugin isolates them (``sqlacache.pytest_plugin``).
+live: weakref.WeakSet[Cache] = weakref.WeakSet()
+# Set by the pytest plugin only, for the test run: a suffix for every new Cache's prefix (one per
+# pytest-xdist worker, so that workers sharing a Redis never read each other's entries), and
+# ``enabled=False`` for every Cache (``--sqlacache=off``).
+test_run: dict[str, Any] = {}
 
 
 def watched(engine: Engine) -> bool:
@@ -379,6 +394,11 @@ class Cache:
                 f"breaker_max_cooldown={breaker_max_cooldown!r} is below breaker_cooldown="
                 f"{breaker_cooldown!r}: the cooldown doubles up to the maximum; give a maximum >= it"
             )
+        if test_run.get("disabled"):
+            enabled = False
+        suffix = test_run.get("prefix_suffix", "")
+        if suffix and not prefix.endswith(suffix):
+            prefix += suffix
         self.enabled = enabled
         self.prefix = prefix
         self.keys = KeyBuilder()
@@ -422,6 +442,7 @@ class Cache:
         self.outbox: Outbox | None = None
         self.closed = False
         self.internal = Internal(self)
+        live.add(self)
         warn_if_unbounded(self.backend)
 
     def _near_cache(
@@ -640,6 +661,24 @@ class Cache:
     async def ainvalidate_all(self) -> None:
         """Async twin of :meth:`invalidate_all`."""
         await _sa.greenlet_spawn(self.invalidate_all)
+
+    def memoize(
+        self, depends_on: Iterable[Any], ttl: float | None = None, *, bind: Engine | AsyncEngine | None = None
+    ) -> Callable[[_F], _F]:
+        """Cache a function's result (sync or ``async def``) until a commit writes a table it reads.
+
+        ``depends_on``: the mapped classes, ``Table`` objects or table names the function reads.
+        ``ttl``: seconds (default: the cache's ``default_ttl``). ``bind``: the engine the function
+        reads, so that commits there invalidate this cache even before any session of this cache
+        has used it. The key is the function's module, name and arguments (bound to its signature,
+        defaults applied). Arguments and results must be what the cache encodes exactly (None,
+        bool, int, float, str, bytes, Decimal, date/time/datetime/timedelta, UUID, and lists,
+        tuples and str-keyed dicts of them): an annotation that says otherwise is refused here,
+        a value at call time, with :class:`ConfigurationError`. See docs/memoize.rst.
+        """
+        from sqlacache.memoize import memoize
+
+        return memoize(self, depends_on, ttl, bind)
 
     # -- wiring -----------------------------------------------------------------------------
 
