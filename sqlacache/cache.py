@@ -29,6 +29,7 @@ from sqlacache.backends import Backend, FansOut, MemoryBackend
 from sqlacache.connect import backend_from, warn_if_unbounded
 from sqlacache.fill.flight import Flights
 from sqlacache.keys import KeyBuilder, translation_token
+from sqlacache.memoize import memoize
 from sqlacache.near.store import NearStore
 from sqlacache.policy import ConfigurationError, Policy, ttl_value
 from sqlacache.resilience.breaker import Breaker
@@ -174,6 +175,11 @@ class Internal:
         if dep is None:
             dep = self.database_deps[engine] = deps_mod.database_dep(database_id(engine))
         return dep
+
+    def databases(self) -> list[str]:
+        """The databases whose commits invalidate this cache (``database_id`` of each)."""
+        cache = self.cache()
+        return watched_databases(cache) if cache is not None else []
 
     def watch(self, engine: Engine) -> None:
         """Have commits on this database — from any session, cached or not — invalidate this cache."""
@@ -676,8 +682,6 @@ class Cache:
         tuples and str-keyed dicts of them): an annotation that says otherwise is refused here,
         a value at call time, with :class:`ConfigurationError`. See docs/memoize.rst.
         """
-        from sqlacache.memoize import memoize
-
         return memoize(self, depends_on, ttl, bind)
 
     # -- wiring -----------------------------------------------------------------------------

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from time import monotonic
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import orjson
-from sqlalchemy import Table
+from sqlalchemy import Engine, Table
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper
 
 from sqlacache import _sa
@@ -40,7 +41,25 @@ from sqlacache.policy import ConfigurationError, ttl_value
 from sqlacache.resilience.stores import StoreJob
 
 if TYPE_CHECKING:
-    from sqlacache.cache import Cache
+    from sqlacache.policy import Policy
+
+
+class _Watching(Protocol):
+    def watch(self, engine: Engine) -> None: ...
+
+    def databases(self) -> list[str]: ...
+
+
+class Owner(stampede.Owner, Protocol):
+    """What memoizing needs of its cache (``Cache`` is one; this module stands below it)."""
+
+    enabled: bool
+    closed: bool
+    policy: Policy
+
+    @property
+    def internal(self) -> _Watching: ...
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,7 +153,7 @@ class Memoized:
     """What ``Cache.memoize`` wraps a function with (sync or async share this)."""
 
     def __init__(
-        self, cache: Cache, fn: Callable[..., Any], tables: list[str], ttl: float, bind: Any
+        self, cache: Owner, fn: Callable[..., Any], tables: list[str], ttl: float, bind: Any
     ) -> None:
         self.cache = cache
         self.fn = fn
@@ -159,9 +178,7 @@ class Memoized:
 
     def deps(self) -> list[str]:
         # The databases the cache watches now: raw SQL it can't read there bumps their ``d:``.
-        from sqlacache.cache import watched_databases
-
-        databases = {deps_mod.database_dep(db) for db in watched_databases(self.cache)}
+        databases = {deps_mod.database_dep(db) for db in self.cache.internal.databases()}
         return [*self.table_deps, *sorted(databases)]
 
     def encode(self, value: Any) -> bytes:
@@ -239,14 +256,13 @@ class Memoized:
             await _sa.greenlet_spawn(stampede.end, cache, fill)
 
 
-def memoize(cache: Cache, depends_on: Iterable[Any], ttl: float | None, bind: Any) -> Callable[[F], F]:
+def memoize(cache: Owner, depends_on: Iterable[Any], ttl: float | None, bind: Any) -> Callable[[F], F]:
     tables = _tables(depends_on)
     seconds = cache.policy.default_ttl if ttl is None else ttl_value(ttl, "memoize ttl")
     if bind is not None:
-        from sqlacache.cache import engine_of
-
-        engine = engine_of(getattr(bind, "sync_engine", bind))
-        if engine is None:
+        engine = getattr(bind, "sync_engine", bind)
+        engine = engine.engine if isinstance(engine, Connection) else engine
+        if not isinstance(engine, Engine):
             raise ConfigurationError(f"memoize: bind={bind!r} is not an Engine or AsyncEngine")
         bind = engine
 
