@@ -7,6 +7,7 @@ and the values an object had when the database (or a valid entry) produced it, k
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +71,40 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
         expr_tables,
         frozenset(not_deferred),
         {r.key: r for r in mapper.relationships},
+        set(related_roots([mapper])),
     )
     _layouts[mapper] = found
     _by_path[(mapper.registry, class_path(mapper.class_))] = mapper
     _by_path.setdefault((None, class_path(mapper.class_)), mapper)
     return found
+
+
+_RELATED_LIMIT = 64
+
+
+def related_roots(mappers: Iterable[Mapper[Any]]) -> frozenset[str]:
+    """The table roots (``t:<table>``) of every table the mappers' relationships reach, theirs too,
+    up to 64 tables: what an eager load of a read of them may come to depend on.
+
+    A lookup makes the missing roots of the dependencies it is hinted exist, as "changed now", so
+    that the store of a first read is accepted (lookup.lua). An eager load's tables are known only
+    once it ran: without their roots in the hint, the first read of ``select(A)`` with
+    ``selectinload(A.bs)`` was refused (``b``'s root appeared after the read began) and only the
+    second was stored. Making a root exist that nothing depends on yet changes no entry."""
+    seen: set[Mapper[Any]] = set()
+    todo = list(mappers)
+    names: set[str] = set()
+    while todo and len(names) < _RELATED_LIMIT:
+        mapper = todo.pop()
+        if mapper in seen:
+            continue
+        seen.add(mapper)
+        names.update(deps_mod.table_name(t) for t in mapper.tables)
+        for rel in mapper.relationships:
+            if rel.secondary is not None and isinstance(rel.secondary, Table):
+                names.add(deps_mod.table_name(rel.secondary))
+            todo.append(rel.mapper)
+    return frozenset(deps_mod.table_dep(n) for n in names)
 
 
 @event.listens_for(Mapper, "after_mapper_constructed")

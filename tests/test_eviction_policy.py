@@ -44,9 +44,13 @@ def _read(s: Session, what: str, arg: int) -> Any:
         user = s.get(User, arg)
         return None if user is None else (user.name, user.balance)
     if what == "list":
-        return [(u.id, u.name) for u in s.scalars(select(User).where(User.id % 7 == arg % 7).order_by(User.id))]
+        return [
+            (u.id, u.name) for u in s.scalars(select(User).where(User.id % 7 == arg % 7).order_by(User.id))
+        ]
     if what == "orders":
-        return [(o.id, o.total) for o in s.scalars(select(Order).where(Order.user_id == arg).order_by(Order.id))]
+        return [
+            (o.id, o.total) for o in s.scalars(select(Order).where(Order.user_id == arg).order_by(Order.id))
+        ]
     return s.scalar(select(func.count()).select_from(User).where(User.name.like(f"user {arg % 10}%")))
 
 

@@ -27,6 +27,7 @@ from sqlacache.backends import Lookup
 from sqlacache.context import SessionContext
 from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Shape, Uncacheable
+from sqlacache.layout import related_roots
 from sqlacache.policy import never_cached_reason, op_of
 from sqlacache.read.results import ResultTemplate
 
@@ -183,6 +184,7 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             reason_code=reason_code(reason) if reason is not None else "",
             labels=labels,
         )
+        info.hint.update(related_roots(shape.mappers))  # (see related_roots)
         with _shapes_lock:  # threads that built it at once must share one (its template, its memo)
             info = _shapes.get(key_tuple) or info
             _shapes.put(key_tuple, info)
