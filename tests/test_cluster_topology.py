@@ -1,6 +1,6 @@
 """Redis Cluster topology changes under a running cache, on a throwaway cluster of 3 masters with a
 replica each (``cluster-node-timeout`` 1000 ms): a master killed (failover), the lost-bump case
-(the promoted replica never got the last bump) and a slot migrated while reads and commits run.
+(the promoted replica never got the last bump), a slot migrated while reads and commits run, and
 a master restarted empty (no replica: its slots come back with nothing in them). No exception reaches
 the application, and nothing older than a finished commit is served."""
 
