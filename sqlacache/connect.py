@@ -80,8 +80,21 @@ def first_contact(url: str, client: redis.Redis) -> None:
     """Open one connection now. A server that refuses its setup (``SELECT`` of a database it doesn't
     have, …) is a configuration error; one that is down or slow is left to the circuit breaker."""
     pool = client.connection_pool
+    sentinel = url.partition("://")[0].lower() in sentinel_url.SCHEMES
     try:
         connection = pool.get_connection()
+    except redis.exceptions.AuthenticationError as exc:  # (a ConnectionError to redis-py)
+        where = "the master" if sentinel else "Redis"
+        raise ConfigurationError(
+            f"backend {shown(url)!r}: {where} refused the credentials: {exc}; check the user and "
+            "password in the URL ('redis://user:password@host:6379/0', percent-encoded"
+            + (
+                "; in a Sentinel URL they are the master's, the sentinels' go in "
+                "'?sentinel_username=…&sentinel_password=…')"
+                if sentinel
+                else ")"
+            )
+        ) from exc
     except redis.exceptions.ResponseError as exc:
         db = pool.connection_kwargs.get("db", 0)
         fix = (
@@ -110,6 +123,12 @@ def check_service(url: str, client: redis.Redis) -> None:
     for node in manager.sentinels:
         try:
             masters = node.sentinel_masters()
+        except redis.exceptions.AuthenticationError as exc:
+            raise ConfigurationError(
+                f"backend {shown(url)!r}: the sentinels refused the credentials: {exc}; give the "
+                "sentinels' password as '?sentinel_password=…' (and user as '?sentinel_username=…'); "
+                "the URL's 'user:password@' is the master's"
+            ) from exc
         except (redis.exceptions.RedisError, OSError):
             continue
         if service in masters:

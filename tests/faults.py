@@ -63,7 +63,7 @@ def _ping(port: int, timeout: float) -> str:
         return "down"
     except OSError:
         return "silent"
-    if reply.startswith(b"+PONG"):
+    if reply.startswith((b"+PONG", b"-NOAUTH")):  # a server with requirepass answers, so it's up
         return "ready"
     if reply.startswith(b"-LOADING"):
         return "loading"
@@ -113,7 +113,12 @@ class RedisServer:
     ``--enable-debug-command yes`` is passed at every start (``loading()`` needs DEBUG POPULATE).
     """
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, password: str | None = None) -> None:
+        """``password``: ``--requirepass`` and ``--masterauth`` (its replicas use the same one), and
+        every client this object makes authenticates with it."""
+        if password is not None:
+            extra_args = (*extra_args, "--requirepass", password, "--masterauth", password)
+        self.password = password
         managed = _MANAGED_ARGS.intersection(extra_args)
         if managed:
             raise ValueError(f"RedisServer manages {sorted(managed)} itself")
@@ -322,6 +327,7 @@ class RedisServer:
             "socket_timeout": 2,
             "socket_connect_timeout": kw.get("socket_timeout", 2),
             "retry": _no_retry(),
+            "password": self.password,
         }
         options.update(kw)
         return redis.Redis(host=LOOPBACK, port=self.port, db=0, **options)
@@ -422,7 +428,7 @@ class RedisServer:
 
         Writes to it raise ``ReadOnlyError``. The caller stops it (``close()`` also removes its dir).
         """
-        rep = RedisServer("--replicaof", LOOPBACK, str(self.port))
+        rep = RedisServer("--replicaof", LOOPBACK, str(self.port), password=self.password)
         try:
             rep.start()
             deadline = time.monotonic() + START_TIMEOUT
@@ -509,7 +515,12 @@ class SentinelServer:
         quorum: int = 2,
         down_after_ms: int = 400,
         failover_timeout_ms: int = 2000,
+        *,
+        auth_pass: str | None = None,
+        password: str | None = None,
     ) -> None:
+        """``auth_pass``: the password of the monitored servers; ``password``: the sentinel's own
+        (``requirepass``, which it also uses with the other sentinels)."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed")
@@ -528,6 +539,11 @@ class SentinelServer:
                 f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {service} 1\n"
             )
+            if auth_pass is not None:
+                f.write(f"sentinel auth-pass {service} {auth_pass}\n")
+            if password is not None:
+                f.write(f"requirepass {password}\n")
+        self.password = password
         self._state = _ProcState(self.dir)
         self._finalizer = weakref.finalize(self, self._state.cleanup)
 
@@ -551,7 +567,9 @@ class SentinelServer:
         raise RuntimeError(f"redis-sentinel on port {self.port} did not answer PING")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2, retry=_no_retry())
+        return redis.Redis(
+            host=LOOPBACK, port=self.port, socket_timeout=2, retry=_no_retry(), password=self.password
+        )
 
     def master(self) -> dict[str, Any]:
         """What this sentinel says of the service's master (``SENTINEL MASTERS``)."""
@@ -572,9 +590,20 @@ class SentinelTopology:
     replica of the new one, and waits until the sentinels count it as a replica again).
     """
 
-    def __init__(self, service: str = "sqlacache", down_after_ms: int = 400) -> None:
+    def __init__(
+        self,
+        service: str = "sqlacache",
+        down_after_ms: int = 400,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        """``password``: the master's and replica's ``requirepass``/``masterauth`` (and the
+        sentinels' ``auth-pass``); ``sentinel_password``: the sentinels' ``requirepass``."""
         self.service = service
-        self.master = RedisServer()
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.master = RedisServer(password=password)
         self.replica: RedisServer | None = None
         self.sentinels: list[SentinelServer] = []
         self._down_after_ms = down_after_ms
@@ -593,7 +622,14 @@ class SentinelTopology:
             self.master.start()
             self.replica = self.master.replica()
             for _ in range(3):
-                sentinel = SentinelServer(self.service, self.master.port, 2, self._down_after_ms)
+                sentinel = SentinelServer(
+                    self.service,
+                    self.master.port,
+                    2,
+                    self._down_after_ms,
+                    auth_pass=self.password,
+                    password=self.sentinel_password,
+                )
                 self.sentinels.append(sentinel)
                 sentinel.start()
             self._wait(lambda m: m.get("num-other-sentinels") == 2 and m.get("num-slaves", 0) >= 1)
