@@ -192,6 +192,13 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
 def _cluster_from_url(url: str, prefix: str, socket_timeout: float) -> Backend:
     from sqlacache.backends.redis.cluster import RedisClusterBackend
 
+    # The options are a plain URL's (the same for every node): refuse those redis-py doesn't know.
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    _, q, query = tail.partition("?") if "?" not in netloc else netloc.partition("?")
+    if q and query:
+        plain = "rediss" if scheme.lower().startswith("rediss") else "redis"
+        check_url(f"{plain}://127.0.0.1/0?{query}", shown_as=url)
     try:
         return RedisClusterBackend.from_url(
             url, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout

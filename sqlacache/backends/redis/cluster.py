@@ -257,8 +257,10 @@ class _Clock:
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """``redis+cluster://[user:password@]host:port[,host:port…]/``: the startup nodes and the
-    client's keyword arguments. ``ValueError`` says what to fix."""
+    """``redis(s)+cluster://[user:password@]host:port[,host:port…]/[?options]``: the startup nodes
+    and the client's keyword arguments. The options are redis-py's URL options (``socket_timeout``,
+    ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``, ``ssl_keyfile``…), for the connection to
+    every node; connect.py refuses the ones redis-py does not know. ``ValueError`` says what to fix."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     example = "write e.g. 'redis+cluster://10.0.0.1:7000,10.0.0.2:7000/'"
@@ -273,12 +275,14 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
             f"the path '/{path}' selects a database, and a Redis Cluster has only database 0; "
             f"drop it, {example}"
         )
-    if query:
-        raise ValueError(
-            f"query parameters ({query!r}) are not supported on a cluster URL; pass a "
-            f"redis.cluster.RedisCluster(...) built with them as backend instead, or {example}"
-        )
     kwargs: dict[str, Any] = {}
+    if query:
+        options: dict[str, Any] = redis.connection.parse_url(f"redis://h/?{query}")  # type: ignore[no-untyped-call]
+        for key in ("host", "port", "path", "connection_class"):
+            options.pop(key, None)
+        if "db" in options:
+            raise ValueError(f"'db' selects a database, and a Redis Cluster has only database 0; {example}")
+        kwargs.update(options)
     userinfo, at, hosts = netloc.rpartition("@")
     if at:
         user, colon, password = userinfo.partition(":")
@@ -449,8 +453,11 @@ class RedisClusterBackend:
         watch_servers: bool = True,
         **client_kwargs: Any,
     ) -> RedisClusterBackend:
-        """``redis+cluster://host:port[,host:port…]/``: clients made on first use (the cluster's
-        slot map is read then), with the short timeouts ``RedisBackend.from_url`` uses."""
+        """``redis+cluster://host:port[,host:port…]/`` (``rediss+cluster://`` for TLS; redis-py's URL
+        options as the query, e.g. ``?ssl_ca_certs=/etc/ssl/redis-ca.pem``: see
+        :func:`parse_cluster_url`): clients made on first use (the cluster's slot map is read then),
+        with the short timeouts ``RedisBackend.from_url`` uses unless the URL or ``client_kwargs``
+        say otherwise."""
         nodes, url_kwargs = parse_cluster_url(url)
         kwargs: dict[str, Any] = {
             "socket_timeout": socket_timeout,
