@@ -142,7 +142,7 @@ class _Script:
         self.sha = hashlib.sha1(body).hexdigest()
 
 
-_CHECK = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_check")).encode())
+_CHECK = _Script((scripts.PRELUDE + scripts.CHECK + "\n" + scripts.source("cluster_check")).encode())
 _ROOTS = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_roots")).encode())
 _BUMP = _Script((scripts.PRELUDE + "\n" + _bump_source()).encode())
 _ENTRY = _Script(("\n" + scripts.source("cluster_entry")).encode())
