@@ -89,7 +89,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import secrets
 import threading
 import zlib
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -107,7 +106,7 @@ from redis.retry import Retry
 from sqlacache._sa import await_ as _await
 from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Listener, Lookup, Position
-from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis import leases, scripts
 from sqlacache.backends.redis.backend import _glob_escape, _root, _ttl_ms
 from sqlacache.backends.redis.cluster_fanout import ClusterSubscriber, parse_position
 from sqlacache.backends.redis.errors import FAILURES, failure
@@ -958,26 +957,22 @@ class RedisClusterBackend:
 
     def lease(self, key: str, ttl: float, hint: Sequence[str] = ()) -> tuple[Lookup, str | bool | None]:
         """``lookup`` and, on a miss, the key's fill lease for ``ttl`` seconds (see the contract)."""
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         found, taken = self._drive("lease", lambda: self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
-        if found.entry is not None:
-            return found, None
-        return found, token if taken else False
+        return leases.outcome(found, taken, token)
 
     async def alease(
         self, key: str, ttl: float, hint: Sequence[str] = ()
     ) -> tuple[Lookup, str | bool | None]:
         if not self._has_async():
             return self.lease(key, ttl, hint)
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         lease = (token, _ttl_ms(ttl))
         found, taken = await self._adrive("lease", lambda: self._lookup_steps(key, hint, lease))
-        if found.entry is not None:
-            return found, None
-        return found, token if taken else False
+        return leases.outcome(found, taken, token)
 
     def claim(self, key: str, ttl: float) -> str | None:
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         claim_key = f"{self.prefix}:r:" + self._entry_keys(key)[0].split(":e:", 1)[1]
 
         def steps() -> Generator[_Batch, list[Any], Any]:
