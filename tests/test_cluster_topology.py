@@ -333,6 +333,25 @@ def _entry_nodes(cluster: RedisClusterProcs, prefix: str) -> set[int]:
     return found
 
 
+def _wait_state(cluster: RedisClusterProcs, i: int, state: str, timeout: float = 20) -> None:
+    """Until node ``i`` says ``cluster_state:<state>``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = cluster.node(i)
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+            now = info.get("cluster_state") if isinstance(info, dict) else info
+            if state.encode() in now if isinstance(now, bytes) else now == state:
+                return
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node {i} never said cluster_state:{state}")
+        time.sleep(0.05)
+
+
 def _back_empty(cluster: RedisClusterProcs, i: int) -> None:
     """Restart master ``i`` without its data; wait until the cluster answers for its slots again."""
     cluster.servers[i].restart()
@@ -358,13 +377,17 @@ def _back_empty(cluster: RedisClusterProcs, i: int) -> None:
     [(True, False), (False, False), (True, True)],
     ids=["node-check", "no-node-check", "near-cache"],
 )
-@pytest.mark.parametrize("when", ["bump-lost", "bump-lands-on-empty", "bump-pending-while-down"])
+@pytest.mark.parametrize(
+    "when", ["bump-lost", "bump-lands-on-empty", "bump-pending-while-down", "bump-pending-while-clusterdown"]
+)
 def test_table_group_node_back_empty(
     cluster3: RedisClusterProcs, engine: Any, key_prefix: str, when: str, watch: bool, near: bool
 ) -> None:
     """The master of the ``users`` group restarts empty. Whether the commit's bump was lost with it
     (made before the restart), lands on the empty node (made after), or was pending while the node
-    was down (delivered to the empty node), every process reads the new value, and nothing raises.
+    was down (delivered to the empty node) — also down long enough for the whole cluster to answer
+    CLUSTERDOWN (a slot without a master: every command fails) — every process reads the new value,
+    and nothing raises.
     Without the node check the missing versions alone make the old entry a miss (a missing version
     is never "older than" the entry), so both are tested. With a near-cache (strict) in every
     process, the group's fan-out sequence is lost too and starts again: the near-caches resync."""
@@ -383,8 +406,13 @@ def test_table_group_node_back_empty(
         _rename(engine, cache, "b")
     else:
         cluster3.servers[node].kill()
+        if when == "bump-pending-while-clusterdown":
+            _wait_state(cluster3, (node + 1) % cluster3.masters, "fail")
         _rename(engine, cache, "b")  # the bump fails: pending
-        assert _name(engine, other) == "b"  # the group's node is down: a miss, read from the database
+        for c in (other, cache):  # the group's node is down: a miss, read from the database
+            for _ in range(3):
+                assert _name(engine, c) == "b"
+        assert cache.stats()["pending_invalidations"] > 0
         _back_empty(cluster3, node)
     for c in (cache, other):
         for _ in range(3):
