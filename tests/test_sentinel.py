@@ -11,6 +11,10 @@ also when the promoted replica missed the last bump (replication is asynchronous
 (sqlacache/backends/redis/identity.py) invalidates everything on a server the data was not written
 on, before anything is served from it.
 
+Passwords (master and replica, sentinels: each where the URL puts it, or in ``Sentinel(...)``'s
+arguments) and TLS (``rediss+sentinel://`` with ``?ssl_ca_certs=``) are tested on topologies of
+their own.
+
 Processes: the writer that commits is a spawned child where it matters (a second Cache in this
 process would be told of the commit by this process, not through Redis).
 """
@@ -37,6 +41,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession, ConfigurationError
 from sqlacache.backends import RedisBackend
+from tests.cluster import make_tls_files
 from tests.conftest import IN_CI
 from tests.faults import RedisServer, SentinelTopology
 from tests.helpers import until, wal
@@ -580,3 +585,45 @@ def fresh_auth_topology() -> Iterator[SentinelTopology]:
     t.start()
     yield t
     t.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS: rediss+sentinel:// with ?ssl_ca_certs=, to the sentinels and to the master
+
+
+@pytest.fixture
+def tls_topology(tmp_path: Any) -> Iterator[SentinelTopology]:
+    """Master, replica and sentinels listening with TLS (a throwaway certificate, its own CA); the
+    sentinels watch the servers' TLS ports, so that is where they send clients."""
+    _require_redis_server()
+    if shutil.which("openssl") is None:
+        if IN_CI:
+            pytest.fail("openssl is not installed; CI must provide it (the TLS tests)")
+        pytest.skip("openssl is not installed")
+    t = SentinelTopology(tls=make_tls_files(str(tmp_path)))
+    t.start()
+    yield t
+    t.close()
+
+
+def test_tls_url_form_through_a_failover(tls_topology: SentinelTopology, apps: Any) -> None:
+    """``rediss+sentinel://…?ssl_ca_certs=<CA>``: the sentinels and the master are spoken to over
+    TLS, verified against the CA; after a failover the promoted replica too."""
+    t = tls_topology
+    app = apps(t.tls_url)
+    pool = app.cache.backend.client.connection_pool  # type: ignore[attr-defined]
+    assert pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+    sentinel_pool = pool.sentinel_manager.sentinels[0].connection_pool
+    assert sentinel_pool.connection_kwargs["ssl_ca_certs"] == t.tls[0]  # type: ignore[index]
+    app.seed()
+    assert app.hit(app.name) == "u1"
+    app.rename("changed")
+    assert app.hit(app.name) == "changed"
+    assert app.cache.stats()["errors"] == 0, app.cache.stats()
+    t.failover()
+    app.rename("after")
+    assert until(lambda: _is_hit(app, "after"), 15)
+    # Without the CA the certificate is not trusted: a backend error the cache reads around.
+    untrusting = apps(t.tls_url.partition("?")[0])
+    assert untrusting.name() == "after"
+    assert untrusting.cache.stats()["errors"] > 0 and untrusting.cache.stats()["hits"] == 0
