@@ -39,7 +39,8 @@ def make_tls_files(directory: str) -> tuple[str, str]:
 
 
 class RedisClusterProcs:
-    """``tls=(cert, key)``: each node also listens with TLS on ``tls_ports[i]`` and its cluster bus and
+    """``password``: every node's ``requirepass`` and ``masterauth`` (``url`` carries it).
+    ``tls=(cert, key)``: each node also listens with TLS on ``tls_ports[i]`` and its cluster bus and
     replication speak TLS (``tls-cluster``): a TLS client is then sent to the TLS ports, a plain one
     (the set-up here) to the plain ones."""
 
@@ -49,8 +50,10 @@ class RedisClusterProcs:
         replicas: int = 0,
         node_timeout_ms: int = 3000,
         tls: tuple[str, str] | None = None,
+        password: str | None = None,
     ) -> None:
         self.masters = masters
+        self.password = password
         self.tls = tls
         count = masters * (1 + replicas)
         self.bus_ports = [free_port() for _ in range(count)]
@@ -78,6 +81,7 @@ class RedisClusterProcs:
                 "--cluster-replica-validity-factor",
                 "0",
                 *extra,
+                password=password,
             )
             for bus, extra in zip(self.bus_ports, tls_args)
         ]
@@ -91,10 +95,11 @@ class RedisClusterProcs:
         if self.tls:
             nodes = ",".join(f"{LOOPBACK}:{p}" for p in self.tls_ports)
             return f"rediss+cluster://{nodes}/?ssl_ca_certs={quote(self.tls[0], safe='')}"
-        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{p}" for p in self.ports) + "/"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis+cluster://{auth}" + ",".join(f"{LOOPBACK}:{p}" for p in self.ports) + "/"
 
     def node(self, i: int) -> redis.Redis:
-        return redis.Redis(LOOPBACK, self.servers[i].port)
+        return redis.Redis(LOOPBACK, self.servers[i].port, password=self.password)
 
     def node_id(self, i: int) -> str:
         client = self.node(i)

@@ -349,3 +349,38 @@ def test_tls_cluster_url(tls_cluster: RedisClusterProcs, key_prefix: str) -> Non
     with pytest.raises(BackendError, match=r"(?i)certificate"):
         untrusting.backend.lookup("k", deps)
     untrusting.close()
+
+
+# -- passwords -------------------------------------------------------------------------------------
+
+
+def test_password_in_the_url(key_prefix: str) -> None:
+    """``redis+cluster://:<password>@host:port/``: the password (percent-encoded) of every node; a
+    wrong one is a backend error, which the cache reads around like any Redis failure."""
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed; CI must provide it")
+        pytest.skip("redis-server is not installed")
+    cluster = RedisClusterProcs(password="cl@ster/pw")
+    try:
+        cluster.start()
+        assert "cl%40ster%2Fpw@" in cluster.url
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(LOOPBACK, cluster.ports[0]).ping()
+        cache = Cache(backend=cluster.url, prefix=key_prefix)
+        backend: Any = cache.backend
+        deps = ["*", "t:users"]
+        stored = False
+        for _ in range(2):  # a group first seen refuses the first store
+            g = backend.lookup("k", deps).generation
+            stored = backend.store("k", b"v", deps, g, TTL) or stored
+        assert stored and backend.lookup("k", deps).entry == Entry(b"v", tuple(deps))
+        backend.bump(["t:users"])
+        assert backend.lookup("k", deps).entry is None
+        cache.close()
+        wrong = Cache(backend=cluster.url.replace("cl%40ster", "nope"), prefix=key_prefix)
+        with pytest.raises(BackendError):
+            wrong.backend.lookup("k", deps)
+        wrong.close()
+    finally:
+        cluster.close()
