@@ -190,7 +190,7 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
 
 
 def _cluster_from_url(url: str, prefix: str, socket_timeout: float) -> Backend:
-    from sqlacache.backends.redis.cluster import RedisClusterBackend
+    from sqlacache.backends.redis.cluster import RedisClusterBackend, parse_cluster_url
 
     # The options are a plain URL's (the same for every node): refuse those redis-py doesn't know.
     scheme, _, rest = url.partition("://")
@@ -200,11 +200,39 @@ def _cluster_from_url(url: str, prefix: str, socket_timeout: float) -> Backend:
         plain = "rediss" if scheme.lower().startswith("rediss") else "redis"
         check_url(f"{plain}://127.0.0.1/0?{query}", shown_as=url)
     try:
-        return RedisClusterBackend.from_url(
+        backend = RedisClusterBackend.from_url(
             url, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
+        nodes, kwargs = parse_cluster_url(url)
     except ValueError as exc:
         raise ConfigurationError(f"backend {shown(url)!r}: {exc}") from exc
+    _cluster_first_contact(url, nodes, {"socket_timeout": socket_timeout, **kwargs})
+    return backend
+
+
+def _cluster_first_contact(url: str, nodes: list[tuple[str, int]], kwargs: dict[str, Any]) -> None:
+    """One PING to the first node that answers, with the URL's credentials and TLS options (the
+    cluster clients themselves are made on first use): a node that refuses the credentials is a
+    configuration error; nodes that are down or slow are left to the circuit breaker."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options = {"socket_connect_timeout": kwargs.get("socket_timeout"), **kwargs}
+    for host, port in nodes:
+        probe = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **options)
+        try:
+            probe.ping()
+            return
+        except redis.exceptions.AuthenticationError as exc:  # (a ConnectionError to redis-py)
+            raise ConfigurationError(
+                f"backend {shown(url)!r}: the cluster node {host}:{port} refused the credentials: "
+                f"{exc}; check the user and password in the URL "
+                "('redis+cluster://user:password@host:port/', percent-encoded; the same on every node)"
+            ) from exc
+        except (redis.exceptions.RedisError, OSError):
+            continue  # down, or slow: the next node, or the circuit breaker once the cache runs
+        finally:
+            probe.close()
 
 
 def _cluster_client(spec: Any, prefix: str) -> Backend | None:

@@ -355,8 +355,9 @@ def test_tls_cluster_url(tls_cluster: RedisClusterProcs, key_prefix: str) -> Non
 
 
 def test_password_in_the_url(key_prefix: str) -> None:
-    """``redis+cluster://:<password>@host:port/``: the password (percent-encoded) of every node; a
-    wrong one is a backend error, which the cache reads around like any Redis failure."""
+    """``redis+cluster://:<password>@host:port/``: the password (percent-encoded) of every node. A
+    wrong or missing one, refused when the cache is made, is a ConfigurationError; refused later
+    (rotated on the servers), a backend error, which the cache reads around like any Redis failure."""
     if shutil.which("redis-server") is None:
         if IN_CI:
             pytest.fail("redis-server is not installed; CI must provide it")
@@ -378,9 +379,22 @@ def test_password_in_the_url(key_prefix: str) -> None:
         backend.bump(["t:users"])
         assert backend.lookup("k", deps).entry is None
         cache.close()
-        wrong = Cache(backend=cluster.url.replace("cl%40ster", "nope"), prefix=key_prefix)
+        for wrong in (cluster.url.replace("cl%40ster", "nope"), cluster.url.replace(":cl%40ster%2Fpw@", "")):
+            with pytest.raises(ConfigurationError, match="refused the credentials") as caught:
+                Cache(backend=wrong, prefix=key_prefix)
+            assert "nope" not in str(caught.value)
+        # Refused later (the password changed on the servers): not an outage, a backend error the
+        # cache reads around.
+        late = Cache(backend=cluster.url, prefix=key_prefix)
+        for i in range(len(cluster.servers)):
+            node = cluster.node(i)
+            try:
+                node.config_set("requirepass", "rotated")
+                node.client_kill_filter(_type="normal", skipme=True)
+            finally:
+                node.close()
         with pytest.raises(BackendError):
-            wrong.backend.lookup("k", deps)
-        wrong.close()
+            late.backend.lookup("k", deps)
+        late.close()
     finally:
         cluster.close()
