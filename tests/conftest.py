@@ -179,8 +179,9 @@ NEAR = {"near_cache": True, "near_coherence": "strict"}
 # ``postgres+cluster+near``: the same with a near-cache (strict), fanned out by sharded pub/sub.
 CLUSTER_SYNC_WORLDS = ["postgres+cluster", "postgres+cluster+near"]
 # ``asyncpg+cluster``: an AsyncSession on a ``redis.asyncio.cluster.RedisCluster`` client (every call
-# awaited from SQLAlchemy's greenlet, no sync client at all).
-CLUSTER_ASYNC_WORLDS = ["asyncpg+cluster"]
+# awaited from SQLAlchemy's greenlet, no sync client at all); ``asyncpg+cluster+near``: the cluster's
+# URL (its sync client runs the near-cache's subscriber thread) with a near-cache (strict).
+CLUSTER_ASYNC_WORLDS = ["asyncpg+cluster", "asyncpg+cluster+near"]
 CLUSTER_WORLDS = frozenset(CLUSTER_SYNC_WORLDS + CLUSTER_ASYNC_WORLDS)
 
 
@@ -291,6 +292,8 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
             import redis.asyncio
 
             backend = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
+    elif backend_kind == "cluster" and kw:
+        backend = request.getfixturevalue("redis_cluster").url
     elif backend_kind == "cluster":
         import redis.asyncio.cluster
 
@@ -309,7 +312,7 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
     yield w
     await cache.ainvalidate_all()
     await cache.aclose()
-    if backend_kind == "cluster":  # a client passed in is the caller's to close
+    if backend_kind == "cluster" and not kw:  # a client passed in is the caller's to close
         await backend.aclose()
     await engine.dispose()
     await asyncio.sleep(0)
