@@ -80,8 +80,21 @@ def first_contact(url: str, client: redis.Redis) -> None:
     """Open one connection now. A server that refuses its setup (``SELECT`` of a database it doesn't
     have, …) is a configuration error; one that is down or slow is left to the circuit breaker."""
     pool = client.connection_pool
+    sentinel = url.partition("://")[0].lower() in sentinel_url.SCHEMES
     try:
         connection = pool.get_connection()
+    except redis.exceptions.AuthenticationError as exc:  # (a ConnectionError to redis-py)
+        where = "the master" if sentinel else "Redis"
+        raise ConfigurationError(
+            f"backend {shown(url)!r}: {where} refused the credentials: {exc}; check the user and "
+            "password in the URL ('redis://user:password@host:6379/0', percent-encoded"
+            + (
+                "; in a Sentinel URL they are the master's, the sentinels' go in "
+                "'?sentinel_username=…&sentinel_password=…')"
+                if sentinel
+                else ")"
+            )
+        ) from exc
     except redis.exceptions.ResponseError as exc:
         db = pool.connection_kwargs.get("db", 0)
         fix = (
@@ -110,6 +123,12 @@ def check_service(url: str, client: redis.Redis) -> None:
     for node in manager.sentinels:
         try:
             masters = node.sentinel_masters()
+        except redis.exceptions.AuthenticationError as exc:
+            raise ConfigurationError(
+                f"backend {shown(url)!r}: the sentinels refused the credentials: {exc}; give the "
+                "sentinels' password as '?sentinel_password=…' (and user as '?sentinel_username=…'); "
+                "the URL's 'user:password@' is the master's"
+            ) from exc
         except (redis.exceptions.RedisError, OSError):
             continue
         if service in masters:
@@ -171,14 +190,49 @@ def backend_from(spec: Any, prefix: str, socket_timeout: float, max_entries: int
 
 
 def _cluster_from_url(url: str, prefix: str, socket_timeout: float) -> Backend:
-    from sqlacache.backends.redis.cluster import RedisClusterBackend
+    from sqlacache.backends.redis.cluster import RedisClusterBackend, parse_cluster_url
 
+    # The options are a plain URL's (the same for every node): refuse those redis-py doesn't know.
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    _, q, query = tail.partition("?") if "?" not in netloc else netloc.partition("?")
+    if q and query:
+        plain = "rediss" if scheme.lower().startswith("rediss") else "redis"
+        check_url(f"{plain}://127.0.0.1/0?{query}", shown_as=url)
     try:
-        return RedisClusterBackend.from_url(
+        backend = RedisClusterBackend.from_url(
             url, prefix=prefix, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
+        nodes, kwargs = parse_cluster_url(url)
     except ValueError as exc:
         raise ConfigurationError(f"backend {shown(url)!r}: {exc}") from exc
+    _cluster_first_contact(url, nodes, {"socket_timeout": socket_timeout, **kwargs})
+    return backend
+
+
+def _cluster_first_contact(url: str, nodes: list[tuple[str, int]], kwargs: dict[str, Any]) -> None:
+    """One PING to the first node that answers, with the URL's credentials and TLS options (the
+    cluster clients themselves are made on first use): a node that refuses the credentials is a
+    configuration error; nodes that are down or slow are left to the circuit breaker."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options = {"socket_connect_timeout": kwargs.get("socket_timeout"), **kwargs}
+    for host, port in nodes:
+        probe = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **options)
+        try:
+            probe.ping()
+            return
+        except redis.exceptions.AuthenticationError as exc:  # (a ConnectionError to redis-py)
+            raise ConfigurationError(
+                f"backend {shown(url)!r}: the cluster node {host}:{port} refused the credentials: "
+                f"{exc}; check the user and password in the URL "
+                "('redis+cluster://user:password@host:port/', percent-encoded; the same on every node)"
+            ) from exc
+        except (redis.exceptions.RedisError, OSError):
+            continue  # down, or slow: the next node, or the circuit breaker once the cache runs
+        finally:
+            probe.close()
 
 
 def _cluster_client(spec: Any, prefix: str) -> Backend | None:

@@ -4,7 +4,10 @@ optionally a replica of each (CLUSTER REPLICATE): servers ``masters + i`` replic
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+from urllib.parse import quote
 
 import redis
 
@@ -18,10 +21,51 @@ def _state_ok(client: redis.Redis) -> bool:
     return b"cluster_state:ok" in info
 
 
+def make_tls_files(directory: str) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 (its own CA) and its key, made by ``openssl``
+    in ``directory``: ``(cert, key)``. Clients trust it with ``ssl_ca_certs=<cert>``."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 class RedisClusterProcs:
-    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 3000) -> None:
+    """``password``: every node's ``requirepass`` and ``masterauth`` (``url`` carries it).
+    ``tls=(cert, key)``: each node also listens with TLS on ``tls_ports[i]`` and its cluster bus and
+    replication speak TLS (``tls-cluster``): a TLS client is then sent to the TLS ports, a plain one
+    (the set-up here) to the plain ones."""
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 3000,
+        tls: tuple[str, str] | None = None,
+        password: str | None = None,
+    ) -> None:
         self.masters = masters
-        self.bus_ports = [free_port() for _ in range(masters * (1 + replicas))]
+        self.password = password
+        self.tls = tls
+        count = masters * (1 + replicas)
+        self.bus_ports = [free_port() for _ in range(count)]
+        self.tls_ports = [free_port() for _ in range(count)] if tls else []
+        tls_args: list[list[str]] = [
+            [
+                "--tls-port", str(port), "--tls-cert-file", tls[0], "--tls-key-file", tls[1],
+                "--tls-ca-cert-file", tls[0], "--tls-cluster", "yes", "--tls-replication", "yes",
+                "--tls-auth-clients", "no",
+            ]
+            for port in self.tls_ports
+        ] if tls else [[] for _ in range(count)]  # fmt: skip
         self.servers = [
             RedisServer(
                 "--cluster-enabled",
@@ -36,8 +80,10 @@ class RedisClusterProcs:
                 # A replica fails over however long it was cut off from its master (the tests cut it).
                 "--cluster-replica-validity-factor",
                 "0",
+                *extra,
+                password=password,
             )
-            for bus in self.bus_ports
+            for bus, extra in zip(self.bus_ports, tls_args)
         ]
 
     @property
@@ -46,10 +92,14 @@ class RedisClusterProcs:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{p}" for p in self.ports) + "/"
+        if self.tls:
+            nodes = ",".join(f"{LOOPBACK}:{p}" for p in self.tls_ports)
+            return f"rediss+cluster://{nodes}/?ssl_ca_certs={quote(self.tls[0], safe='')}"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis+cluster://{auth}" + ",".join(f"{LOOPBACK}:{p}" for p in self.ports) + "/"
 
     def node(self, i: int) -> redis.Redis:
-        return redis.Redis(LOOPBACK, self.servers[i].port)
+        return redis.Redis(LOOPBACK, self.servers[i].port, password=self.password)
 
     def node_id(self, i: int) -> str:
         client = self.node(i)

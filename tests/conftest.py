@@ -186,6 +186,11 @@ NEAR = {"near_cache": True, "near_coherence": "strict"}
 # (``redis_cluster`` below), only in the modules marked ``cluster_worlds`` (the freshness tests).
 # ``postgres+cluster+near``: the same with a near-cache (strict), fanned out by sharded pub/sub.
 CLUSTER_SYNC_WORLDS = ["postgres+cluster", "postgres+cluster+near"]
+# ``asyncpg+cluster``: an AsyncSession on a ``redis.asyncio.cluster.RedisCluster`` client (every call
+# awaited from SQLAlchemy's greenlet, no sync client at all); ``asyncpg+cluster+near``: the cluster's
+# URL (its sync client runs the near-cache's subscriber thread) with a near-cache (strict).
+CLUSTER_ASYNC_WORLDS = ["asyncpg+cluster", "asyncpg+cluster+near"]
+CLUSTER_WORLDS = frozenset(CLUSTER_SYNC_WORLDS + CLUSTER_ASYNC_WORLDS)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -195,7 +200,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="default",
         help="default: the plain worlds only (the README's test command, under ten minutes); "
         "extended: only the near-cache and cluster variants of the modules marked near_worlds / "
-        "cluster_worlds (a CI step of its own); all: both",
+        "cluster_worlds, and of the stateful oracle (a CI step of its own); all: both",
     )
 
 
@@ -205,7 +210,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "near_worlds: also run this module's world/aworld tests in the near-cache worlds (conftest.py)",
     )
     config.addinivalue_line(
-        "markers", "cluster_worlds: also run this module's world tests on a Redis Cluster (conftest.py)"
+        "markers",
+        "cluster_worlds: also run this module's world/aworld tests on a Redis Cluster (conftest.py)",
     )
 
 
@@ -225,14 +231,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def wanted(item: pytest.Item) -> bool:
         params = getattr(getattr(item, "callspec", None), "params", {})
         in_near = any(params.get(name) in NEAR_WORLDS for name in ("world", "aworld"))
-        if params.get("world") in CLUSTER_SYNC_WORLDS:
+        if any(params.get(name) in CLUSTER_WORLDS for name in ("world", "aworld")):
             return item.get_closest_marker("cluster_worlds") is not None or explicit(item)
         return not in_near or item.get_closest_marker("near_worlds") is not None or explicit(item)
 
     def variant(item: pytest.Item) -> bool:  # a near or cluster variant a marker opted into
         params = getattr(getattr(item, "callspec", None), "params", {})
-        worlds = {params.get("world"), params.get("aworld")}
-        return bool(worlds & (NEAR_WORLDS | set(CLUSTER_SYNC_WORLDS))) and not explicit(item)
+        # test_oracle.py's own world fixture: its near and cluster worlds run in the extended step too.
+        worlds = {params.get("world"), params.get("aworld"), params.get("oracle_env")}
+        return bool(worlds & (NEAR_WORLDS | CLUSTER_WORLDS)) and not explicit(item)
 
     mode = config.getoption("--worlds")
     items[:] = [
@@ -268,7 +275,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> Ite
     engine.dispose()
 
 
-@pytest.fixture(params=ASYNC_WORLDS + NEAR_ASYNC_WORLDS)
+@pytest.fixture(params=ASYNC_WORLDS + NEAR_ASYNC_WORLDS + CLUSTER_ASYNC_WORLDS)
 async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str) -> AsyncIterator[World]:
     db, backend_kind = request.param.split("+")[:2]
     kw = _near_kw(request.param)
@@ -293,6 +300,13 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
             import redis.asyncio
 
             backend = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
+    elif backend_kind == "cluster" and kw:
+        backend = request.getfixturevalue("redis_cluster").url
+    elif backend_kind == "cluster":
+        import redis.asyncio.cluster
+
+        node = request.getfixturevalue("redis_cluster")
+        backend = redis.asyncio.cluster.RedisCluster("127.0.0.1", node.ports[0], socket_timeout=2)
     cache = Cache(backend=backend, prefix=key_prefix, **kw)
     w = World(
         request.param,
@@ -306,6 +320,8 @@ async def aworld(request: pytest.FixtureRequest, tmp_path: Any, key_prefix: str)
     yield w
     await cache.ainvalidate_all()
     await cache.aclose()
+    if backend_kind == "cluster" and not kw:  # a client passed in is the caller's to close
+        await backend.aclose()
     await engine.dispose()
     await asyncio.sleep(0)
 

@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -63,11 +64,20 @@ def _ping(port: int, timeout: float) -> str:
         return "down"
     except OSError:
         return "silent"
-    if reply.startswith(b"+PONG"):
+    if reply.startswith((b"+PONG", b"-NOAUTH")):  # a server with requirepass answers, so it's up
         return "ready"
     if reply.startswith(b"-LOADING"):
         return "loading"
     return "silent"
+
+
+def tls_args(cert: str, key: str, port: int) -> list[str]:
+    """A server's (or sentinel's) TLS listener on ``port`` with ``cert`` (its own CA), and TLS to its
+    master and replicas too; clients need no certificate of their own."""
+    return [
+        "--tls-port", str(port), "--tls-cert-file", cert, "--tls-key-file", key,
+        "--tls-ca-cert-file", cert, "--tls-replication", "yes", "--tls-auth-clients", "no",
+    ]  # fmt: skip
 
 
 def _no_retry() -> Retry:
@@ -113,7 +123,19 @@ class RedisServer:
     ``--enable-debug-command yes`` is passed at every start (``loading()`` needs DEBUG POPULATE).
     """
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(
+        self, *extra_args: str, password: str | None = None, tls: tuple[str, str] | None = None
+    ) -> None:
+        """``password``: ``--requirepass`` and ``--masterauth`` (its replicas use the same one), and
+        every client this object makes authenticates with it. ``tls=(cert, key)``: a TLS listener
+        on ``tls_port`` too (the plain port stays, for the set-up), replication over TLS."""
+        if password is not None:
+            extra_args = (*extra_args, "--requirepass", password, "--masterauth", password)
+        self.password = password
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
+        if tls:
+            extra_args = (*extra_args, *tls_args(*tls, self.tls_port))
         managed = _MANAGED_ARGS.intersection(extra_args)
         if managed:
             raise ValueError(f"RedisServer manages {sorted(managed)} itself")
@@ -322,6 +344,7 @@ class RedisServer:
             "socket_timeout": 2,
             "socket_connect_timeout": kw.get("socket_timeout", 2),
             "retry": _no_retry(),
+            "password": self.password,
         }
         options.update(kw)
         return redis.Redis(host=LOOPBACK, port=self.port, db=0, **options)
@@ -422,7 +445,8 @@ class RedisServer:
 
         Writes to it raise ``ReadOnlyError``. The caller stops it (``close()`` also removes its dir).
         """
-        rep = RedisServer("--replicaof", LOOPBACK, str(self.port))
+        port = self.tls_port if self.tls else self.port  # a TLS replica replicates over TLS
+        rep = RedisServer("--replicaof", LOOPBACK, str(port), password=self.password, tls=self.tls)
         try:
             rep.start()
             deadline = time.monotonic() + START_TIMEOUT
@@ -509,13 +533,20 @@ class SentinelServer:
         quorum: int = 2,
         down_after_ms: int = 400,
         failover_timeout_ms: int = 2000,
+        *,
+        auth_pass: str | None = None,
+        password: str | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
+        """``auth_pass``: the password of the monitored servers; ``password``: the sentinel's own
+        (``requirepass``, which it also uses with the other sentinels)."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed")
         self.exe = exe
         self.service = service
         self.port = free_port()
+        self.tls_port = free_port() if tls else 0
         self.dir = tempfile.mkdtemp(prefix=f"sqlacache-sentinel-{self.port}-")
         self.conf = os.path.join(self.dir, "sentinel.conf")
         with open(self.conf, "w") as f:
@@ -528,6 +559,14 @@ class SentinelServer:
                 f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {service} 1\n"
             )
+            if auth_pass is not None:
+                f.write(f"sentinel auth-pass {service} {auth_pass}\n")
+            if password is not None:
+                f.write(f"requirepass {password}\n")
+            if tls:  # clients on tls_port; TLS to the servers and the other sentinels too
+                args = tls_args(*tls, self.tls_port)
+                f.writelines(f"{name[2:]} {value}\n" for name, value in zip(args[::2], args[1::2]))
+        self.password = password
         self._state = _ProcState(self.dir)
         self._finalizer = weakref.finalize(self, self._state.cleanup)
 
@@ -551,7 +590,9 @@ class SentinelServer:
         raise RuntimeError(f"redis-sentinel on port {self.port} did not answer PING")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2, retry=_no_retry())
+        return redis.Redis(
+            host=LOOPBACK, port=self.port, socket_timeout=2, retry=_no_retry(), password=self.password
+        )
 
     def master(self) -> dict[str, Any]:
         """What this sentinel says of the service's master (``SENTINEL MASTERS``)."""
@@ -572,9 +613,25 @@ class SentinelTopology:
     replica of the new one, and waits until the sentinels count it as a replica again).
     """
 
-    def __init__(self, service: str = "sqlacache", down_after_ms: int = 400) -> None:
+    def __init__(
+        self,
+        service: str = "sqlacache",
+        down_after_ms: int = 400,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        """``password``: the master's and replica's ``requirepass``/``masterauth`` (and the
+        sentinels' ``auth-pass``); ``sentinel_password``: the sentinels' ``requirepass``.
+        ``tls=(cert, key)``: every server and sentinel also listens with TLS, the sentinels watch
+        the servers' TLS ports (so they name those to clients), and ``tls_url`` is the
+        ``rediss+sentinel://`` URL."""
         self.service = service
-        self.master = RedisServer()
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.tls = tls
+        self.master = RedisServer(password=password, tls=tls)
         self.replica: RedisServer | None = None
         self.sentinels: list[SentinelServer] = []
         self._down_after_ms = down_after_ms
@@ -585,6 +642,13 @@ class SentinelTopology:
         return f"redis+sentinel://{hosts}/{self.service}/0"
 
     @property
+    def tls_url(self) -> str:
+        """``rediss+sentinel://`` to the sentinels' TLS ports, trusting the topology's certificate."""
+        assert self.tls is not None
+        hosts = ",".join(f"{LOOPBACK}:{s.tls_port}" for s in self.sentinels)
+        return f"rediss+sentinel://{hosts}/{self.service}/0?ssl_ca_certs={quote(self.tls[0], safe='')}"
+
+    @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         return [(LOOPBACK, s.port) for s in self.sentinels]
 
@@ -593,7 +657,15 @@ class SentinelTopology:
             self.master.start()
             self.replica = self.master.replica()
             for _ in range(3):
-                sentinel = SentinelServer(self.service, self.master.port, 2, self._down_after_ms)
+                sentinel = SentinelServer(
+                    self.service,
+                    self.master.tls_port if self.tls else self.master.port,
+                    2,
+                    self._down_after_ms,
+                    auth_pass=self.password,
+                    password=self.sentinel_password,
+                    tls=self.tls,
+                )
                 self.sentinels.append(sentinel)
                 sentinel.start()
             self._wait(lambda m: m.get("num-other-sentinels") == 2 and m.get("num-slaves", 0) >= 1)
@@ -628,7 +700,7 @@ class SentinelTopology:
         return time.monotonic() - started
 
     def wait_promoted(self, new: RedisServer, timeout: float = 20.0) -> None:
-        port = new.port
+        port = new.tls_port if self.tls else new.port
         self._wait(
             lambda m: int(m.get("port", 0)) == port and m.get("is_master") and not m.get("is_sdown"),
             timeout,

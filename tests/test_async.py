@@ -11,8 +11,8 @@ from sqlacache import Cache
 from tests.helpers import acached, aseed
 from tests.models import Order, User
 
-# Freshness: also in the near-cache worlds (conftest.py).
-pytestmark = pytest.mark.near_worlds
+# Freshness: also in the near-cache and cluster worlds (conftest.py).
+pytestmark = [pytest.mark.near_worlds, pytest.mark.cluster_worlds]
 
 
 async def test_get_and_list_hits_emit_no_sql(aworld):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,8 @@ from sqlacache.backends import Backend, BackendError, Entry
 from sqlacache.backends.redis.backend import _glob_escape
 from sqlacache.backends.redis.cluster import RedisClusterBackend, parse_cluster_url
 from sqlacache.testing import TTL, BackendTests
-from tests.cluster import RedisClusterProcs
+from tests.cluster import RedisClusterProcs, make_tls_files
+from tests.conftest import IN_CI
 from tests.faults import LOOPBACK
 
 
@@ -238,9 +240,13 @@ def test_url_forms() -> None:
     assert parse_cluster_url("redis+cluster://h1") == ([("h1", 6379)], {})
     nodes, kw = parse_cluster_url("rediss+cluster://u:p%40ss@h1:7000/")
     assert nodes == [("h1", 7000)] and kw == {"username": "u", "password": "p@ss", "ssl": True}
+    nodes, kw = parse_cluster_url("rediss+cluster://h1:7000,h2:7000/?ssl_ca_certs=/ca.pem&socket_timeout=0.2")
+    assert kw == {"ssl": True, "ssl_ca_certs": "/ca.pem", "socket_timeout": 0.2}
     for bad, words in [
         ("redis+cluster://h1:7000/3", "database 0"),
-        ("redis+cluster://h1:7000/?socket_timeout=1", "query parameters"),
+        ("redis+cluster://h1:7000/?nonsense=1", "unknown query parameter"),
+        ("redis+cluster://h1:7000/?db=2", "database 0"),
+        ("redis+cluster://h1:7000/?socket_timeout=abc", "socket_timeout"),
         ("redis+cluster://h1:x/", "bad port"),
         ("redis+cluster://h1:7000,,h2/", "empty host"),
     ]:
@@ -290,3 +296,105 @@ def test_asyncio_client_native(redis_cluster: RedisClusterProcs, key_prefix: str
         await aclient.aclose()
 
     asyncio.run(main())
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcs]:
+    """A 3-master cluster that speaks TLS (clients, bus), with a throwaway certificate."""
+    if shutil.which("openssl") is None:
+        if IN_CI:
+            pytest.fail("openssl is not installed; CI must provide it (the TLS cluster test)")
+        pytest.skip("openssl is not installed")
+    cluster = RedisClusterProcs(tls=make_tls_files(str(tmp_path_factory.mktemp("tls"))))
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        cluster.close()
+        if "tls" in str(exc).lower() and not IN_CI:  # a redis-server built without TLS
+            pytest.skip(f"redis-server has no TLS support: {exc}")
+        raise
+    yield cluster
+    cluster.close()
+
+
+def test_tls_cluster_url(tls_cluster: RedisClusterProcs, key_prefix: str) -> None:
+    """``rediss+cluster://…/?ssl_ca_certs=<CA file>``: every node verified against that CA, the
+    whole contract over TLS (sync and asyncio clients both made from the URL)."""
+    assert tls_cluster.url.startswith("rediss+cluster://") and "ssl_ca_certs=" in tls_cluster.url
+    cache = Cache(backend=tls_cluster.url, prefix=key_prefix)
+    backend: Any = cache.backend
+    deps = ["*", "t:users"]
+    stored = False
+    for _ in range(2):  # a group first seen refuses the first store
+        g = backend.lookup("k", deps).generation
+        stored = backend.store("k", b"v", deps, g, TTL) or stored
+    assert stored and backend.lookup("k", deps).entry == Entry(b"v", tuple(deps))
+    assert {n.port for n in backend._sync.client.get_nodes()} <= set(tls_cluster.tls_ports)
+    backend.bump(["t:users"])
+    assert backend.lookup("k", deps).entry is None
+
+    async def on_asyncio() -> None:
+        aclient = backend._make_async().client
+        assert (await backend.alookup("k", deps)).entry is None
+        await aclient.aclose()
+
+    asyncio.run(on_asyncio())
+    cache.close()
+    # Without the CA the servers' certificate is not trusted: the backend says so (a BackendError,
+    # which the cache, like any Redis failure, turns into reads from the database).
+    untrusting = Cache(backend=tls_cluster.url.partition("?")[0], prefix=key_prefix)
+    with pytest.raises(BackendError, match=r"(?i)certificate"):
+        untrusting.backend.lookup("k", deps)
+    untrusting.close()
+
+
+# -- passwords -------------------------------------------------------------------------------------
+
+
+def test_password_in_the_url(key_prefix: str) -> None:
+    """``redis+cluster://:<password>@host:port/``: the password (percent-encoded) of every node. A
+    wrong or missing one, refused when the cache is made, is a ConfigurationError; refused later
+    (rotated on the servers), a backend error, which the cache reads around like any Redis failure."""
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed; CI must provide it")
+        pytest.skip("redis-server is not installed")
+    cluster = RedisClusterProcs(password="cl@ster/pw")
+    try:
+        cluster.start()
+        assert "cl%40ster%2Fpw@" in cluster.url
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(LOOPBACK, cluster.ports[0]).ping()
+        cache = Cache(backend=cluster.url, prefix=key_prefix)
+        backend: Any = cache.backend
+        deps = ["*", "t:users"]
+        stored = False
+        for _ in range(2):  # a group first seen refuses the first store
+            g = backend.lookup("k", deps).generation
+            stored = backend.store("k", b"v", deps, g, TTL) or stored
+        assert stored and backend.lookup("k", deps).entry == Entry(b"v", tuple(deps))
+        backend.bump(["t:users"])
+        assert backend.lookup("k", deps).entry is None
+        cache.close()
+        for wrong in (cluster.url.replace("cl%40ster", "nope"), cluster.url.replace(":cl%40ster%2Fpw@", "")):
+            with pytest.raises(ConfigurationError, match="refused the credentials") as caught:
+                Cache(backend=wrong, prefix=key_prefix)
+            assert "nope" not in str(caught.value)
+        # Refused later (the password changed on the servers): not an outage, a backend error the
+        # cache reads around.
+        late = Cache(backend=cluster.url, prefix=key_prefix)
+        for i in range(len(cluster.servers)):
+            node = cluster.node(i)
+            try:
+                node.config_set("requirepass", "rotated")
+                node.client_kill_filter(_type="normal", skipme=True)
+            finally:
+                node.close()
+        with pytest.raises(BackendError):
+            late.backend.lookup("k", deps)
+        late.close()
+    finally:
+        cluster.close()

@@ -1,10 +1,12 @@
 """Redis Cluster topology changes under a running cache, on a throwaway cluster of 3 masters with a
 replica each (``cluster-node-timeout`` 1000 ms): a master killed (failover), the lost-bump case
-(the promoted replica never got the last bump) and a slot migrated while reads and commits run.
-No exception reaches the application, and nothing older than a finished commit is served."""
+(the promoted replica never got the last bump), a slot migrated while reads and commits run, and
+a master restarted empty (no replica: its slots come back with nothing in them). No exception reaches
+the application, and nothing older than a finished commit is served."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import threading
@@ -54,9 +56,10 @@ def engine(pg_schema: str, pg_sync_url: str) -> Iterator[Any]:
     engine.dispose()
 
 
-def _cache(cluster: RedisClusterProcs, prefix: str, **kw: Any) -> Cache:
+def _cache(cluster: RedisClusterProcs, prefix: str, near_cache: bool = False, **kw: Any) -> Cache:
+    near = {"near_cache": True, "near_coherence": kw.pop("near_coherence", "strict")} if near_cache else {}
     backend = RedisClusterBackend.from_url(cluster.url, prefix=prefix, socket_timeout=0.5, **kw)
-    return Cache(backend=backend, prefix=prefix)
+    return Cache(backend=backend, prefix=prefix, **near)
 
 
 def _name(engine: Any, cache: Cache, uid: int = 1) -> str:
@@ -290,5 +293,187 @@ def test_resharding_under_load(cluster6: RedisClusterProcs, engine: Any, key_pre
     assert _name(engine, fresh) == "z" and _name(engine, cache) == "z"
     _cached(engine, fresh)
     print(f"\n[reshard] 5461 slots moved in {took:.1f}s under {committed['n']} commits")
+    fresh.close()
+    cache.close()
+
+
+# -- a master that comes back empty ------------------------------------------------------------------
+# No replica to promote: the node is restarted without its data (no persistence) and comes back with
+# the same slots (its nodes.conf is kept), empty. What it held is gone: a table group's generation and
+# versions (then a commit's bump was lost, or lands on the empty node), a stripe's copy of ``*`` and
+# ``d:<db>`` with the entries of that stripe, a group's fan-out sequence, the node's run key.
+
+
+@pytest.fixture
+def cluster3() -> Iterator[RedisClusterProcs]:
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed; CI must provide it (the Redis Cluster tests)")
+        pytest.skip("redis-server is not installed; install it to run the Redis Cluster tests")
+    cluster = RedisClusterProcs(node_timeout_ms=3000)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.close()
+        raise
+    yield cluster
+    cluster.close()
+
+
+def _entry_nodes(cluster: RedisClusterProcs, prefix: str) -> set[int]:
+    """The masters holding an entry of ``prefix``."""
+    found = set()
+    for i in range(cluster.masters):
+        client = cluster.node(i)
+        try:
+            if any(True for _ in client.scan_iter(match=f"{prefix}:e:*", count=1000)):
+                found.add(i)
+        finally:
+            client.close()
+    return found
+
+
+def _wait_state(cluster: RedisClusterProcs, i: int, state: str, timeout: float = 20) -> None:
+    """Until node ``i`` says ``cluster_state:<state>``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = cluster.node(i)
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+            now = info.get("cluster_state") if isinstance(info, dict) else info
+            if state.encode() in now if isinstance(now, bytes) else now == state:
+                return
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node {i} never said cluster_state:{state}")
+        time.sleep(0.05)
+
+
+def _back_empty(cluster: RedisClusterProcs, i: int) -> None:
+    """Restart master ``i`` without its data; wait until the cluster answers for its slots again."""
+    cluster.servers[i].restart()
+    deadline = time.monotonic() + 20
+    while True:
+        client = cluster.node(i)
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+            ok = info.get("cluster_state") in ("ok", b"ok") if isinstance(info, dict) else b"state:ok" in info
+            if ok:
+                return
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+        if time.monotonic() > deadline:
+            raise AssertionError("the restarted master did not rejoin")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "watch, near",
+    [(True, False), (False, False), (True, True)],
+    ids=["node-check", "no-node-check", "near-cache"],
+)
+@pytest.mark.parametrize(
+    "when", ["bump-lost", "bump-lands-on-empty", "bump-pending-while-down", "bump-pending-while-clusterdown"]
+)
+def test_table_group_node_back_empty(
+    cluster3: RedisClusterProcs, engine: Any, key_prefix: str, when: str, watch: bool, near: bool
+) -> None:
+    """The master of the ``users`` group restarts empty. Whether the commit's bump was lost with it
+    (made before the restart), lands on the empty node (made after), or was pending while the node
+    was down (delivered to the empty node) — also down long enough for the whole cluster to answer
+    CLUSTERDOWN (a slot without a master: every command fails) — every process reads the new value,
+    and nothing raises.
+    Without the node check the missing versions alone make the old entry a miss (a missing version
+    is never "older than" the entry), so both are tested. With a near-cache (strict) in every
+    process, the group's fan-out sequence is lost too and starts again: the near-caches resync."""
+    kw: dict[str, Any] = {"near_cache": True, "near_coherence": "strict"} if near else {}
+    cache = _cache(cluster3, key_prefix, watch_servers=watch, **kw)
+    other = _cache(cluster3, key_prefix, watch_servers=watch, **kw)  # another process, entry cached too
+    _cached(engine, cache)
+    _cached(engine, other)
+    node = _master_of(cluster3, cache.backend, "users")
+    if when == "bump-lost":
+        _rename(engine, cache, "b")
+        assert cache.stats()["pending_invalidations"] == 0  # the bump reached the node...
+        _back_empty(cluster3, node)  # ...and is lost with it
+    elif when == "bump-lands-on-empty":
+        _back_empty(cluster3, node)
+        _rename(engine, cache, "b")
+    else:
+        cluster3.servers[node].kill()
+        if when == "bump-pending-while-clusterdown":
+            _wait_state(cluster3, (node + 1) % cluster3.masters, "fail")
+        _rename(engine, cache, "b")  # the bump fails: pending
+        for c in (other, cache):  # the group's node is down: a miss, read from the database
+            for _ in range(3):
+                assert _name(engine, c) == "b"
+        assert cache.stats()["pending_invalidations"] > 0
+        _back_empty(cluster3, node)
+    for c in (cache, other):
+        for _ in range(3):
+            assert _name(engine, c) == "b"
+    fresh = _cache(cluster3, key_prefix, watch_servers=watch, **kw)  # a process started afterwards
+    assert _name(engine, fresh) == "b"
+    # The cache works again on the restarted node, and a commit still evicts.
+    for c in (cache, other, fresh):
+        _cached(engine, c)
+        assert _name(engine, c) == "b"
+    assert not cache.stats()["pending_invalidations"], cache.stats()
+    _rename(engine, other, "c")
+    for c in (cache, other, fresh):
+        assert _name(engine, c) == "c"
+    if watch:
+        assert fresh.backend.server_changes + cache.backend.server_changes >= 1  # type: ignore[attr-defined]
+    for c in (fresh, other, cache):
+        c.close()
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["node-check", "no-node-check"])
+def test_entry_node_back_empty(
+    cluster3: RedisClusterProcs, engine: Any, key_prefix: str, watch: bool
+) -> None:
+    """The master holding the entry (its stripe's slot: the entry, its lease and the stripe's copy of
+    ``*`` and ``d:``) restarts empty. A reader whose generation was observed before an
+    ``invalidate_all`` (``*`` bumped in every stripe, then lost with the node) stores afterwards: the
+    store is never served (the lost ``*`` is created "bumped now"). Reads and commits go on."""
+    cache = _cache(cluster3, key_prefix, watch_servers=watch)
+    _cached(engine, cache)
+    held = _entry_nodes(cluster3, key_prefix)
+    assert len(held) == 1, held
+    (node,) = held
+    backend: Any = cache.backend
+    # A key whose stripe is on the same node, for the reader that started before.
+    key = next(
+        k
+        for k in (f"k{i}" for i in range(10000))
+        if _owner(cluster3, redis.crc.key_slot(backend._entry_keys(k)[0].encode())) == node
+    )
+    deps = ["*", "d:main"]
+    for _ in range(3):  # a group first seen refuses the first store: until the reader's key is stored
+        found = backend.lookup(key, deps)
+        if found.entry is None:
+            backend.store(key, b"old", deps, found.generation, 60.0)
+    assert backend.lookup(key, deps).entry is not None
+    before = backend.lookup(key + "-reader", deps).generation  # a reader begins (its key: a miss)
+    cache.invalidate_all()  # a write it does not see
+    _back_empty(cluster3, node)  # and the bump of * in this stripe is lost
+    stored = False
+    for _ in range(3):  # the old reader's store, however often (the first may fail on the reconnect)
+        with contextlib.suppress(Exception):
+            stored = backend.store(key + "-reader", b"old", deps, before, 60.0) or stored
+    assert not stored
+    assert backend.lookup(key, deps).entry is None  # lost with the node
+    assert _name(engine, cache) == "a"  # the entry is gone: a miss, the database says "a"
+    _rename(engine, cache, "b")
+    assert _name(engine, cache) == "b"
+    _cached(engine, cache)
+    assert _name(engine, cache) == "b"
+    fresh = _cache(cluster3, key_prefix, watch_servers=watch)
+    assert _name(engine, fresh) == "b"
     fresh.close()
     cache.close()

@@ -85,8 +85,10 @@ _EXAMPLES = {
     "sqlite+redis+near": 30,
     "postgres+redis+near": 25,
     "asyncpg+redis+near": 20,
-    # The Redis Cluster backend on the session's throwaway 3-master cluster (conftest.py).
+    # The Redis Cluster backend on the session's throwaway 3-master cluster (conftest.py); like the
+    # near worlds, these run in the extended step (pytest --worlds=extended).
     "postgres+cluster": 20,
+    "asyncpg+cluster": 15,
 }
 _STEPS = {
     "sqlite+memory": 50,
@@ -98,6 +100,7 @@ _STEPS = {
     "postgres+redis+near": 40,
     "asyncpg+redis+near": 40,
     "postgres+cluster": 40,
+    "asyncpg+cluster": 40,
 }
 
 

@@ -11,6 +11,10 @@ also when the promoted replica missed the last bump (replication is asynchronous
 (sqlacache/backends/redis/identity.py) invalidates everything on a server the data was not written
 on, before anything is served from it.
 
+Passwords (master and replica, sentinels: each where the URL puts it, or in ``Sentinel(...)``'s
+arguments) and TLS (``rediss+sentinel://`` with ``?ssl_ca_certs=``) are tested on topologies of
+their own.
+
 Processes: the writer that commits is a spawned child where it matters (a second Cache in this
 process would be told of the commit by this process, not through Redis).
 """
@@ -24,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -36,6 +41,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingAsyncSession, CachingSession, ConfigurationError
 from sqlacache.backends import RedisBackend
+from tests.cluster import make_tls_files
 from tests.conftest import IN_CI
 from tests.faults import RedisServer, SentinelTopology
 from tests.helpers import until, wal
@@ -450,3 +456,174 @@ def test_single_redis_back_with_older_data_seen_by_a_new_process(
     assert watched.cache.backend.server_changes == 1  # type: ignore[attr-defined]
     assert watched.cache.stats()["server_changes"] == 1
     assert unwatched.name() == "after"  # the check's invalidation holds for every process
+
+
+# ---------------------------------------------------------------------------------------------
+# Passwords: the master and the replica (requirepass, masterauth) and the sentinels (requirepass)
+
+
+@pytest.fixture(scope="module")
+def auth_topology() -> Iterator[SentinelTopology]:
+    """Every server asks for a password: the master's and replica's is ``MASTER_PW`` (the sentinels
+    know it as ``auth-pass``), the sentinels' own is ``SENTINEL_PW``."""
+    _require_redis_server()
+    t = SentinelTopology(password=MASTER_PW, sentinel_password=SENTINEL_PW)
+    t.start()
+    yield t
+    t.close()
+
+
+MASTER_PW = "m@st3r:pw%"  # characters a URL must escape
+SENTINEL_PW = "s3ntinel/pw"
+
+
+def _auth_url(t: SentinelTopology, master: str = MASTER_PW, sentinel: str | None = SENTINEL_PW) -> str:
+    hosts = ",".join(f"127.0.0.1:{port}" for _, port in t.sentinel_addresses)
+    query = "" if sentinel is None else "?sentinel_password=" + quote(sentinel, safe="")
+    return f"redis+sentinel://:{quote(master, safe='')}@{hosts}/{t.service}/0{query}"
+
+
+def test_passwords_url_form(auth_topology: SentinelTopology, apps: Any) -> None:
+    """The password in the URL's userinfo authenticates to the master (and to the replica once it is
+    promoted); ``?sentinel_password=`` to the sentinels. Both percent-encoded."""
+    for server in (auth_topology.master, auth_topology.replica):  # really required
+        assert server is not None
+        with pytest.raises(redis.AuthenticationError), server.client(password=None) as r:
+            r.ping()
+    for sentinel in auth_topology.sentinels:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=sentinel.port, socket_timeout=2).ping()
+    app = apps(_auth_url(auth_topology))
+    backend: Any = app.cache.backend
+    assert backend.client.connection_pool.connection_kwargs["password"] == MASTER_PW
+    assert (
+        backend.client.connection_pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs[
+            "password"
+        ]
+        == SENTINEL_PW
+    )
+    app.seed()
+    assert app.hit(app.name) == "u1"
+    app.rename("changed")
+    assert app.hit(app.name) == "changed"
+    assert app.cache.stats()["errors"] == 0, app.cache.stats()
+
+
+def test_passwords_client_form(auth_topology: SentinelTopology, apps: Any) -> None:
+    """``Sentinel(..., sentinel_kwargs={"password": …}, password=…).master_for(service)``."""
+    sentinel = redis.sentinel.Sentinel(
+        auth_topology.sentinel_addresses,
+        sentinel_kwargs={"password": SENTINEL_PW, "socket_timeout": 0.2},
+        socket_timeout=0.2,
+        password=MASTER_PW,
+    )
+    client = sentinel.master_for(auth_topology.service)
+    try:
+        app = apps(client)
+        app.seed()
+        assert app.hit(app.name) == "u1"
+        app.rename("changed")
+        assert app.hit(app.name) == "changed"
+        assert app.cache.stats()["errors"] == 0, app.cache.stats()
+    finally:
+        client.close()
+        sentinel.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (lambda t: _auth_url(t, master="nope"), "the master refused the credentials"),
+        (lambda t: _auth_url(t, sentinel=None), "sentinel_password="),
+        (lambda t: _auth_url(t, sentinel="nope"), "the sentinels refused the credentials"),
+    ],
+    ids=["master", "sentinel-missing", "sentinel-wrong"],
+)
+def test_a_wrong_password_is_a_configuration_error(
+    auth_topology: SentinelTopology, url: Any, says: str
+) -> None:
+    """Servers that answer and refuse the password: said at configuration time, with which password
+    goes where, and without showing the passwords."""
+    with pytest.raises(ConfigurationError, match=says) as caught:
+        Cache(backend=url(auth_topology))
+    assert MASTER_PW not in str(caught.value) and "nope" not in str(caught.value)
+    assert quote(MASTER_PW, safe="") not in str(caught.value)
+
+
+def test_a_password_refused_later_is_not_an_outage(fresh_auth_topology: SentinelTopology, apps: Any) -> None:
+    """The password changed on the servers after the cache started: reads go to the database, a
+    commit goes through, and the cache's errors count it."""
+    app = apps(_auth_url(fresh_auth_topology))
+    app.seed()
+    assert app.hit(app.name) == "u1"
+    for server in (fresh_auth_topology.master, fresh_auth_topology.replica):
+        assert server is not None
+        with server.client() as r:
+            r.config_set("requirepass", "rotated")
+            r.client_kill_filter(_type="normal", skipme=True)
+    app.rename("changed")
+    assert app.name() == "changed" and app.name() == "changed"
+    assert app.cache.stats()["errors"] > 0
+
+
+def test_passwords_through_a_failover(fresh_auth_topology: SentinelTopology, apps: Any) -> None:
+    """The promoted replica asks for the same password: the URL form follows it there."""
+    t = fresh_auth_topology
+    app = apps(_auth_url(t))
+    app.seed()
+    assert app.hit(app.name) == "u1"
+    t.failover()
+    app.rename("after")
+    assert until(lambda: _is_hit(app, "after"), 15)
+    assert app.cache.backend.server_changes >= 1  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def fresh_auth_topology() -> Iterator[SentinelTopology]:
+    _require_redis_server()
+    t = SentinelTopology(password=MASTER_PW, sentinel_password=SENTINEL_PW)
+    t.start()
+    yield t
+    t.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS: rediss+sentinel:// with ?ssl_ca_certs=, to the sentinels and to the master
+
+
+@pytest.fixture
+def tls_topology(tmp_path: Any) -> Iterator[SentinelTopology]:
+    """Master, replica and sentinels listening with TLS (a throwaway certificate, its own CA); the
+    sentinels watch the servers' TLS ports, so that is where they send clients."""
+    _require_redis_server()
+    if shutil.which("openssl") is None:
+        if IN_CI:
+            pytest.fail("openssl is not installed; CI must provide it (the TLS tests)")
+        pytest.skip("openssl is not installed")
+    t = SentinelTopology(tls=make_tls_files(str(tmp_path)))
+    t.start()
+    yield t
+    t.close()
+
+
+def test_tls_url_form_through_a_failover(tls_topology: SentinelTopology, apps: Any) -> None:
+    """``rediss+sentinel://…?ssl_ca_certs=<CA>``: the sentinels and the master are spoken to over
+    TLS, verified against the CA; after a failover the promoted replica too."""
+    t = tls_topology
+    app = apps(t.tls_url)
+    pool = app.cache.backend.client.connection_pool  # type: ignore[attr-defined]
+    assert pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+    sentinel_pool = pool.sentinel_manager.sentinels[0].connection_pool
+    assert sentinel_pool.connection_kwargs["ssl_ca_certs"] == t.tls[0]  # type: ignore[index]
+    app.seed()
+    assert app.hit(app.name) == "u1"
+    app.rename("changed")
+    assert app.hit(app.name) == "changed"
+    assert app.cache.stats()["errors"] == 0, app.cache.stats()
+    t.failover()
+    app.rename("after")
+    assert until(lambda: _is_hit(app, "after"), 15)
+    # Without the CA the certificate is not trusted: a backend error the cache reads around.
+    untrusting = apps(t.tls_url.partition("?")[0])
+    assert untrusting.name() == "after"
+    assert untrusting.cache.stats()["errors"] > 0 and untrusting.cache.stats()["hits"] == 0

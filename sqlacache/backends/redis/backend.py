@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import math
-import secrets
 import threading
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -21,7 +20,7 @@ from redis.retry import Retry
 from sqlacache._sa import await_ as _await
 from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, Entry, Listener, Lookup, Position
-from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis import leases, scripts
 from sqlacache.backends.redis import sentinel as sentinel_url
 from sqlacache.backends.redis.errors import FAILURES, failure
 from sqlacache.backends.redis.fanout import Subscriber, parse_position
@@ -584,11 +583,9 @@ class RedisBackend:
 
         A holder that dies releases nothing; the lease expires after ``ttl`` on its own.
         """
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         found, taken = self._drive("lease", self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
-        if found.entry is not None:
-            return found, None
-        return found, token if taken else False
+        return leases.outcome(found, taken, token)
 
     async def alease(
         self, key: str, ttl: float, hint: Sequence[str] = ()
@@ -597,7 +594,7 @@ class RedisBackend:
         side = self._async_side()
         if side is None:
             return self.lease(key, ttl, hint)
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         steps = self._lookup_steps(key, hint, (token, _ttl_ms(ttl)))
         op = next(steps)
         while True:
@@ -610,14 +607,12 @@ class RedisBackend:
             except StopIteration as done:
                 found, taken = done.value
                 break
-        if found.entry is not None:
-            return found, None
-        return found, token if taken else False
+        return leases.outcome(found, taken, token)
 
     def claim(self, key: str, ttl: float) -> str | None:
         """Claim the refresh of ``key`` for ``ttl`` seconds (refresh-ahead; apart from the fill
         lease, so that a miss after a refresh doesn't wait for it): a token, or None."""
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         claim_key = f"{self.prefix}:r:{key}"
         taken = self._run("claim", lambda s: s.client.set(claim_key, token, nx=True, px=_ttl_ms(ttl)))
         return token if taken else None

@@ -89,7 +89,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import secrets
 import threading
 import zlib
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -107,7 +106,7 @@ from redis.retry import Retry
 from sqlacache._sa import await_ as _await
 from sqlacache._sa import in_greenlet as _in_greenlet
 from sqlacache.backends.base import BackendError, BackendUnavailable, Entry, Listener, Lookup, Position
-from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis import leases, scripts
 from sqlacache.backends.redis.backend import _glob_escape, _root, _ttl_ms
 from sqlacache.backends.redis.cluster_fanout import ClusterSubscriber, parse_position
 from sqlacache.backends.redis.errors import FAILURES, failure
@@ -142,7 +141,7 @@ class _Script:
         self.sha = hashlib.sha1(body).hexdigest()
 
 
-_CHECK = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_check")).encode())
+_CHECK = _Script((scripts.PRELUDE + scripts.CHECK + "\n" + scripts.source("cluster_check")).encode())
 _ROOTS = _Script((scripts.PRELUDE + "\n" + scripts.source("cluster_roots")).encode())
 _BUMP = _Script((scripts.PRELUDE + "\n" + _bump_source()).encode())
 _ENTRY = _Script(("\n" + scripts.source("cluster_entry")).encode())
@@ -257,8 +256,10 @@ class _Clock:
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """``redis+cluster://[user:password@]host:port[,host:port…]/``: the startup nodes and the
-    client's keyword arguments. ``ValueError`` says what to fix."""
+    """``redis(s)+cluster://[user:password@]host:port[,host:port…]/[?options]``: the startup nodes
+    and the client's keyword arguments. The options are redis-py's URL options (``socket_timeout``,
+    ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``, ``ssl_keyfile``…), for the connection to
+    every node; connect.py refuses the ones redis-py does not know. ``ValueError`` says what to fix."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     example = "write e.g. 'redis+cluster://10.0.0.1:7000,10.0.0.2:7000/'"
@@ -273,12 +274,14 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
             f"the path '/{path}' selects a database, and a Redis Cluster has only database 0; "
             f"drop it, {example}"
         )
-    if query:
-        raise ValueError(
-            f"query parameters ({query!r}) are not supported on a cluster URL; pass a "
-            f"redis.cluster.RedisCluster(...) built with them as backend instead, or {example}"
-        )
     kwargs: dict[str, Any] = {}
+    if query:
+        options: dict[str, Any] = redis.connection.parse_url(f"redis://h/?{query}")  # type: ignore[no-untyped-call]
+        for key in ("host", "port", "path", "connection_class"):
+            options.pop(key, None)
+        if "db" in options:
+            raise ValueError(f"'db' selects a database, and a Redis Cluster has only database 0; {example}")
+        kwargs.update(options)
     userinfo, at, hosts = netloc.rpartition("@")
     if at:
         user, colon, password = userinfo.partition(":")
@@ -449,8 +452,11 @@ class RedisClusterBackend:
         watch_servers: bool = True,
         **client_kwargs: Any,
     ) -> RedisClusterBackend:
-        """``redis+cluster://host:port[,host:port…]/``: clients made on first use (the cluster's
-        slot map is read then), with the short timeouts ``RedisBackend.from_url`` uses."""
+        """``redis+cluster://host:port[,host:port…]/`` (``rediss+cluster://`` for TLS; redis-py's URL
+        options as the query, e.g. ``?ssl_ca_certs=/etc/ssl/redis-ca.pem``: see
+        :func:`parse_cluster_url`): clients made on first use (the cluster's slot map is read then),
+        with the short timeouts ``RedisBackend.from_url`` uses unless the URL or ``client_kwargs``
+        say otherwise."""
         nodes, url_kwargs = parse_cluster_url(url)
         kwargs: dict[str, Any] = {
             "socket_timeout": socket_timeout,
@@ -951,26 +957,22 @@ class RedisClusterBackend:
 
     def lease(self, key: str, ttl: float, hint: Sequence[str] = ()) -> tuple[Lookup, str | bool | None]:
         """``lookup`` and, on a miss, the key's fill lease for ``ttl`` seconds (see the contract)."""
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         found, taken = self._drive("lease", lambda: self._lookup_steps(key, hint, (token, _ttl_ms(ttl))))
-        if found.entry is not None:
-            return found, None
-        return found, token if taken else False
+        return leases.outcome(found, taken, token)
 
     async def alease(
         self, key: str, ttl: float, hint: Sequence[str] = ()
     ) -> tuple[Lookup, str | bool | None]:
         if not self._has_async():
             return self.lease(key, ttl, hint)
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         lease = (token, _ttl_ms(ttl))
         found, taken = await self._adrive("lease", lambda: self._lookup_steps(key, hint, lease))
-        if found.entry is not None:
-            return found, None
-        return found, token if taken else False
+        return leases.outcome(found, taken, token)
 
     def claim(self, key: str, ttl: float) -> str | None:
-        token = secrets.token_hex(8)
+        token = leases.new_token()
         claim_key = f"{self.prefix}:r:" + self._entry_keys(key)[0].split(":e:", 1)[1]
 
         def steps() -> Generator[_Batch, list[Any], Any]:

@@ -1,7 +1,8 @@
 """The Redis backend's Lua scripts, read from ``lua/*.lua`` in the package: every check-and-set is one script.
 
 ``prelude.lua`` holds what every script shares; ``lookup``, ``generation``, ``store`` and ``bump``
-run after it. ``release`` stands alone.
+run after it. ``check.lua`` is the store's check, run by ``store`` here and by the cluster's
+``cluster_check`` (cluster.py). ``release`` stands alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def source(name: str) -> str:
 PRELUDE = "\n" + source("prelude")
 LOOKUP = (PRELUDE + "\n" + source("lookup")).encode()
 GENERATION = (PRELUDE + "\n" + source("generation")).encode()
-STORE = (PRELUDE + "\n" + source("store")).encode()
+CHECK = "\n" + source("check")
+STORE = (PRELUDE + CHECK + "\n" + source("store")).encode()
 BUMP = (PRELUDE + "\n" + source("bump")).encode()
 RELEASE = ("\n" + source("release")).encode()
