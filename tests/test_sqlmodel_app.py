@@ -4,27 +4,17 @@ on SQLite (aiosqlite + memory://) and PostgreSQL (asyncpg) + Redis."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sqlacache import Cache
+from tests.test_examples import running
 
 pytest.importorskip("sqlmodel")
 pytest.importorskip("fastapi")
-
-
-@asynccontextmanager
-async def running(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 async def exercise(app: Any) -> None:
