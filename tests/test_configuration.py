@@ -70,6 +70,13 @@ from tests.models import Base, Order, User
             r"unknown query parameter\(s\) \['sokcet_timeout'\]",
         ),
         ({"backend": "unix://"}, "no socket path"),
+        # The near-cache's options are checked with near_cache off too: a typo is refused now, not
+        # on the day the flag is turned on.
+        ({"near_coherence": "eventual"}, "near_coherence='eventual': use 'strict'"),
+        ({"near_max_entries": 0}, "near_max_entries=0: give an int >= 1"),
+        ({"near_max_bytes": "64MB"}, "near_max_bytes='64MB': give an int >= 1"),
+        ({"near_ttl": 0}, "near_ttl=0: give a positive number"),
+        ({"near_heartbeat": float("nan")}, "near_heartbeat=nan: give a positive number"),
         ({"backend": "redis://:s3cret@127.0.0.1:1/x"}, r"redis://:\*\*\*@127"),  # the password isn't shown
     ],
 )
