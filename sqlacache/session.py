@@ -162,6 +162,12 @@ class CachingSession(Session):
                 "CachingSession has no cache: pass cache=Cache(...) to the session or sessionmaker, "
                 "or call sqlacache.configure(...) first"
             )
+        if not isinstance(cache, Cache):
+            shown = repr(cache) if len(repr(cache)) <= 80 else f"a {type(cache).__name__}"
+            raise ConfigurationError(
+                f"CachingSession: cache={shown} is not a sqlacache.Cache; pass the Cache itself, "
+                "e.g. sessionmaker(engine, class_=CachingSession, cache=Cache(backend='memory://'))"
+            )
         if cache.closed:
             raise CacheClosedError()
         self.__dict__["_sqlacache_cache"] = cache

@@ -131,6 +131,9 @@ def test_configure_sets_the_default_cache_and_bind_caches_plain_sessions(tmp_pat
         Base.metadata.create_all(engine)
         with pytest.raises(ConfigurationError, match="configure"):
             CachingSession(engine)
+        # A URL where the Cache goes: said at the first session, not as an AttributeError later.
+        with pytest.raises(ConfigurationError, match=r"cache='memory://' is not a sqlacache\.Cache"):
+            sessionmaker(engine, class_=CachingSession, cache="memory://")()
         cache = sqlacache.configure(backend="mem://", models={"*": {"ttl": 60}})
         assert sqlacache.default_cache() is cache
         with CachingSession(engine) as s:
