@@ -86,6 +86,13 @@ def init_app(app: Flask, db: SQLAlchemy, cache: Cache | None = None) -> Cache:
             "init_app: this SQLAlchemy instance is not registered on this app: call db.init_app(app) "
             "first, then sqlacache.flask.init_app(app, db)"
         )
+    if "sqlacache" in app.extensions:
+        # As Flask-SQLAlchemy refuses a second db.init_app: a second cache would take the engines
+        # over and leave the first one open, its connections with it.
+        raise ConfigurationError(
+            "init_app: sqlacache is already set up on this app (app.extensions['sqlacache']); "
+            "call init_app once per app, or create a new app"
+        )
     if cache is None:
         cache = _cache_from_config(app)
     elif not isinstance(cache, Cache):
