@@ -366,3 +366,32 @@ def test_the_memory_backend_warns_once_in_a_process_forked_after_the_cache_was_c
     assert len(warnings) == 1, warnings
     assert "memory:// cache is used in a process forked" in warnings[0] and "backend='redis://" in warnings[0]
     assert "forked" not in caplog.text  # the process that created it is not warned
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # A truthy "no" used to cache; 0 used to fall back to the default TTL; "60" failed every store.
+        ({"cache": "no"}, r"execution_options=\{'cache': 'no'\}: give False \(bypass"),
+        ({"cache": 0}, r"execution_options=\{'cache': 0\}"),
+        ({"cache_ttl": 0}, r"execution_options=\{'cache_ttl': 0\}: a TTL must be a positive number"),
+        ({"cache_ttl": "60"}, r"execution_options=\{'cache_ttl': '60'\}"),
+    ],
+)
+@pytest.mark.parametrize("call", ["get", "execute", "statement"])
+def test_bad_per_call_options_are_refused(tmp_path, options, message, call):
+    engine = create_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    try:
+        with CachingSession(engine, cache=cache) as s, pytest.raises(ConfigurationError, match=message):
+            if call == "get":
+                s.get(User, 1, execution_options=options)
+            elif call == "execute":
+                s.execute(select(User), execution_options=options)
+            else:
+                s.execute(select(User).execution_options(**options))
+        assert cache.stats()["errors"] == 0  # refused as the caller's mistake, not logged as ours
+    finally:
+        cache.close()
+        engine.dispose()
