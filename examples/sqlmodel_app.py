@@ -81,9 +81,9 @@ def create_app(engine: AsyncEngine | None = None, cache: Cache | None = None) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as conn:
-            await conn.run_sync(
-                lambda c: SQLModel.metadata.create_all(c, tables=[Team.__table__, Hero.__table__])
-            )  # type: ignore[attr-defined]
+            # SQLModel's table classes get __table__ at runtime; its stubs don't say so.
+            tables = [Team.__table__, Hero.__table__]  # type: ignore[attr-defined]
+            await conn.run_sync(lambda c: SQLModel.metadata.create_all(c, tables=tables))
         try:
             yield
         finally:  # after the last request: close the cache, then the engine

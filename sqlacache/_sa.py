@@ -16,7 +16,7 @@ Session                            ``_execute_internal`` (``_parent_execute_stat
 IdentityMap                        ``_modified``, ``_add_unpresent``
 InstanceState                      ``_commit``, ``_expire_attributes``; ``_sa_instance_state``
                                    (the attribute instrumented objects carry)
-Mapper                             ``_path_registry``
+Mapper                             ``_path_registry``, ``_prop_set``
 ORM load options                   ``_populate_existing``, ``_refresh_state``, ``_yield_per``,
 (``ORMExecuteState.load_options``) ``_identity_token``, ``_autoflush``, ``_only_return_tuples``,
                                    ``_legacy_uniquing``, ``_sa_top_level_orm_context``;
@@ -211,6 +211,13 @@ def has_instance_state(obj: Any) -> bool:
 def mapper_path(mapper: Mapper[Any]) -> Any:
     """The root of the mapper's load paths (``Mapper._path_registry``)."""
     return mapper._path_registry
+
+
+def load_order(mapper: Mapper[Any]) -> dict[str, int]:
+    """Attribute key → its place in the order a database load sets attributes: the loader
+    (``loading._instance_processor``) walks ``Mapper._prop_set``, a frozenset, in its iteration
+    order — fixed within a process, not between processes. Both lines."""
+    return {prop.key: i for i, prop in enumerate(mapper._prop_set)}
 
 
 #: The ORM's loader of deferred columns: ``_LoadDeferredColumns`` in 2.1, ``LoadDeferredColumns`` in

@@ -61,6 +61,25 @@ def _number(name: str, value: Any, unit: str, positive: bool = False) -> float:
     return float(value)
 
 
+def _near_options(
+    coherence: Any, max_entries: Any, max_bytes: Any, ttl: Any, heartbeat: Any
+) -> tuple[float, float]:
+    """The near-cache's options checked (near_ttl and near_heartbeat as floats), its flag on or off."""
+    if coherence not in ("strict", "fanout"):
+        raise ConfigurationError(
+            f"near_coherence={coherence!r}: use 'strict' (one small round trip per transaction: "
+            "nothing older than a commit that finished before it) or 'fanout' (no round trip: "
+            "another process's commit is seen once its message arrives)"
+        )
+    for name, value in (("near_max_entries", max_entries), ("near_max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"{name}={value!r}: give an int >= 1")
+    return (
+        _number("near_ttl", ttl, "seconds an entry may stay in process memory", positive=True),
+        _number("near_heartbeat", heartbeat, "seconds", positive=True),
+    )
+
+
 _database_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 # database → the caches holding reads of it: a commit there, by any session, invalidates them all.
 _watchers: dict[str, weakref.WeakSet[Cache]] = {}
@@ -438,12 +457,14 @@ class Cache:
         )
         self.flights = Flights()
         _flag("near_cache", near_cache)
+        # Checked with near_cache off too: a typo must not wait for the day the flag is turned on.
+        near_ttl, near_heartbeat = _near_options(
+            near_coherence, near_max_entries, near_max_bytes, near_ttl, near_heartbeat
+        )
         self.near_coherence = near_coherence
         self.near: NearStore | None = None
         if near_cache:
-            self.near = self._near_cache(
-                near_coherence, near_max_entries, near_max_bytes, near_ttl, near_heartbeat
-            )
+            self.near = self._near_cache(near_max_entries, near_max_bytes, near_ttl, near_heartbeat)
         self.refresh_pool: ThreadPoolExecutor | None = None  # refresh-ahead reads (fill/refresh_ahead.py)
         self.outbox: Outbox | None = None
         self.closed = False
@@ -451,20 +472,7 @@ class Cache:
         live.add(self)
         warn_if_unbounded(self.backend)
 
-    def _near_cache(
-        self, coherence: str, max_entries: int, max_bytes: int, ttl: float, heartbeat: float
-    ) -> NearStore:
-        if coherence not in ("strict", "fanout"):
-            raise ConfigurationError(
-                f"near_coherence={coherence!r}: use 'strict' (one small round trip per transaction: "
-                "nothing older than a commit that finished before it) or 'fanout' (no round trip: "
-                "another process's commit is seen once its message arrives)"
-            )
-        for name, value in (("near_max_entries", max_entries), ("near_max_bytes", max_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name}={value!r}: give an int >= 1")
-        ttl = _number("near_ttl", ttl, "seconds an entry may stay in process memory", positive=True)
-        heartbeat = _number("near_heartbeat", heartbeat, "seconds", positive=True)
+    def _near_cache(self, max_entries: int, max_bytes: int, ttl: float, heartbeat: float) -> NearStore:
         if isinstance(self.backend, MemoryBackend):
             raise ConfigurationError(
                 "near_cache=True with the memory backend: its entries are in process memory already. "

@@ -17,6 +17,7 @@ from sqlalchemy.orm.relationships import RelationshipProperty
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column, Table
 
+from sqlacache import _sa
 from sqlacache.analysis import dependencies as deps_mod
 from sqlacache.analysis.codec import CodecError, ValueCodec, codec_for
 from sqlacache.keys import class_path
@@ -52,7 +53,10 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
     tables = {deps_mod.table_name(t) for t in mapper.tables}
     expr_tables: dict[str, frozenset[str]] = {}
     not_deferred = set()
-    for prop in mapper.column_attrs:
+    # In the order a database load sets them: an object rebuilt from the cache then has the same
+    # __dict__ order as one loaded, and so the same field order in SQLModel's/pydantic's JSON.
+    order = _sa.load_order(mapper)
+    for prop in sorted(mapper.column_attrs, key=lambda p: order.get(p.key, len(order))):
         expr = prop.columns[0]
         columns[prop.key] = codec_for(expr.type)
         if not isinstance(expr, Column) or expr.table not in mapper.tables:

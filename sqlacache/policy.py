@@ -123,6 +123,20 @@ def ttl_value(value: Any, where: str) -> float:
     return float(value)
 
 
+def check_call_options(options: Mapping[str, Any]) -> None:
+    """A call's ``cache``/``cache_ttl`` execution options, refused with the fix when wrong: a truthy
+    ``"no"`` would have cached, a TTL of 0 or ``"60"`` would have been ignored or failed each store."""
+    flag = options.get("cache")
+    if flag is not None and flag is not True and flag is not False:
+        raise ConfigurationError(
+            f"execution_options={{'cache': {flag!r}}}: give False (bypass the cache for this call) or "
+            "True (cache it even if its model isn't configured)"
+        )
+    ttl = options.get("cache_ttl")
+    if ttl is not None:
+        ttl_value(ttl, f"execution_options={{'cache_ttl': {ttl!r}}}")
+
+
 def _resolve(path: str) -> type:
     module, _, name = path.rpartition(".")
     if not module:

@@ -25,7 +25,7 @@ from sqlacache.binding import CacheClosedError
 from sqlacache.cache import Cache, default_cache, engine_of
 from sqlacache.context import context_of
 from sqlacache.fill import stampede
-from sqlacache.policy import ConfigurationError, ttl_value
+from sqlacache.policy import ConfigurationError, check_call_options, ttl_value
 from sqlacache.read import near
 from sqlacache.read.execute import set_ttl
 from sqlacache.read.get import NOT_HANDLED, fast_get, finish_get, plan_get, reshaped_by_hooks
@@ -162,6 +162,12 @@ class CachingSession(Session):
                 "CachingSession has no cache: pass cache=Cache(...) to the session or sessionmaker, "
                 "or call sqlacache.configure(...) first"
             )
+        if not isinstance(cache, Cache):
+            shown = repr(cache) if len(repr(cache)) <= 80 else f"a {type(cache).__name__}"
+            raise ConfigurationError(
+                f"CachingSession: cache={shown} is not a sqlacache.Cache; pass the Cache itself, "
+                "e.g. sessionmaker(engine, class_=CachingSession, cache=Cache(backend='memory://'))"
+            )
         if cache.closed:
             raise CacheClosedError()
         self.__dict__["_sqlacache_cache"] = cache
@@ -200,6 +206,7 @@ class CachingSession(Session):
         bind_arguments: dict[str, Any] | None = None,
     ) -> _O | None:
         self._run_deferred()
+        check_call_options(execution_options)
         kw: dict[str, Any] = {}
         if not (
             options
@@ -374,6 +381,7 @@ class CachingAsyncSession(AsyncSession):
         # The lookup is awaited here, on the event loop: no greenlet for a hit. Anything that might
         # need I/O beyond it (a flush, the miss) goes through AsyncSession.get as usual.
         sync = self.sync_session
+        check_call_options(execution_options)
         bypassed = execution_options.get("cache") is False
         ctx = None if bypassed else context_of(sync)
         if ctx is not None and not (options or populate_existing or with_for_update or identity_token or kw):

@@ -70,6 +70,13 @@ from tests.models import Base, Order, User
             r"unknown query parameter\(s\) \['sokcet_timeout'\]",
         ),
         ({"backend": "unix://"}, "no socket path"),
+        # The near-cache's options are checked with near_cache off too: a typo is refused now, not
+        # on the day the flag is turned on.
+        ({"near_coherence": "eventual"}, "near_coherence='eventual': use 'strict'"),
+        ({"near_max_entries": 0}, "near_max_entries=0: give an int >= 1"),
+        ({"near_max_bytes": "64MB"}, "near_max_bytes='64MB': give an int >= 1"),
+        ({"near_ttl": 0}, "near_ttl=0: give a positive number"),
+        ({"near_heartbeat": float("nan")}, "near_heartbeat=nan: give a positive number"),
         ({"backend": "redis://:s3cret@127.0.0.1:1/x"}, r"redis://:\*\*\*@127"),  # the password isn't shown
     ],
 )
@@ -124,6 +131,9 @@ def test_configure_sets_the_default_cache_and_bind_caches_plain_sessions(tmp_pat
         Base.metadata.create_all(engine)
         with pytest.raises(ConfigurationError, match="configure"):
             CachingSession(engine)
+        # A URL where the Cache goes: said at the first session, not as an AttributeError later.
+        with pytest.raises(ConfigurationError, match=r"cache='memory://' is not a sqlacache\.Cache"):
+            sessionmaker(engine, class_=CachingSession, cache="memory://")()
         cache = sqlacache.configure(backend="mem://", models={"*": {"ttl": 60}})
         assert sqlacache.default_cache() is cache
         with CachingSession(engine) as s:
@@ -356,3 +366,32 @@ def test_the_memory_backend_warns_once_in_a_process_forked_after_the_cache_was_c
     assert len(warnings) == 1, warnings
     assert "memory:// cache is used in a process forked" in warnings[0] and "backend='redis://" in warnings[0]
     assert "forked" not in caplog.text  # the process that created it is not warned
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # A truthy "no" used to cache; 0 used to fall back to the default TTL; "60" failed every store.
+        ({"cache": "no"}, r"execution_options=\{'cache': 'no'\}: give False \(bypass"),
+        ({"cache": 0}, r"execution_options=\{'cache': 0\}"),
+        ({"cache_ttl": 0}, r"execution_options=\{'cache_ttl': 0\}: a TTL must be a positive number"),
+        ({"cache_ttl": "60"}, r"execution_options=\{'cache_ttl': '60'\}"),
+    ],
+)
+@pytest.mark.parametrize("call", ["get", "execute", "statement"])
+def test_bad_per_call_options_are_refused(tmp_path, options, message, call):
+    engine = create_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    Base.metadata.create_all(engine)
+    cache = Cache()
+    try:
+        with CachingSession(engine, cache=cache) as s, pytest.raises(ConfigurationError, match=message):
+            if call == "get":
+                s.get(User, 1, execution_options=options)
+            elif call == "execute":
+                s.execute(select(User), execution_options=options)
+            else:
+                s.execute(select(User).execution_options(**options))
+        assert cache.stats()["errors"] == 0  # refused as the caller's mistake, not logged as ours
+    finally:
+        cache.close()
+        engine.dispose()

@@ -38,7 +38,7 @@ from sqlacache import Cache, CachingAsyncSession, CachingSession
 from sqlacache.read import plan
 from tests.conftest import _pg_schema_url, _truncate_sync
 from tests.helpers import aseed, seed
-from tests.models import Order, Tag, User, user_tags
+from tests.models import Base, Order, Tag, User, user_tags
 
 # Result.tuples() (SQLAlchemy 2.1: deprecated, the result itself) is one of the reads.
 pytestmark = pytest.mark.filterwarnings("ignore:The Result.tuples:DeprecationWarning")
@@ -607,5 +607,49 @@ def test_a_class_mapped_anew_rebuilds_entries_with_its_new_mapping(tmp_path: Any
             assert item.owner.name == "o"  # type: ignore[attr-defined]
     finally:
         reg.dispose()
+        cache.close()
+        engine.dispose()
+
+
+# -- attribute order: a hit sets columns in this process's load order, not the writer's ---------
+
+
+def _store_users_in_a_process(db_file: str, redis_url: str, prefix: str, out: Any) -> None:
+    try:
+        engine = create_engine(f"sqlite:///{db_file}")
+        cache = Cache(backend=redis_url, prefix=prefix)
+        with CachingSession(engine, cache=cache) as s:
+            s.scalars(select(User).order_by(User.id)).all()
+        out.put({"pid": os.getpid(), "stats": cache.stats()})
+        cache.close()
+        engine.dispose()
+    except Exception as e:  # pragma: no cover - reported to the parent
+        out.put({"failed": repr(e)})
+
+
+@pytest.mark.redis
+def test_a_hit_on_another_processs_entry_has_this_processs_attribute_order(tmp_path, redis_url, key_prefix):
+    """The ORM's loader sets an object's columns in an order fixed per process (the iteration order
+    of a frozenset of properties); SQLModel's JSON and ``vars(obj)`` follow it. An entry written by
+    another process, rebuilt here, must give the order a database load gives here."""
+    db_file = tmp_path / "order.db"
+    engine = create_engine(f"sqlite:///{db_file}")
+    Base.metadata.create_all(engine)
+
+    class Plain:
+        Session = sessionmaker(engine)
+
+    seed(Plain)
+    writer = _in_a_fresh_process(_store_users_in_a_process, str(db_file), redis_url, key_prefix)
+    assert writer["pid"] != os.getpid() and writer["stats"]["stores"] == 1, writer
+    with Plain.Session() as s:
+        loaded = [list(vars(u)) for u in s.scalars(select(User).order_by(User.id))]
+    cache = Cache(backend=redis_url, prefix=key_prefix)
+    try:
+        with CachingSession(engine, cache=cache) as s:
+            hit = [list(vars(u)) for u in s.scalars(select(User).order_by(User.id))]
+        assert cache.stats()["hits"] == 1
+        assert hit == loaded
+    finally:
         cache.close()
         engine.dispose()

@@ -205,3 +205,21 @@ def test_init_app_refuses_wrong_input(tmp_path):
     app.config["SQLACACHE_OPTIONS"] = {"default_ttl": -1}
     with pytest.raises(ConfigurationError, match="TTL"):
         sqlacache.flask.init_app(app, db2)
+    # A misspelt option names where it came from (Cache(**options) said only "unexpected keyword").
+    app.config["SQLACACHE_OPTIONS"] = {"default_tll": 60}
+    with pytest.raises(
+        ConfigurationError, match=r"SQLACACHE_OPTIONS'\] has unknown option\(s\) \['default_tll'\]"
+    ):
+        sqlacache.flask.init_app(app, db2)
+    # A misspelt key would have left the cache in process memory, silently.
+    app.config["SQLACACHE_OPTIONS"] = {}
+    app.config["SQLACACHE_BACKEN"] = "redis://localhost:6379/0"
+    with pytest.raises(ConfigurationError, match=r"\['SQLACACHE_BACKEN'\]: sqlacache reads only"):
+        sqlacache.flask.init_app(app, db2)
+    # Twice on one app: the second cache would take the engines over and leave the first open.
+    del app.config["SQLACACHE_BACKEN"]
+    cache = sqlacache.flask.init_app(app, db2)
+    with pytest.raises(ConfigurationError, match="already set up on this app"):
+        sqlacache.flask.init_app(app, db2)
+    assert app.extensions["sqlacache"] is cache
+    cache.close()

@@ -130,6 +130,11 @@ def test_plugin_rejects_what_it_cannot_use():
         SQLACachePlugin(Cache())
     with pytest.raises(ConfigurationError, match="has no get_engine"):
         SQLACachePlugin(Cache(), "sqlite+aiosqlite://")
+    # The arguments swapped: the message names the config's type, not its pages-long repr.
+    with pytest.raises(ConfigurationError) as raised:
+        SQLACachePlugin(config, Cache())  # type: ignore[arg-type]
+    assert str(raised.value).startswith("SQLACachePlugin: a SQLAlchemyAsyncConfig is not a sqlacache.Cache")
+    assert len(str(raised.value)) < 200
 
 
 def test_plugin_caches_a_sync_config_too(tmp_path):

@@ -439,6 +439,18 @@ def test_bad_arguments_fail_at_call_time_with_the_fix(env: Env, monkeypatch: pyt
         install_triggers(create_engine("sqlite://"), Base.metadata)
     with pytest.raises(ConfigurationError, match="needs PostgreSQL"):
         PgListener(env.cache, "sqlite://")
+    # Options the listener reads only after a lost connection: refused now, not then.
+    for listener in (PgListener, AsyncPgListener):
+        with pytest.raises(ConfigurationError, match=r"'memory://' is not a sqlacache\.Cache"):
+            listener("memory://", env.engine)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="reconnect_delay=-1: give a positive number"):
+            listener(env.cache, env.engine, reconnect_delay=-1)
+        with pytest.raises(ConfigurationError, match="max_reconnect_delay='10s'"):
+            listener(env.cache, env.engine, max_reconnect_delay="10s")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="max_reconnect_delay=1 is below reconnect_delay=5"):
+            listener(env.cache, env.engine, reconnect_delay=5, max_reconnect_delay=1)
+        with pytest.raises(ConfigurationError, match=r"connect_kwargs=.*give a dict"):
+            listener(env.cache, env.engine, connect_kwargs=[("sslmode", "require")])  # type: ignore[arg-type]
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(ConfigurationError, match="pip install"):
         PgListener(env.cache, env.engine)

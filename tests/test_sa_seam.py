@@ -248,6 +248,7 @@ def _checks() -> dict[str, Callable[[str], bool]]:
         "_expire_attributes": _has(InstanceState),
         "_sa_instance_state": lambda name: name == orm_base.DEFAULT_STATE_ATTR,
         "_path_registry": _has(Mapper),
+        "_prop_set": _has(Mapper),
         "_LoadDeferredColumns": _has(strategies, "LoadDeferredColumns"),
         # ORM load options
         "_populate_existing": _has(load_options),

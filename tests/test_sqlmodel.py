@@ -221,3 +221,24 @@ async def test_async_session_keeps_exec_and_caches_it(async_setup):
     async with Session() as session:
         after = await _areads(session)
     assert after[0] == [(3, "cy", 35), (4, "dee", 50)] and after[3] == ("bob", 29) and after[4] == 4
+
+
+def test_a_hit_serializes_like_a_database_load(sync_setup: tuple[Any, Cache]) -> None:
+    """SQLModel's JSON (a FastAPI response) lists an object's fields in its ``__dict__`` order, which
+    a database load sets in an order of its own: a hit rebuilt the columns in declaration order, so
+    the same row answered ``{"name":…,"id":…}`` on a miss and ``{"id":…,"name":…}`` on a hit."""
+    from sqlmodel import Session as PlainSession
+
+    engine, cache = sync_setup
+    with PlainSession(engine) as s:
+        s.add_all(_seed())
+        s.commit()
+    with PlainSession(engine) as s:
+        loaded = [s.get(Sailor, 1).model_dump_json(), *(x.model_dump_json() for x in s.exec(select(Sailor)))]
+    assert '"id"' in loaded[0]
+    Session = sessionmaker(engine, class_=CachingSQLModelSession, cache=cache)
+    for _ in range(2):  # a miss, then a hit
+        with Session() as s:
+            got = [s.get(Sailor, 1).model_dump_json(), *(x.model_dump_json() for x in s.exec(select(Sailor)))]
+        assert got == loaded
+    assert cache.stats()["hits"] == 2

@@ -14,6 +14,7 @@ Needs the ``flask`` extra (``pip install "sqlacache[flask]"``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 try:
@@ -35,6 +36,9 @@ class CachingFlaskSession(CachingSession, _FlaskSession):
     ``SQLAlchemy(session_options={"class_": CachingFlaskSession, "cache": cache})``."""
 
 
+_CONFIG_KEYS = frozenset({"SQLACACHE_BACKEND", "SQLACACHE_OPTIONS"})
+
+
 def _cache_from_config(app: Flask) -> Cache:
     options = app.config.get("SQLACACHE_OPTIONS") or {}
     if not isinstance(options, Mapping):
@@ -45,6 +49,21 @@ def _cache_from_config(app: Flask) -> Cache:
     if "backend" in options:
         raise ConfigurationError(
             "app.config['SQLACACHE_OPTIONS'] has 'backend': set app.config['SQLACACHE_BACKEND'] instead"
+        )
+    # Cache(**options) would raise a TypeError that doesn't say the name came from app.config.
+    known = set(inspect.signature(Cache).parameters) - {"backend"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"app.config['SQLACACHE_OPTIONS'] has unknown option(s) {unknown}; the Cache options are "
+            f"{sorted(known)}"
+        )
+    # A misspelt key (SQLACACHE_BACKEN) would otherwise leave the cache in memory, silently.
+    typos = sorted(k for k in app.config if k.startswith("SQLACACHE_") and k not in _CONFIG_KEYS)
+    if typos:
+        raise ConfigurationError(
+            f"app.config has {typos}: sqlacache reads only {sorted(_CONFIG_KEYS)} "
+            "(the other Cache options go in the SQLACACHE_OPTIONS dict)"
         )
     return Cache(backend=app.config.get("SQLACACHE_BACKEND", "memory://"), **options)
 
@@ -67,10 +86,20 @@ def init_app(app: Flask, db: SQLAlchemy, cache: Cache | None = None) -> Cache:
             "init_app: this SQLAlchemy instance is not registered on this app: call db.init_app(app) "
             "first, then sqlacache.flask.init_app(app, db)"
         )
+    if "sqlacache" in app.extensions:
+        # As Flask-SQLAlchemy refuses a second db.init_app: a second cache would take the engines
+        # over and leave the first one open, its connections with it.
+        raise ConfigurationError(
+            "init_app: sqlacache is already set up on this app (app.extensions['sqlacache']); "
+            "call init_app once per app, or create a new app"
+        )
     if cache is None:
         cache = _cache_from_config(app)
     elif not isinstance(cache, Cache):
-        raise ConfigurationError(f"init_app: cache={cache!r} is not a sqlacache.Cache")
+        raise ConfigurationError(
+            f"init_app: cache={cache!r} is not a sqlacache.Cache; pass init_app(app, db, Cache(...)), "
+            "or leave it out to make one from app.config"
+        )
     with app.app_context():
         for engine in db.engines.values():  # the default engine and every SQLALCHEMY_BINDS one
             cache.bind(engine)

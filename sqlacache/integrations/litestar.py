@@ -25,6 +25,12 @@ from sqlacache.policy import ConfigurationError
 __all__ = ["SQLACachePlugin"]
 
 
+def _shown(value: Any) -> str:
+    """A wrong argument as an error message shows it: an advanced-alchemy config's repr is pages long."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
+
+
 class SQLACachePlugin(InitPluginProtocol):
     """Caches the sessions of advanced-alchemy configs in a Litestar app::
 
@@ -40,7 +46,7 @@ class SQLACachePlugin(InitPluginProtocol):
     def __init__(self, cache: Cache, *configs: Any, close: bool = True) -> None:
         if not isinstance(cache, Cache):
             raise ConfigurationError(
-                f"SQLACachePlugin: {cache!r} is not a sqlacache.Cache; "
+                f"SQLACachePlugin: {_shown(cache)} is not a sqlacache.Cache; "
                 "pass SQLACachePlugin(Cache(...), config)"
             )
         if not configs:
@@ -51,7 +57,7 @@ class SQLACachePlugin(InitPluginProtocol):
         for config in configs:
             if not callable(getattr(config, "get_engine", None)):
                 raise ConfigurationError(
-                    f"SQLACachePlugin: {config!r} is not an advanced-alchemy SQLAlchemyAsyncConfig or "
+                    f"SQLACachePlugin: {_shown(config)} is not an advanced-alchemy SQLAlchemyAsyncConfig or "
                     "SQLAlchemySyncConfig (it has no get_engine())"
                 )
         self.cache = cache

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -88,9 +89,33 @@ class _Listener:
         max_reconnect_delay: float = 10.0,
         connect_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        name = type(self).__name__
+        if not isinstance(cache, Cache):
+            raise ConfigurationError(
+                f"{name}: {cache!r} is not a sqlacache.Cache; pass {name}(cache, url_or_engine)"
+            )
         self.cache = cache
         self.channel = check_channel(channel)
         self.dsn = _dsn(url_or_engine)
+        # Checked here: the listener's thread/task reads them only after a lost connection, where
+        # a wrong one would fail (or spin) with no one to tell.
+        for option, value in (
+            ("reconnect_delay", reconnect_delay),
+            ("max_reconnect_delay", max_reconnect_delay),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigurationError(f"{name}: {option}={value!r}: give a positive number of seconds")
+        if max_reconnect_delay < reconnect_delay:
+            raise ConfigurationError(
+                f"{name}: max_reconnect_delay={max_reconnect_delay!r} is below "
+                f"reconnect_delay={reconnect_delay!r}: the delay doubles up to the maximum; "
+                "give a maximum >= it"
+            )
+        if connect_kwargs is not None and not isinstance(connect_kwargs, Mapping):
+            raise ConfigurationError(
+                f"{name}: connect_kwargs={connect_kwargs!r}: give a dict of the driver's connect() "
+                "arguments, e.g. {'sslmode': 'require'}"
+            )
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self.connect_kwargs = dict(connect_kwargs or {})

@@ -32,6 +32,7 @@ from sqlacache.fill import refresh_ahead, stampede
 from sqlacache.fill.stampede import Fill
 from sqlacache.keys import Uncacheable, translation_token
 from sqlacache.layout import layout_of, remember
+from sqlacache.policy import check_call_options
 from sqlacache.read import near
 from sqlacache.read.capture import Graph, Unstorable, encode_result
 from sqlacache.read.plan import (
@@ -89,6 +90,7 @@ def _on_execute(state: ORMExecuteState) -> Result[Any] | None:
         raise CacheClosedError()
     if not state.is_select or not ctx.reads or not ctx.cache.enabled:
         return None
+    check_call_options(state.execution_options)
     flag = state.execution_options.get("cache")
     if flag is False:
         refused(ctx.cache, "off", "the execution option cache=False turns it off")

@@ -55,7 +55,10 @@ def decode_entities(table: Any, near: Mapper[Any] | None) -> _Decoded:
         mapper = mapper_for_path(cpath, near)
         layout = layout_of(mapper)
         try:
-            values = {k: layout.columns[k].decode(v) for k, v in raw.items()}
+            # In the layout's order (a database load's), not the entry's: another process wrote it.
+            values = {k: codec.decode(raw[k]) for k, codec in layout.columns.items() if k in raw}
+            if len(values) != len(raw):
+                raise KeyError(sorted(set(raw) - set(layout.columns)))
             pk = tuple(values[k] for k in layout.pk_keys)
         except KeyError as exc:
             raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
