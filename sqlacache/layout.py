@@ -75,7 +75,7 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
         expr_tables,
         frozenset(not_deferred),
         {r.key: r for r in mapper.relationships},
-        set(related_roots([mapper])),
+        set(related_roots([mapper], every=False)),  # a get with options takes the statement path
     )
     _layouts[mapper] = found
     _by_path[(mapper.registry, class_path(mapper.class_))] = mapper
@@ -86,9 +86,14 @@ def layout_of(mapper: Mapper[Any]) -> MapperLayout:
 _RELATED_LIMIT = 64
 
 
-def related_roots(mappers: Iterable[Mapper[Any]]) -> frozenset[str]:
-    """The table roots (``t:<table>``) of every table the mappers' relationships reach, theirs too,
-    up to 64 tables: what an eager load of a read of them may come to depend on.
+# Relationship loaders that load with the read that names the mapper, whatever its options say.
+_EAGER = frozenset({"joined", "selectin", "subquery", "immediate"})
+
+
+def related_roots(mappers: Iterable[Mapper[Any]], every: bool) -> frozenset[str]:
+    """The table roots (``t:<table>``) of every table the mappers' eager relationships reach (with
+    ``every``: all their relationships — a statement whose loader options may make any of them
+    eager), theirs too, up to 64 tables: what an eager load of a read of them may come to depend on.
 
     A lookup makes the missing roots of the dependencies it is hinted exist, as "changed now", so
     that the store of a first read is accepted (lookup.lua). An eager load's tables are known only
@@ -105,6 +110,8 @@ def related_roots(mappers: Iterable[Mapper[Any]]) -> frozenset[str]:
         seen.add(mapper)
         names.update(deps_mod.table_name(t) for t in mapper.tables)
         for rel in mapper.relationships:
+            if not every and rel.lazy not in _EAGER:
+                continue
             if rel.secondary is not None and isinstance(rel.secondary, Table):
                 names.add(deps_mod.table_name(rel.secondary))
             todo.append(rel.mapper)

@@ -13,9 +13,18 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import event, select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy import ForeignKey, create_engine, event, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
+from sqlacache import Cache, CachingSession
 from tests.helpers import aseed, seed
 from tests.models import Order, Tag, User
 
@@ -200,10 +209,6 @@ async def test_every_first_async_read_is_stored(aworld):
 def test_a_strict_near_cache_asks_redis_once_per_transaction(world, trace, redis_url, key_prefix):
     """near_coherence="strict": reads served from memory cost one small round trip per transaction
     (the fan-out position), whatever their number; a new transaction asks again."""
-    from sqlalchemy.orm import sessionmaker
-
-    from sqlacache import Cache, CachingSession
-
     seed(world)
     cache = Cache(backend=redis_url, prefix=key_prefix, near_cache=True)
     maker = sessionmaker(world.engine, class_=CachingSession, cache=cache)
@@ -231,3 +236,42 @@ def test_a_strict_near_cache_asks_redis_once_per_transaction(world, trace, redis
     finally:
         cache.invalidate_all()
         cache.close()
+
+
+class _EagerBase(DeclarativeBase):
+    pass
+
+
+class EagerParent(_EagerBase):
+    __tablename__ = "eager_parent"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kids: Mapped[list[EagerKid]] = relationship(lazy="selectin", order_by="EagerKid.id")
+
+
+class EagerKid(_EagerBase):
+    __tablename__ = "eager_kid"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("eager_parent.id"))
+
+
+def test_a_first_get_with_a_mapper_level_eager_relationship_is_stored(tmp_path):
+    """``lazy="selectin"`` on the mapping: ``session.get`` (its fast path, no statement) loads the
+    children with it, and its first read is stored all the same."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'eager.db'}")
+    _EagerBase.metadata.create_all(engine)
+    with engine.begin() as conn:  # written outside any cache: the cache has never seen these tables
+        conn.execute(EagerParent.__table__.insert(), [{"id": 1}])
+        conn.execute(EagerKid.__table__.insert(), [{"id": 1, "parent_id": 1}, {"id": 2, "parent_id": 1}])
+    sql: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda c, cur, stmt, *a: sql.append(stmt))
+    cache = Cache("memory://")
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    try:
+        for _ in range(2):
+            with Session() as s:
+                parent = s.get(EagerParent, 1)
+                assert parent is not None and [k.id for k in parent.kids] == [1, 2]
+        assert len(sql) == 2, sql  # the first get and its selectin load; the second get hit
+    finally:
+        cache.close()
+        engine.dispose()

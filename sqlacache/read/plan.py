@@ -184,7 +184,8 @@ def shape_info(cache: Cache, statement: Any, key_tuple: Any) -> ShapeInfo:
             reason_code=reason_code(reason) if reason is not None else "",
             labels=labels,
         )
-        info.hint.update(related_roots(shape.mappers))  # (see related_roots)
+        # (see related_roots: only a statement with options can make a lazy relationship eager)
+        info.hint.update(related_roots(shape.mappers, every=bool(_sa.statement_options_if_any(statement))))
         with _shapes_lock:  # threads that built it at once must share one (its template, its memo)
             info = _shapes.get(key_tuple) or info
             _shapes.put(key_tuple, info)
