@@ -176,13 +176,16 @@ def _none(mapper: Mapper[Any]) -> frozenset[str]:
 def _named(exc: CodecError, mapper: Any, loaded: dict[str, Any]) -> CodecError:
     """``exc`` with the attribute and column type it came from (found again: the error path only)."""
     layout = layout_of(mapper)
-    for key, value in loaded.items():
+    # In the mapping's order, not the load's (which differs between processes): with several
+    # values refused, every process names the same column, each with its own error.
+    for prop in mapper.column_attrs:
+        key = prop.key
+        if key not in loaded:
+            continue
         try:
-            layout.columns[key].encode(value)
-        except CodecError:
-            prop = mapper.attrs[key]
-            kind = prop.columns[0].type if getattr(prop, "columns", None) else "?"
-            return CodecError(f"{mapper.class_.__name__}.{key} ({kind!r}): {exc}")
+            layout.columns[key].encode(loaded[key])
+        except CodecError as own:
+            return CodecError(f"{mapper.class_.__name__}.{key} ({prop.columns[0].type!r}): {own}")
     return exc
 
 
