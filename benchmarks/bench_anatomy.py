@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,10 +33,13 @@ import redis
 from sqlalchemy import String, create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import sqlacache.read.execute as execute_mod
 import sqlacache.read.get as get_mod
 from sqlacache import Cache, CachingSession
 from sqlacache.resilience.resilient import Resilient
+from tests.faults import RedisServer
 
 PG_URL = os.environ.get("SQLACACHE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROWS = 1000
@@ -59,26 +59,14 @@ class User(Base):
 
 @contextmanager
 def throwaway_redis() -> Iterator[redis.Redis]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", d],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=port, socket_timeout=1)
-        try:
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            yield client
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    server = RedisServer()  # the fault harness's: a free port, its own dir, no persistence
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=1)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.close()
 
 
 class Pieces:

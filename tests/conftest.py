@@ -335,13 +335,18 @@ import shutil  # noqa: E402
 from tests.faults import RedisServer, TcpProxy  # noqa: E402
 
 
+def require_redis_server(what: str) -> None:
+    """Skip (fail in CI) unless the redis-server binary is there to start ``what``'s servers."""
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail(f"redis-server is not installed; CI must provide it ({what})")
+        pytest.skip(f"redis-server is not installed; install it to run {what}")
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """A redis-server of this module's own (never the shared one); killed at the end of the module."""
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed; CI must provide it")
-        pytest.skip("redis-server is not installed; install it to run the fault-injection tests")
+    require_redis_server("the fault-injection tests")
     server = RedisServer()
     server.start()
     yield server
@@ -439,10 +444,7 @@ from tests.cluster import RedisClusterProcs  # noqa: E402
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterProcs]:
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed; CI must provide it (the Redis Cluster tests)")
-        pytest.skip("redis-server is not installed; install it to run the Redis Cluster tests")
+    require_redis_server("the Redis Cluster tests")
     cluster = RedisClusterProcs()
     try:
         cluster.start()

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,8 @@ from sqlalchemy import String, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlacache import Cache, CachingSession
+from tests.conftest import require_redis_server
+from tests.faults import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,53 +226,15 @@ def test_invalidate_on_a_redis_cluster(tmp_path: Path, redis_cluster: Any, key_p
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+def own_redis(request: pytest.FixtureRequest) -> Iterator[str]:
+    require_redis_server("doctor's tests")
     extra: list[str] = getattr(request, "param", [])
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-            "--maxmemory",
-            "64mb",
-            "--maxmemory-policy",
-            "allkeys-lru",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
+    server = RedisServer("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru", *extra)
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
+        yield server.url
     finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
+        server.close()
 
 
 def test_doctor_on_a_server_set_up_for_a_cache(own_redis: str) -> None:

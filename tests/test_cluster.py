@@ -23,7 +23,7 @@ from sqlacache.backends.redis.backend import _glob_escape
 from sqlacache.backends.redis.cluster import RedisClusterBackend, parse_cluster_url
 from sqlacache.testing import TTL, BackendTests
 from tests.cluster import RedisClusterProcs, make_tls_files
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, require_redis_server
 from tests.faults import LOOPBACK
 
 
@@ -320,21 +320,28 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClust
     cluster.close()
 
 
+def stored_then_evicted(backend: Any) -> list[str]:
+    """Store ``k`` (a group first seen refuses the first store), read it back, evict it by a bump of
+    its table: the contract's round trip on this cluster. Its dependencies."""
+    deps = ["*", "t:users"]
+    stored = False
+    for _ in range(2):
+        g = backend.lookup("k", deps).generation
+        stored = backend.store("k", b"v", deps, g, TTL) or stored
+    assert stored and backend.lookup("k", deps).entry == Entry(b"v", tuple(deps))
+    backend.bump(["t:users"])
+    assert backend.lookup("k", deps).entry is None
+    return deps
+
+
 def test_tls_cluster_url(tls_cluster: RedisClusterProcs, key_prefix: str) -> None:
     """``rediss+cluster://…/?ssl_ca_certs=<CA file>``: every node verified against that CA, the
     whole contract over TLS (sync and asyncio clients both made from the URL)."""
     assert tls_cluster.url.startswith("rediss+cluster://") and "ssl_ca_certs=" in tls_cluster.url
     cache = Cache(backend=tls_cluster.url, prefix=key_prefix)
     backend: Any = cache.backend
-    deps = ["*", "t:users"]
-    stored = False
-    for _ in range(2):  # a group first seen refuses the first store
-        g = backend.lookup("k", deps).generation
-        stored = backend.store("k", b"v", deps, g, TTL) or stored
-    assert stored and backend.lookup("k", deps).entry == Entry(b"v", tuple(deps))
+    deps = stored_then_evicted(backend)
     assert {n.port for n in backend._sync.client.get_nodes()} <= set(tls_cluster.tls_ports)
-    backend.bump(["t:users"])
-    assert backend.lookup("k", deps).entry is None
 
     async def on_asyncio() -> None:
         aclient = backend._make_async().client
@@ -358,10 +365,7 @@ def test_password_in_the_url(key_prefix: str) -> None:
     """``redis+cluster://:<password>@host:port/``: the password (percent-encoded) of every node. A
     wrong or missing one, refused when the cache is made, is a ConfigurationError; refused later
     (rotated on the servers), a backend error, which the cache reads around like any Redis failure."""
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed; CI must provide it")
-        pytest.skip("redis-server is not installed")
+    require_redis_server("the Redis Cluster tests")
     cluster = RedisClusterProcs(password="cl@ster/pw")
     try:
         cluster.start()
@@ -370,14 +374,7 @@ def test_password_in_the_url(key_prefix: str) -> None:
             redis.Redis(LOOPBACK, cluster.ports[0]).ping()
         cache = Cache(backend=cluster.url, prefix=key_prefix)
         backend: Any = cache.backend
-        deps = ["*", "t:users"]
-        stored = False
-        for _ in range(2):  # a group first seen refuses the first store
-            g = backend.lookup("k", deps).generation
-            stored = backend.store("k", b"v", deps, g, TTL) or stored
-        assert stored and backend.lookup("k", deps).entry == Entry(b"v", tuple(deps))
-        backend.bump(["t:users"])
-        assert backend.lookup("k", deps).entry is None
+        deps = stored_then_evicted(backend)
         cache.close()
         for wrong in (cluster.url.replace("cl%40ster", "nope"), cluster.url.replace(":cl%40ster%2Fpw@", "")):
             with pytest.raises(ConfigurationError, match="refused the credentials") as caught:
