@@ -1,16 +1,21 @@
--- ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3] number of deps n, ARGV[4..n+3] deps, then row
--- images, each "<table>\x1f<guard or ->\x1f<column>\x1f<token>…". Returns the new generation.
+-- ARGV[1] prefix, ARGV[2] version ttl ms, ARGV[3] number of deps n — or, with a secret,
+-- "<n>\x1f<r>\x1f<k>": a fresh nonce and its one-time key, both hex (backends/redis/signing.py) —,
+-- ARGV[4..n+3] deps, then row images, each "<table>\x1f<guard or ->\x1f<column>\x1f<token>…".
+-- Returns the new generation.
 -- Each image bumps, for every scheme registered for its table, the condition dependency its values
 -- name — or the whole registry (every condition entry of the table) when it lacks a column.
 -- Every bump is then published on "<prefix>:fanout" as "<born>.<n>\x1f<dep>\x1f<dep>…": its place
 -- in the sequence (so the order of messages is the order of bumps) and every dependency this bump
 -- moved (or deleted), for the near-caches of every process (backends/redis/fanout.py). Under
 -- maxmemory with noeviction the sequence can't be kept: it is deleted and the message says "-"
--- (subscribers empty their near-cache and resynchronise).
+-- (subscribers empty their near-cache and resynchronise). Signed (given r and k), the message is
+-- "<stamp>\x1f<r>\x1f<mac>\x1f<dep>…", mac = HMAC-SHA1(k, "<stamp>\x1f<dep>…") in hex: the
+-- subscribers derive k from r with the secret, which never reaches Redis.
 -- Runs after prelude.lua (scripts.py joins them).
 local prefix = ARGV[1]
 local vttl = ARGV[2]
-local ndeps = tonumber(ARGV[3])
+local ndeps, nonce, onekey = string.match(ARGV[3], '^(%d+)\31(%x+)\31(%x+)$')
+ndeps = tonumber(ndeps or ARGV[3])
 -- Under maxmemory with noeviction, writes fail but deletes don't: a deleted version reads as
 -- "bumped now" everywhere, so an invalidation still gets through (coarser: whole tables).
 local key = prefix .. ':gen'
@@ -117,5 +122,26 @@ end
 if stamp == '-' then
   redis.call('DEL', seqkey)
 end
-redis.call('PUBLISH', prefix .. ':fanout', stamp .. '\31' .. table.concat(moved, '\31'))
+local deps = table.concat(moved, '\31')
+local message = stamp .. '\31' .. deps
+if nonce then
+  -- HMAC (RFC 2104) over SHA-1, the one hash Redis's Lua has; k is 32 bytes (<= one block).
+  local function unhex(h)
+    return (string.gsub(h, '%x%x', function(b) return string.char(tonumber(b, 16)) end))
+  end
+  local k = unhex(onekey)
+  if #k > 64 then
+    k = unhex(redis.sha1hex(k))
+  end
+  local ipad, opad = {}, {}
+  for i = 1, 64 do
+    local b = string.byte(k, i) or 0
+    ipad[i] = string.char(bit.bxor(b, 0x36))
+    opad[i] = string.char(bit.bxor(b, 0x5c))
+  end
+  local inner = unhex(redis.sha1hex(table.concat(ipad) .. message))
+  local mac = redis.sha1hex(table.concat(opad) .. inner)
+  message = stamp .. '\31' .. nonce .. '\31' .. mac .. '\31' .. deps
+end
+redis.call('PUBLISH', prefix .. ':fanout', message)
 return g
