@@ -320,7 +320,8 @@ class Cache:
     :param secret: A str/bytes of at least 16 bytes, or a list of them to rotate (the first
         signs, any verifies): every entry carries an HMAC-SHA256 over the prefix, its key and its
         bytes; one that fails the check is a miss, deleted and counted ``tampered``
-        (docs/security.rst).
+        (docs/security.rst). The near-cache's fan-out messages are signed too (with
+        ``encryption_key`` alone, under it): one that fails is ignored (``near_forged``).
     :param encryption_key: A str/bytes of at least 16 random bytes (or a list, to rotate):
         entries are encrypted with AES-256-GCM under a key derived from it, bound to the key they
         are stored under, which also authenticates them (the ``encryption`` extra).

@@ -8,7 +8,8 @@ cannot check: it applies ``n`` only right after ``n - 1`` of the same ``born``. 
 skipped number, another ``born``, ``-`` (the sequence could not be kept), a new subscription
 (redis-py reconnects on its own), a dropped connection, or silence past the heartbeat — makes it
 ``lost()`` (the near-cache empties and serves nothing) and then ``synced()`` again at the position
-it reads afresh.
+it reads afresh. With a secret (``Cache(secret=…)``) every message is signed and a subscriber
+applies only those that check (signing.py): anything else is ignored, never a resync.
 """
 
 from __future__ import annotations

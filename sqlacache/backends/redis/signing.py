@@ -5,19 +5,22 @@ dependencies before the real ``n + 1``; the subscriber would apply it and skip t
 already seen, and the near-cache would keep serving what that commit changed (strict coherence
 too: its position check would say "caught up").
 
-How: the message is published by the bump script itself (atomic with the bump: the order of
-messages is the order of bumps), and the dependencies it names are computed there (condition
-schemes), so the client cannot sign them in advance — and the secret must never reach Redis (a
-reader of Redis, MONITOR or SLOWLOG would see it). So per bump the committing client draws a fresh
-nonce ``r`` and derives a one-time key ``k = HMAC-SHA256(secret, "sqlacache-fanout\\0" prefix
-"\\0" r)``; the script gets ``r`` and ``k`` (in its count argument: see bump.lua), computes
-``HMAC-SHA1(k, "<stamp>\\x1f<dep>…")`` and publishes ``<stamp>\\x1f<r>\\x1f<mac>\\x1f<dep>…``. A
-subscriber with the secret derives ``k`` again from ``r`` with each accepted secret (rotation) and
-checks the MAC; a message that fails is ignored — not applied, and no resync, so a forger can
-neither make it skip a real message nor empty it at will — counted (``forged``) and logged. The real
-message then arrives and is applied. A real message dropped for a bad MAC (a committer without the
-secret) shows up as a gap at the next one: the subscriber resyncs (safe), and strict coherence's
-position check keeps the near-cache from serving meanwhile.
+How: the message is published by the bump script itself (atomic with the bump: the order of messages
+is the order of bumps), and the dependencies it names are computed there (condition schemes), so the
+client cannot sign them in advance — and the secret must never reach Redis (a reader of Redis,
+MONITOR or SLOWLOG would see it). So per bump the committing client draws a fresh nonce ``r`` and
+derives a one-time key ``k = HMAC-SHA256(K, "sqlacache-fanout\\0" prefix "\\0" r)`` (``K``: a key
+derived from the secret for this purpose alone, seal.py's ``fanout_keys``); the script gets ``r``
+and ``k`` in hex (in its count argument: see bump.lua), computes HMAC-SHA1 over
+``<stamp>\\x1f<dep>…`` keyed with those 64 hex characters, and publishes
+``<stamp>\\x1f<r>\\x1f<mac>\\x1f<dep>…`` (a subscriber without a secret reads ``r`` and the MAC as
+two more dependencies, which no entry has: harmless). A subscriber with the secret derives ``k``
+again from ``r`` with each accepted secret (rotation) and checks the MAC; a message that fails is
+ignored — not applied, and no resync, so a forger can neither make it skip a real message nor empty
+it at will — counted (``forged``) and logged. The real message then arrives and is applied. A real
+message dropped for a bad MAC (a committer without the secret) shows up as a gap at the next one:
+the subscriber resyncs (safe), and strict coherence's position check keeps the near-cache from
+serving meanwhile.
 
 Why it is sound: ``k`` is one-time and derived from a secret Redis never sees, and bound to the
 prefix (a key for one prefix, or Cluster group, signs nothing for another). The real message is
@@ -25,9 +28,11 @@ published in the same script execution that receives ``k``, so it is in every su
 before anyone who could read ``k`` (MONITOR, SLOWLOG) could publish with it; and a subscriber refuses
 a nonce it has seen in its last ``_RECENT`` messages, so ``k`` can't sign the next position either.
 A message with a fresh ``r`` needs the secret. Left open: an admin who can MONITOR may keep an old
-``r`` and ``k`` and sign with them, much later, a position not reached yet — the class of the
-already documented residual (a writer of Redis can roll versions back); restricting MONITOR,
-SLOWLOG and CONFIG by ACL closes it (docs/security.rst).
+``r`` and ``k`` (one its subscribers no longer remember) and sign with them a position not reached
+yet — the class of the already documented residual (a writer of Redis can roll versions back);
+restricting MONITOR, SLOWLOG and CONFIG by ACL closes it (docs/security.rst). A replayed real
+message is refused (a recent nonce) or ignored (a position already applied); one from before the
+sequence started again makes the subscriber resync — the near-cache empties, nothing stale.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def one_time_key(secret: bytes, prefix: str, nonce: str) -> bytes:
 
 def mac_of(secret: bytes, prefix: str, nonce: str, body: bytes) -> bytes:
     """The hex MAC bump.lua computes over ``body`` (``<stamp>\x1f<dep>…``) with the one-time key."""
-    return hmac.digest(one_time_key(secret, prefix, nonce), body, "sha1").hex().encode()
+    return hmac.digest(one_time_key(secret, prefix, nonce).hex().encode(), body, "sha1").hex().encode()
 
 
 class FanoutKeys:
@@ -111,12 +116,7 @@ class Verifier:
         else:
             body = stamp + b"\x1f" + deps
             text = nonce.decode("ascii", "replace")
-            if not any(
-                hmac.compare_digest(
-                    hmac.digest(one_time_key(s, prefix, text), body, "sha1").hex().encode(), mac
-                )
-                for s in self._secrets
-            ):
+            if not any(hmac.compare_digest(mac_of(s, prefix, text, body), mac) for s in self._secrets):
                 why = "bad signature"
             else:
                 seen = self._seen.setdefault(prefix, OrderedDict())

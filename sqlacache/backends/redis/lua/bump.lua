@@ -9,12 +9,13 @@
 -- moved (or deleted), for the near-caches of every process (backends/redis/fanout.py). Under
 -- maxmemory with noeviction the sequence can't be kept: it is deleted and the message says "-"
 -- (subscribers empty their near-cache and resynchronise). Signed (given r and k), the message is
--- "<stamp>\x1f<r>\x1f<mac>\x1f<dep>…", mac = HMAC-SHA1(k, "<stamp>\x1f<dep>…") in hex: the
+-- "<stamp>\x1f<r>\x1f<mac>\x1f<dep>…", mac = HMAC-SHA1(k, "<stamp>\x1f<dep>…") in hex (k: its 64 hex
+-- characters, taken as they are): the
 -- subscribers derive k from r with the secret, which never reaches Redis.
 -- Runs after prelude.lua (scripts.py joins them).
 local prefix = ARGV[1]
 local vttl = ARGV[2]
-local ndeps, nonce, onekey = string.match(ARGV[3], '^(%d+)\31(%x+)\31(%x+)$')
+local ndeps, nonce, onekey = string.match(ARGV[3], '^(%d+)\31(%x+)\31(' .. string.rep('%x', 64) .. ')$')
 ndeps = tonumber(ndeps or ARGV[3])
 -- Under maxmemory with noeviction, writes fail but deletes don't: a deleted version reads as
 -- "bumped now" everywhere, so an invalidation still gets through (coarser: whole tables).
@@ -125,22 +126,21 @@ end
 local deps = table.concat(moved, '\31')
 local message = stamp .. '\31' .. deps
 if nonce then
-  -- HMAC (RFC 2104) over SHA-1, the one hash Redis's Lua has; k is 32 bytes (<= one block).
-  local function unhex(h)
-    return (string.gsub(h, '%x%x', function(b) return string.char(tonumber(b, 16)) end))
+  -- HMAC-SHA1 (RFC 2104; SHA-1 is the one hash Redis's Lua has) keyed with the 64 hex characters
+  -- of k as they are: one SHA-1 block, no padding; the key XOR ipad (0x36) and XOR opad (0x5c) are
+  -- then substitutions of its 16 possible characters (a gsub with a table: no bit call per byte).
+  local ipad = string.gsub(onekey, '.', {
+    ['0'] = '\6', ['1'] = '\7', ['2'] = '\4', ['3'] = '\5', ['4'] = '\2', ['5'] = '\3', ['6'] = '\0',
+    ['7'] = '\1', ['8'] = '\14', ['9'] = '\15', a = 'W', b = 'T', c = 'U', d = 'R', e = 'S', f = 'P'})
+  local opad = string.gsub(onekey, '.', {
+    ['0'] = 'l', ['1'] = 'm', ['2'] = 'n', ['3'] = 'o', ['4'] = 'h', ['5'] = 'i', ['6'] = 'j',
+    ['7'] = 'k', ['8'] = 'd', ['9'] = 'e', a = '=', b = '>', c = '?', d = '8', e = '9', f = ':'})
+  local hex = redis.sha1hex(ipad .. message)
+  local inner = {}
+  for i = 1, 20 do
+    inner[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16)
   end
-  local k = unhex(onekey)
-  if #k > 64 then
-    k = unhex(redis.sha1hex(k))
-  end
-  local ipad, opad = {}, {}
-  for i = 1, 64 do
-    local b = string.byte(k, i) or 0
-    ipad[i] = string.char(bit.bxor(b, 0x36))
-    opad[i] = string.char(bit.bxor(b, 0x5c))
-  end
-  local inner = unhex(redis.sha1hex(table.concat(ipad) .. message))
-  local mac = redis.sha1hex(table.concat(opad) .. inner)
+  local mac = redis.sha1hex(opad .. string.char(unpack(inner)))
   message = stamp .. '\31' .. nonce .. '\31' .. mac .. '\31' .. deps
 end
 redis.call('PUBLISH', prefix .. ':fanout', message)
