@@ -12,9 +12,11 @@ would be told of the commit directly, not through the fan-out.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -90,10 +92,9 @@ class Attacker:
 
 
 @pytest.fixture
-def attacker(redis_url: str, key_prefix: str) -> Any:
-    a = Attacker(redis_url, key_prefix)
-    yield a
-    a.close()
+def attacker(redis_url: str, key_prefix: str) -> Iterator[Attacker]:
+    with contextlib.closing(Attacker(redis_url, key_prefix)) as a:
+        yield a
 
 
 def _fresh_after_commit(near: Any, coherence: str, name: str) -> bool:

@@ -1013,17 +1013,18 @@ class RedisClusterBackend:
             groups.setdefault(base, ([], []))[1].append(image)
         bases = list(groups)
         keys = self._fanout_keys
-        batch: _Batch = [
-            (
-                _BUMP,
-                [f"{b}:gen"],
-                [b, self._vttl, count_arg(keys, b, len(groups[b][0])), *groups[b][0], *groups[b][1]],
-            )
-            for b in bases
-        ]
 
         def steps() -> Generator[_Batch, list[Any], None]:
-            replies = yield batch
+            # Built per attempt: a bump run again after a topology change gets fresh nonces (one
+            # heard before is refused by the subscribers: signing.py).
+            replies = yield [
+                (
+                    _BUMP,
+                    [f"{b}:gen"],
+                    [b, self._vttl, count_arg(keys, b, len(groups[b][0])), *groups[b][0], *groups[b][1]],
+                )
+                for b in bases
+            ]
             self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, replies)})
 
         self._drive("bump", steps)
