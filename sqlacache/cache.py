@@ -320,7 +320,8 @@ class Cache:
     :param secret: A str/bytes of at least 16 bytes, or a list of them to rotate (the first
         signs, any verifies): every entry carries an HMAC-SHA256 over the prefix, its key and its
         bytes; one that fails the check is a miss, deleted and counted ``tampered``
-        (docs/security.rst).
+        (docs/security.rst). The near-cache's fan-out messages are signed too (with
+        ``encryption_key`` alone, under it): one that fails is ignored (``near_forged``).
     :param encryption_key: A str/bytes of at least 16 random bytes (or a list, to rotate):
         entries are encrypted with AES-256-GCM under a key derived from it, bound to the key they
         are stored under, which also authenticates them (the ``encryption`` extra).
@@ -440,6 +441,14 @@ class Cache:
         self.backend: Backend = backend_from(backend, prefix, socket_timeout, max_entries)
         # A Backend instance passed in belongs to the caller (it may be shared): close() leaves it open.
         self._owns_backend = self.backend is not backend
+        sign_fanout = getattr(self.backend, "sign_fanout", None)
+        if seal is not None and seal.fanout_keys and sign_fanout is not None:
+            # Every commit's fan-out message signed, near-cache or not: another process's
+            # near-cache accepts only signed ones (backends/redis/signing.py).
+            try:
+                sign_fanout(seal.fanout_keys)
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
         self.count = Counters()
         breaker = Breaker(cooldown, max_cooldown)
         # A miss doesn't need the store's answer: with background_stores the reader returns as
@@ -519,6 +528,7 @@ class Cache:
                 near_dropped=near.dropped,
                 near_in_step=near.in_step,
                 near_resyncs=getattr(subscription, "resyncs", 0),
+                near_forged=getattr(subscription, "forged", 0),
             )
             out.setdefault("near_hits", 0)
         return out

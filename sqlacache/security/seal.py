@@ -51,6 +51,11 @@ def _secrets(value: Any, name: str, hint: str) -> list[bytes]:
     return out
 
 
+def _derive(secrets: list[bytes], purpose: bytes) -> list[bytes]:
+    """A key per secret for one purpose: the same secret never keys two different things."""
+    return [hashlib.blake2b(s, digest_size=32, person=purpose).digest() for s in secrets]
+
+
 class Seal:
     """Seals entries before they are stored and opens them after they are looked up."""
 
@@ -58,12 +63,13 @@ class Seal:
         self._context = f"{prefix}\x1f".encode()
         self._macs: list[bytes] = []
         self._ciphers: list[Any] = []
+        # The keys that sign the near-cache's fan-out messages (backends/redis/signing.py): from the
+        # secret, else from the encryption key — either way a cache with one has its fan-out signed.
+        self.fanout_keys: list[bytes] = []
         if secret is not None:
-            # A derived key per purpose: the same secret never keys two different things.
-            self._macs = [
-                hashlib.blake2b(s, digest_size=32, person=b"sqlacache.mac").digest()
-                for s in _secrets(secret, "secret", "(the same in every process)")
-            ]
+            given = _secrets(secret, "secret", "(the same in every process)")
+            self._macs = _derive(given, b"sqlacache.mac")
+            self.fanout_keys = _derive(given, b"sqlacache.fan")
         if encryption_key is not None:
             try:
                 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -72,9 +78,9 @@ class Seal:
                     "encryption_key needs the 'cryptography' package: pip install 'sqlacache[encryption]'"
                 ) from None
             keys = _secrets(encryption_key, "encryption_key", "(the same in every process)")
-            self._ciphers = [
-                AESGCM(hashlib.blake2b(k, digest_size=32, person=b"sqlacache.aes").digest()) for k in keys
-            ]
+            if not self.fanout_keys:
+                self.fanout_keys = _derive(keys, b"sqlacache.fan")
+            self._ciphers = [AESGCM(k) for k in _derive(keys, b"sqlacache.aes")]
 
     def _tag(self, mac_key: bytes, key: str, inner: bytes) -> bytes:
         # One C call over one buffer: HMAC-SHA256 runs on the CPU's SHA extensions where there are

@@ -26,6 +26,7 @@ from sqlacache.backends.redis.errors import FAILURES, failure
 from sqlacache.backends.redis.fanout import Subscriber, parse_position
 from sqlacache.backends.redis.identity import ServerWatch
 from sqlacache.backends.redis.own import OwnScript, Sender, can_own
+from sqlacache.backends.redis.signing import FanoutKeys, Verifier, count_arg, signing_keys
 
 __all__ = ["RedisBackend"]
 
@@ -145,6 +146,7 @@ class RedisBackend:
             raise ValueError("version_ttl must be positive")
         self.prefix = prefix
         self.corrupt_entries = 0
+        self._fanout_keys: FanoutKeys | None = None  # sign_fanout
         self._version_ttl_ms = str(_ttl_ms(version_ttl))
         if watch_server is None:
             watch_server = any(_sentinel_managed(c) for c in (client, async_client) if c is not None)
@@ -627,13 +629,25 @@ class RedisBackend:
     ) -> None:
         if not deps and not rows:
             return
-        args = [self.prefix, self._version_ttl_ms, str(len(deps)), *deps]
+        args = [
+            self.prefix,
+            self._version_ttl_ms,
+            count_arg(self._fanout_keys, self.prefix, len(deps)),
+            *deps,
+        ]
         for table, values, guard in rows:
             head = [table, "-" if guard is None else str(int(guard))]
             args.append("\x1f".join([*head, *(x for item in values.items() for x in item)]))
         self._run("bump", lambda s: s.bump(args=args))
 
     # -- fan-out: every bump is published (bump.lua); near-caches subscribe (fanout.py) -------------
+
+    def sign_fanout(self, secrets: Sequence[bytes]) -> None:
+        """Sign every bump's fan-out message with the first of ``secrets``, and have subscribers
+        accept only messages signed with one of them (signing.py). Before ``subscribe``."""
+        self._fanout_keys = signing_keys(self._fanout_keys, secrets)
+        if self._watch is not None:
+            self._watch.fanout_keys = self._fanout_keys
 
     def subscribe(self, listener: Listener, heartbeat: float) -> Subscriber:
         """A subscriber thread on ``<prefix>:fanout`` driving ``listener``, started: one thread for
@@ -642,7 +656,8 @@ class RedisBackend:
         side = self._sync or self._async
         if side is None:  # only an async client factory (from_url) without a sync client: never
             raise ValueError("RedisBackend has no client to subscribe with")
-        subscriber = Subscriber(side.client, self.prefix, listener, heartbeat)
+        verifier = Verifier(self._fanout_keys) if self._fanout_keys is not None else None
+        subscriber = Subscriber(side.client, self.prefix, listener, heartbeat, verifier)
         subscriber.start()
         return subscriber
 

@@ -110,6 +110,7 @@ from sqlacache.backends.redis import leases, scripts
 from sqlacache.backends.redis.backend import _glob_escape, _root, _ttl_ms
 from sqlacache.backends.redis.cluster_fanout import ClusterSubscriber, parse_position
 from sqlacache.backends.redis.errors import FAILURES, failure
+from sqlacache.backends.redis.signing import FanoutKeys, Verifier, count_arg, signing_keys
 
 __all__ = ["RedisClusterBackend", "parse_cluster_url"]
 
@@ -436,6 +437,7 @@ class RedisClusterBackend:
         self._lock = threading.Lock()
         self._clock = _Clock()
         self._subscribers: list[ClusterSubscriber] = []
+        self._fanout_keys: FanoutKeys | None = None  # sign_fanout
         if stripes < 1:
             raise ValueError("stripes must be at least 1")
         self._stripes = stripes
@@ -641,7 +643,8 @@ class RedisClusterBackend:
         if not lost:
             return
         bases = [self._stripe_of(i) for i in range(self._stripes)]
-        replies = yield [(_BUMP, [f"{b}:gen"], [b, self._vttl, "1", "*"]) for b in bases]
+        keys = self._fanout_keys
+        replies = yield [(_BUMP, [f"{b}:gen"], [b, self._vttl, count_arg(keys, b, 1), "*"]) for b in bases]
         for reply in replies:
             _int(reply, "generation")
         self._clock.clear()
@@ -1009,18 +1012,29 @@ class RedisClusterBackend:
             image = "\x1f".join([*head, *(x for item in values.items() for x in item)])
             groups.setdefault(base, ([], []))[1].append(image)
         bases = list(groups)
-        batch: _Batch = [
-            (_BUMP, [f"{b}:gen"], [b, self._vttl, str(len(groups[b][0])), *groups[b][0], *groups[b][1]])
-            for b in bases
-        ]
+        keys = self._fanout_keys
 
         def steps() -> Generator[_Batch, list[Any], None]:
-            replies = yield batch
+            # Built per attempt: a bump run again after a topology change gets fresh nonces (one
+            # heard before is refused by the subscribers: signing.py).
+            replies = yield [
+                (
+                    _BUMP,
+                    [f"{b}:gen"],
+                    [b, self._vttl, count_arg(keys, b, len(groups[b][0])), *groups[b][0], *groups[b][1]],
+                )
+                for b in bases
+            ]
             self._clock.observe({b: _int(g, "generation") for b, g in zip(bases, replies)})
 
         self._drive("bump", steps)
 
     # -- fan-out: each group's bump SPUBLISHes on its shard channel; near-caches subscribe ---------
+
+    def sign_fanout(self, secrets: Sequence[bytes]) -> None:
+        """Sign every group's fan-out message with the first of ``secrets`` (a one-time key per
+        group and bump), and have subscribers accept only those (signing.py). Before ``subscribe``."""
+        self._fanout_keys = signing_keys(self._fanout_keys, secrets)
 
     def subscribe(self, listener: Listener, heartbeat: float) -> ClusterSubscriber:
         """A subscriber thread (cluster_fanout.py) on the groups' shard channels, started."""
@@ -1031,7 +1045,8 @@ class RedisClusterBackend:
                 "RedisClusterBackend(client=RedisCluster(…), async_client=…)"
             )
         stripes = [self._stripe_of(i) for i in range(self._stripes)]
-        subscriber = ClusterSubscriber(side.client, stripes, self._groups_of, listener, heartbeat)
+        verifier = Verifier(self._fanout_keys) if self._fanout_keys is not None else None
+        subscriber = ClusterSubscriber(side.client, stripes, self._groups_of, listener, heartbeat, verifier)
         with self._lock:
             self._subscribers = [s for s in self._subscribers if not s.closed] + [subscriber]
         subscriber.start()

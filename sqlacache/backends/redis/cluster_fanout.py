@@ -38,6 +38,7 @@ import redis.cluster
 
 from sqlacache.backends.base import Listener
 from sqlacache.backends.redis.fanout import _own_client, parse_position
+from sqlacache.backends.redis.signing import Verifier
 
 __all__ = ["ClusterSubscriber", "parse_position"]
 
@@ -96,8 +97,10 @@ class ClusterSubscriber:
         groups_of: Callable[[str, Sequence[str]], set[str]],
         listener: Listener,
         heartbeat: float = 1.0,
+        verifier: Verifier | None = None,
     ) -> None:
         self._cluster = client
+        self._verifier = verifier  # with a secret: only signed messages are applied (signing.py)
         self._groups_of = groups_of
         self._listener = listener
         self._heartbeat = heartbeat
@@ -157,6 +160,11 @@ class ClusterSubscriber:
                     if mine is None or mine[0] != born or mine[1] < n:
                         return False
             return all(group in at for group, mine in self._pos.items() if mine is not None)
+
+    @property
+    def forged(self) -> int:
+        """Messages ignored for a missing or bad signature, or a nonce heard before (with a secret)."""
+        return self._verifier.forged if self._verifier is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -262,7 +270,11 @@ class ClusterSubscriber:
                 # way what was published meanwhile is unknown.
                 self._resync(node, group)
             elif kind == "smessage":
-                self._message(node, group, message["data"])
+                data = message["data"]
+                if self._verifier is not None:  # out of step too: every nonce heard is remembered
+                    data = self._verifier.open(group, data)
+                if data is not None:
+                    self._message(node, group, data)
             else:  # "sunsubscribe": the slot moved to another node (resharding, failover)
                 raise ValueError(f"{group} unsubscribed by the server ({kind})")
 

@@ -8,7 +8,8 @@ cannot check: it applies ``n`` only right after ``n - 1`` of the same ``born``. 
 skipped number, another ``born``, ``-`` (the sequence could not be kept), a new subscription
 (redis-py reconnects on its own), a dropped connection, or silence past the heartbeat — makes it
 ``lost()`` (the near-cache empties and serves nothing) and then ``synced()`` again at the position
-it reads afresh.
+it reads afresh. With a secret (``Cache(secret=…)``) every message is signed and a subscriber
+applies only those that check (signing.py): anything else is ignored, never a resync.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sqlacache.backends.base import Listener, Position
+from sqlacache.backends.redis.signing import Verifier
 
 log = logging.getLogger("sqlacache.fanout")
 
@@ -99,12 +101,21 @@ class Subscriber:
     long a silent partition can go unnoticed (about ``2 * heartbeat``).
     """
 
-    def __init__(self, client: Any, prefix: str, listener: Listener, heartbeat: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        listener: Listener,
+        heartbeat: float = 1.0,
+        verifier: Verifier | None = None,
+    ) -> None:
         # A client of our own on the same server and settings (``client`` is the backend's, sync or
         # asyncio): the pub/sub connection must not come from (or go back to) the application's
         # pool, and its reads may wait longer than a command's socket_timeout.
         self._client, self._sentinel = _own_client(client, heartbeat)
         self.channel = f"{prefix}:fanout"
+        self._prefix = prefix
+        self._verifier = verifier  # with a secret: only signed messages are applied (signing.py)
         self._seq_key = f"{prefix}:seq"
         self._listener = listener
         self._heartbeat = heartbeat
@@ -170,12 +181,22 @@ class Subscriber:
                 # either way, what was published meanwhile is unknown.
                 expected = None
                 self._resync()
-            elif kind == "message" and self.position is not None:
-                self._message(message["data"])
+            elif kind == "message":
+                data = message["data"]
+                if self._verifier is not None:
+                    # Checked out of step too: every nonce heard is remembered (signing.py).
+                    data = self._verifier.open(self._prefix, data)
+                if data is not None and self.position is not None:
+                    self._message(data)
             elif kind == "pong" and expected is not None:
                 if self.position is not None and not self.caught_up(expected):
                     self._resync()  # a message lost on the way
                 expected = None
+
+    @property
+    def forged(self) -> int:
+        """Messages ignored for a missing or bad signature, or a nonce heard before (with a secret)."""
+        return self._verifier.forged if self._verifier is not None else 0
 
     def caught_up(self, position: Position) -> bool:
         """Whether every bump up to ``position`` (read from Redis) has been applied here."""

@@ -32,6 +32,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from sqlacache.backends.redis import scripts
+from sqlacache.backends.redis.signing import FanoutKeys, count_arg
 
 log = logging.getLogger("sqlacache.backend")
 
@@ -57,7 +58,9 @@ class ServerWatch:
 
     def __init__(self, prefix: str, version_ttl_ms: str) -> None:
         self.key = f"{prefix}:run"
-        self._bump_args = (prefix, version_ttl_ms, "1", _ALL)
+        self._prefix = prefix
+        self._version_ttl_ms = version_ttl_ms
+        self.fanout_keys: FanoutKeys | None = None  # set by RedisBackend.sign_fanout: its bump is signed too
         self.changes = 0  # servers found with data written on another one (or on none)
         self._lock = threading.Lock()
 
@@ -110,7 +113,7 @@ class ServerWatch:
         if self._same(reply):
             return
         run = reply[1]
-        connection.send_command("EVAL", scripts.BUMP, 0, *self._bump_args)
+        connection.send_command("EVAL", scripts.BUMP, 0, *self._bump_args())
         connection.read_response()
         connection.send_command("SET", self.key, run)
         # OOM: the bump got through (deleting "*"); the next connection does it again.
@@ -124,12 +127,15 @@ class ServerWatch:
         if self._same(reply):
             return
         run = reply[1]
-        await connection.send_command("EVAL", scripts.BUMP, 0, *self._bump_args)
+        await connection.send_command("EVAL", scripts.BUMP, 0, *self._bump_args())
         await connection.read_response()
         await connection.send_command("SET", self.key, run)
         with contextlib.suppress(ResponseError):
             await connection.read_response()
         self._changed(connection, reply)
+
+    def _bump_args(self) -> tuple[str, ...]:
+        return (self._prefix, self._version_ttl_ms, count_arg(self.fanout_keys, self._prefix, 1), _ALL)
 
     @staticmethod
     def _same(reply: Any) -> bool:
