@@ -774,3 +774,90 @@ def test_threads_that_come_and_go_never_use_up_the_clients_pool(redis_url: str, 
         _wipe(client, key_prefix)
         backend.close()
         client.close()
+
+
+def _landed(client: redis.Redis, key: str, within: float = 2.0) -> float | None:
+    """How long until ``key`` exists in Redis (None: not within ``within`` seconds)."""
+    began = time.monotonic()
+    while time.monotonic() - began < within:
+        if client.exists(key):
+            return time.monotonic() - began
+        time.sleep(0.001)
+    return None
+
+
+def test_a_store_sent_without_waiting_lands_with_no_further_command(redis_url: str, key_prefix: str) -> None:
+    """A miss's store waits in its thread's outbox for the thread's next command (own.py); a thread
+    that goes quiet — idle, or gone — still has it land within milliseconds, and its lease given
+    back: another process's reader is not kept waiting for it."""
+    client = redis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=key_prefix)
+    try:
+        done = threading.Event()
+
+        def quiet_after_a_miss(key: str, then: Callable[[], None]) -> None:
+            found, token = backend.lease(key, 30.0, ["t:a"])
+            assert found.entry is None and isinstance(token, str)
+            assert backend.send_store(key, b"v", ["t:a"], found.generation, TTL, lease=token)
+            then()
+
+        idle = threading.Thread(target=quiet_after_a_miss, args=("idle", lambda: done.wait(10)))
+        idle.start()
+        gone = threading.Thread(target=quiet_after_a_miss, args=("gone", lambda: None))
+        gone.start()
+        gone.join(10)
+        for key in ("idle", "gone"):
+            waited = _landed(client, f"{key_prefix}:e:{key}")
+            assert waited is not None, f"the {key} thread's store never landed"
+            assert waited < 0.5, waited
+            assert client.exists(f"{key_prefix}:l:{key}") == 0  # the lease went with the store
+        done.set()
+        idle.join(10)
+        assert backend.store_replies() == [True, True]
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()
+
+
+def test_a_store_sent_without_waiting_goes_before_the_threads_next_command(
+    redis_url: str, key_prefix: str
+) -> None:
+    """The thread's next lookup carries the store waiting in its outbox, ahead of itself: a thread
+    that reads again what it just missed finds its own store."""
+    client = redis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=key_prefix)
+    try:
+        for i in range(50):
+            key = f"k{i}"
+            found = backend.lookup(key, ["t:a"])
+            assert backend.send_store(key, b"v%d" % i, ["t:a"], found.generation, TTL)
+            assert backend.lookup(key, ["t:a"]).entry == Entry(b"v%d" % i, ("t:a",))
+        assert backend.store_replies() == [True] * 50
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()
+
+
+def test_stores_waiting_on_a_connection_the_server_closed_fail_without_a_hang(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Stores in an outbox when their connection is closed are counted as failed, and the lookup
+    that found the connection closed is answered on a new one."""
+    client = redis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=key_prefix)
+    killer = redis.Redis.from_url(redis_url)
+    try:
+        found = backend.lookup("k", ["t:a"])
+        backend.lookup("k", ["t:a"])  # the thread's connection made and used
+        killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert backend.send_store("k", b"v", ["t:a"], found.generation, TTL)
+        assert backend.lookup("other", ["t:a"]).entry is None  # reconnected, no error
+        replies = backend.store_replies()
+        assert len(replies) == 1 and (replies[0] is True or isinstance(replies[0], BackendError)), replies
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()
+        killer.close()

@@ -158,4 +158,8 @@ def end(cache: Owner, fill: Fill | None) -> None:
     if fill.lease is not None:
         cache.io.release(fill.key, fill.lease)
     if fill.flight is not None:
+        if fill.flight.waited:
+            # Readers of this process wait for this fill and look again once it lands: a store
+            # sent without waiting (own.py) must be in Redis by then.
+            cache.io.flush_stores()
         cache.flights.land(fill.key, fill.flight)
