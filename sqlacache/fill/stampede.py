@@ -136,6 +136,10 @@ def begin(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lo
     latest, held = cache.io.lease(key, timeout, hint)
     if held is False:
         cache.count("lease_waits")
+        # The holder may be a thread of this process whose store still waits in its outbox
+        # (own.py): have it in Redis, and look again, before sleeping on it.
+        cache.io.settle_stores()
+        latest, held = cache.io.lease(key, timeout, hint)
     delay = 0.002
     while held is False:
         if time.monotonic() >= deadline:
