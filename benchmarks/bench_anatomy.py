@@ -7,7 +7,7 @@ limit").
 
 Each timed read opens a ``CachingSession``, calls ``get`` and closes the session. The pieces are
 timed by wrapping the read path's own functions for the run (``plan_get``, the backend round trip,
-decode + attach, the statement, queueing the store), so the pieces add up to the read; what is left
+decode + attach, the statement, the store's send), so the pieces add up to the read; what is left
 is the glue between them. The floor's parts are measured alone: a ``PING`` round trip to the same
 Redis, the lookup script's server time (``INFO commandstats`` of a Redis this script starts for
 itself, so no other client is counted), and a plain ``Session`` doing the same ``get``.
@@ -155,7 +155,7 @@ def measure(
     pieces.wrap(Resilient, "lease", "lookup round trip")
     pieces.wrap(get_mod, "_decode_get", "decode + attach")
     pieces.wrap(execute_mod, "invoke", "the SELECT (statement)")
-    pieces.wrap(Resilient, "_send_store", "store queued (written with the next command)")
+    pieces.wrap(Resilient, "_send_store", "store sent (not awaited)")
 
     ping: list[int] = []
     plain_get: list[int] = []

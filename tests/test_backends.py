@@ -695,6 +695,14 @@ def _lookup_in_child(backend: RedisBackend, out: Any) -> None:
     out.put(backend.lookup("k").entry is not None)
 
 
+def _store_in_child(backend: RedisBackend, out: Any) -> None:
+    """A store sent without waiting from a forked child (on a connection of the child's own), and
+    no further command from it."""
+    g = backend.lookup("child", ["t:a"]).generation
+    out.put(backend.send_store("child", b"c", ["t:a"], g, TTL))
+    time.sleep(1.0)
+
+
 def test_redis_own_connections_survive_a_server_close_and_a_fork(redis_url: str, key_prefix: str) -> None:
     """The read path's lookup and the stores sent without waiting use connections of their own
     (backends/redis/own.py): one the server closed is reconnected; a forked child makes its own."""
@@ -720,6 +728,11 @@ def test_redis_own_connections_survive_a_server_close_and_a_fork(redis_url: str,
         assert out.get(timeout=20) is True
         child.join(20)
         assert backend.lookup("k").entry == Entry(b"v", ("t:a",))  # the parent's own still works
+        child = multiprocessing.get_context("fork").Process(target=_store_in_child, args=(backend, out))
+        child.start()
+        assert out.get(timeout=20) is True
+        assert _landed(client, f"{key_prefix}:e:child", within=0.9) is not None  # before it exits
+        child.join(20)
     finally:
         _wipe(client, key_prefix)
         backend.close()
@@ -787,9 +800,8 @@ def _landed(client: redis.Redis, key: str, within: float = 2.0) -> float | None:
 
 
 def test_a_store_sent_without_waiting_lands_with_no_further_command(redis_url: str, key_prefix: str) -> None:
-    """A miss's store waits in its thread's outbox for the thread's next command (own.py); a thread
-    that goes quiet — idle, or gone — still has it land within milliseconds, and its lease given
-    back: another process's reader is not kept waiting for it."""
+    """A miss's store is sent without waiting for its reply (own.py); from a thread that then goes
+    quiet — idle, or gone — it still lands, and gives its lease back."""
     client = redis.Redis.from_url(redis_url)
     backend = RedisBackend(client, prefix=key_prefix)
     try:
@@ -807,9 +819,9 @@ def test_a_store_sent_without_waiting_lands_with_no_further_command(redis_url: s
         gone.start()
         gone.join(10)
         for key in ("idle", "gone"):
-            waited = _landed(client, f"{key_prefix}:e:{key}")
-            assert waited is not None, f"the {key} thread's store never landed"
-            assert waited < 0.5, waited
+            assert _landed(client, f"{key_prefix}:e:{key}") is not None, (
+                f"the {key} thread's store never landed"
+            )
             assert client.exists(f"{key_prefix}:l:{key}") == 0  # the lease went with the store
         done.set()
         idle.join(10)
@@ -818,46 +830,3 @@ def test_a_store_sent_without_waiting_lands_with_no_further_command(redis_url: s
         _wipe(client, key_prefix)
         backend.close()
         client.close()
-
-
-def test_a_store_sent_without_waiting_goes_before_the_threads_next_command(
-    redis_url: str, key_prefix: str
-) -> None:
-    """The thread's next lookup carries the store waiting in its outbox, ahead of itself: a thread
-    that reads again what it just missed finds its own store."""
-    client = redis.Redis.from_url(redis_url)
-    backend = RedisBackend(client, prefix=key_prefix)
-    try:
-        for i in range(50):
-            key = f"k{i}"
-            found = backend.lookup(key, ["t:a"])
-            assert backend.send_store(key, b"v%d" % i, ["t:a"], found.generation, TTL)
-            assert backend.lookup(key, ["t:a"]).entry == Entry(b"v%d" % i, ("t:a",))
-        assert backend.store_replies() == [True] * 50
-    finally:
-        _wipe(client, key_prefix)
-        backend.close()
-        client.close()
-
-
-def test_stores_waiting_on_a_connection_the_server_closed_fail_without_a_hang(
-    redis_url: str, key_prefix: str
-) -> None:
-    """Stores in an outbox when their connection is closed are counted as failed, and the lookup
-    that found the connection closed is answered on a new one."""
-    client = redis.Redis.from_url(redis_url)
-    backend = RedisBackend(client, prefix=key_prefix)
-    killer = redis.Redis.from_url(redis_url)
-    try:
-        found = backend.lookup("k", ["t:a"])
-        backend.lookup("k", ["t:a"])  # the thread's connection made and used
-        killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        assert backend.send_store("k", b"v", ["t:a"], found.generation, TTL)
-        assert backend.lookup("other", ["t:a"]).entry is None  # reconnected, no error
-        replies = backend.store_replies()
-        assert len(replies) == 1 and (replies[0] is True or isinstance(replies[0], BackendError)), replies
-    finally:
-        _wipe(client, key_prefix)
-        backend.close()
-        client.close()
-        killer.close()

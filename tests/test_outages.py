@@ -492,7 +492,6 @@ def _entries(cache):
 
 def _overwrite(cache, transform):
     """Replace every entry's payload, keeping its dependencies valid (so only the payload is bad)."""
-    cache.io.wait_for_stores()  # the last reads' stores in first, or they would replace the damage
     for key, (payload, deps, _) in _entries(cache).items():
         cache.backend.delete([key])
         assert cache.backend.store(key, transform(payload), deps, cache.backend.generation(), 60)

@@ -13,7 +13,6 @@ from sqlalchemy import create_engine, event, select
 from sqlalchemy.orm import sessionmaker
 
 from sqlacache import Cache, CachingSession
-from sqlacache.backends.redis import own
 from tests.conftest import _pg_schema_url
 from tests.helpers import acached, aseed, cached, seed, until
 from tests.models import User
@@ -169,38 +168,6 @@ def test_a_waiting_reader_gives_up_after_fill_timeout(world):
         release.set()
         t.join(10)
         event.remove(world.engine, "after_cursor_execute", hang)
-        cache.close()
-
-
-def test_a_reader_right_after_another_threads_fill_is_served_its_store(world, monkeypatch):
-    """A miss's store waits in its thread's outbox for that thread's next command (own.py): a reader
-    in another thread of the process that finds the fill's lease still held has the store written
-    and is served it, rather than waiting for the lease (or the flusher, here held off) and then
-    querying the database."""
-    monkeypatch.setattr(own, "_FLUSH_AFTER", 30.0)
-    seed(world)
-    _warm_metadata(world)
-    cache = world.make_cache(prefix=world.cache.prefix, fill_timeout=0.5)
-    Session = sessionmaker(world.engine, class_=CachingSession, cache=cache)
-    filled, done = threading.Event(), threading.Event()
-
-    def leader():
-        with Session() as s:
-            s.scalars(_by_name("u2")).all()
-        filled.set()
-        done.wait(10)  # quiet: no further command from this thread
-
-    t = threading.Thread(target=leader)
-    t.start()
-    try:
-        assert filled.wait(10)
-        before = world.statements()
-        with Session() as s:
-            assert [u.name for u in s.scalars(_by_name("u2"))] == ["u2"]
-        assert _user_selects(world, before) == 0
-    finally:
-        done.set()
-        t.join(10)
         cache.close()
 
 

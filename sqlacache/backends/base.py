@@ -209,18 +209,12 @@ class SendsStores(Protocol):
         *,
         lease: str | None = None,
     ) -> bool:
-        """Send what ``store`` does and return: True once sent — or bound to be sent shortly, with
-        the caller's next command at the latest — False if it can't be sent this way now (the caller
-        then calls ``store``)."""
+        """Send what ``store`` does and return: True once sent, False if it can't be sent this way
+        now (the caller then calls ``store``)."""
         ...
 
-    def flush_stores(self) -> None:
-        """Have the stores this thread sent land now: a reader here waits for this fill."""
-        ...
-
-    def store_replies(self, wait: bool = True) -> list[bool | BackendError]:
-        """The replies of the stores sent so far, in order: stored, refused, or the failure.
-        ``wait=False``: only those that already came back (no round trip)."""
+    def store_replies(self) -> list[bool | BackendError]:
+        """The replies of the stores sent so far, in order: stored, refused, or the failure."""
         ...
 
 

@@ -19,11 +19,10 @@ from sqlacache._sa import await_, in_greenlet
 
 
 class Flight:
-    __slots__ = ("_done", "_lock", "_waiters", "owner", "waited")
+    __slots__ = ("_done", "_lock", "_waiters", "owner")
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
-        self.waited = False  # someone waits: the leader's store must be in before it lands
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -32,7 +31,6 @@ class Flight:
         """Block this thread, or this task when called in an AsyncSession's greenlet; True if done."""
         if self._done.is_set():
             return True
-        self.waited = True
         if not in_greenlet():
             try:
                 asyncio.get_running_loop()

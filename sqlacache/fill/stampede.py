@@ -136,10 +136,6 @@ def begin(cache: Owner, key: str, hint: Sequence[str], since: float) -> tuple[Lo
     latest, held = cache.io.lease(key, timeout, hint)
     if held is False:
         cache.count("lease_waits")
-        # The holder may be a thread of this process whose store still waits in its outbox
-        # (own.py): have it in Redis, and look again, before sleeping on it.
-        cache.io.settle_stores()
-        latest, held = cache.io.lease(key, timeout, hint)
     delay = 0.002
     while held is False:
         if time.monotonic() >= deadline:
@@ -162,8 +158,4 @@ def end(cache: Owner, fill: Fill | None) -> None:
     if fill.lease is not None:
         cache.io.release(fill.key, fill.lease)
     if fill.flight is not None:
-        if fill.flight.waited:
-            # Readers of this process wait for this fill and look again once it lands: a store
-            # sent without waiting (own.py) must be in Redis by then.
-            cache.io.flush_stores()
         cache.flights.land(fill.key, fill.flight)

@@ -452,7 +452,7 @@ class Resilient:
         """Send the store and return; its reply is read with the next one's. False: store inline."""
         if not self._storable(job):
             return True
-        self.settle_stores(wait=False)
+        self.settle_stores()
         try:
             sent: bool = self._call(
                 "store",
@@ -467,13 +467,12 @@ class Resilient:
             return True  # counted; its lease expires on its own
         return sent
 
-    def settle_stores(self, wait: bool = True) -> None:
-        """Count what the stores sent so far answered (stored, refused, failed); ``wait=False``: only
-        the replies already read."""
+    def settle_stores(self) -> None:
+        """Count what the stores sent so far answered (stored, refused, failed)."""
         if self.sender is None:
             return
         try:
-            replies = self._call("store", self.sender.store_replies, wait)
+            replies = self._call("store", self.sender.store_replies)
         except (BackendError, _Skipped):
             return
         for reply in replies:
@@ -493,12 +492,6 @@ class Resilient:
         except (BackendError, _Skipped):
             return
         self.count("stores" if stored else "stores_refused")
-
-    def flush_stores(self) -> None:
-        """The stores this thread sent without waiting, landed now (readers here wait for them)."""
-        if self.sender is not None:
-            with contextlib.suppress(Exception):  # counted when their replies are read
-                self.sender.flush_stores()
 
     def wait_for_stores(self, timeout: float = 5.0) -> None:
         self._stores.wait(timeout)

@@ -25,7 +25,7 @@ from sqlacache.backends.redis import sentinel as sentinel_url
 from sqlacache.backends.redis.errors import FAILURES, failure
 from sqlacache.backends.redis.fanout import Subscriber, parse_position
 from sqlacache.backends.redis.identity import ServerWatch
-from sqlacache.backends.redis.own import OwnScript, can_own
+from sqlacache.backends.redis.own import OwnScript, Sender, can_own
 from sqlacache.backends.redis.signing import FanoutKeys, Verifier, count_arg, signing_keys
 
 __all__ = ["RedisBackend"]
@@ -83,13 +83,6 @@ class _Side:
         self.store: Script | AsyncScript = client.register_script(scripts.STORE)
         self.bump: Script | AsyncScript = client.register_script(scripts.BUMP)
         self.release: Script | AsyncScript = client.register_script(scripts.RELEASE)
-
-    def mget(self, keys: list[str]) -> Any:
-        """MGET on the thread's own connection where there is one: it goes after the stores the
-        thread sent without waiting (a reader finds what it just stored), and skips the pool."""
-        if isinstance(self.lookup, OwnScript):
-            return self.lookup.command("MGET", *keys)
-        return self.client.mget(keys)
 
 
 def _sentinel_managed(client: Any) -> bool:
@@ -162,10 +155,11 @@ class RedisBackend:
             if c is not None and self._watch is not None:
                 self._watch.install(c)
         self._sync = _Side(client, _identity) if client is not None else None
-        self._own: OwnScript | None = None
+        self._sender: Sender | None = None
         if client is not None and self._sync is not None and can_own(client):
-            # The read path's lookup, and the stores sent without waiting, on connections of our own.
-            self._own = self._sync.lookup = OwnScript(client, scripts.LOOKUP, self._sync.lookup.sha)
+            # Stores sent without waiting, and the read path's lookup, on connections of our own.
+            self._sender = Sender(client)
+            self._sync.lookup = OwnScript(client, scripts.LOOKUP, self._sync.lookup.sha)
         self._async = _Side(async_client, _await) if async_client is not None else None
         self._async_factory: Callable[[], redis.asyncio.Redis] | None = None
         self._owns_clients = False
@@ -384,7 +378,7 @@ class RedisBackend:
             # The roots a miss must find (see lookup.lua) are read too: a miss is then answered here.
             looked = [*hint, *(r for r in dict.fromkeys(map(_root, hint)) if r not in hint)]
             keys = [entry_key, f"{self.prefix}:gen", *(f"{self.prefix}:v:{d}" for d in looked)]
-            answer = self._hinted_answer((yield lambda s: s.mget(keys)), looked, len(keys))
+            answer = self._hinted_answer((yield lambda s: s.client.mget(keys)), looked, len(keys))
             if answer is not None:
                 return answer, False
         # The script: on a miss it also makes the hinted dependencies' roots exist (lookup.lua), so
@@ -551,28 +545,25 @@ class RedisBackend:
     ) -> bool:
         """``store`` without waiting for its reply (read by :meth:`store_replies`): False when it
         can't be sent that way (no plain sync client, or called inside an ``AsyncSession``)."""
-        own = self._own
-        if own is None or self._closed or self._sync is None or _in_greenlet():
+        sender = self._sender
+        if sender is None or self._closed or self._sync is None or _in_greenlet():
             return False
         call = self._store_call(key, payload, deps, generation, ttl, lease)
         if call is None:
             return False
-        own.send_store(call, self._sync.store.sha)
+        try:
+            sender.send(self._sync.store.sha, call)
+        except FAILURES as exc:
+            raise failure("store", exc) from exc
         return True
 
-    def flush_stores(self) -> None:
-        """Have the stores this thread sent without waiting land now (see own.py)."""
-        if self._own is not None:
-            self._own.flush()
-
-    def store_replies(self, wait: bool = True) -> list[bool | BackendError]:
-        """What the stores sent so far answered, in order: stored, refused, or why it failed.
-        ``wait=False``: only the replies already read (no round trip)."""
-        own, side = self._own, self._sync
-        if own is None or side is None:
+    def store_replies(self) -> list[bool | BackendError]:
+        """What the stores sent so far answered, in order: stored, refused, or why it failed."""
+        sender, side = self._sender, self._sync
+        if sender is None or side is None or not sender.pending:
             return []
         out: list[bool | BackendError] = []
-        for reply in own.replies(lambda call: side.store(keys=call[0], args=call[1]), wait):
+        for reply in sender.replies(lambda call: side.store(keys=call[0], args=call[1])):
             if isinstance(reply, BaseException):
                 out.append(failure("store", reply))
                 continue
@@ -730,8 +721,10 @@ class RedisBackend:
         return rest.startswith((b"e:", b"v:", b"l:", b"r:")) or rest in (b"gen", b"seq")
 
     def _close_own(self) -> None:
-        if self._own is not None:
-            self._own.close()
+        if self._sender is not None:
+            self._sender.close()
+        if self._sync is not None and isinstance(self._sync.lookup, OwnScript):
+            self._sync.lookup.close()
 
     def close(self) -> None:
         """Close the clients this backend built (see :meth:`from_url`); further calls fail.

@@ -14,12 +14,22 @@ local function materialize(g)
   if not vttl or vttl == '' or #ARGV < 5 then
     return g
   end
-  local fresh = nil
+  -- Each root once, read in one MGET (a table's dependencies share its "t:" root; each call into
+  -- Redis from Lua costs about as much as the command).
+  local keys, seen = {}, {}
   for i = 5, #ARGV do
     local dep = ARGV[i]
     local tbl = string.match(dep, '^[cras]:([^:]*)')
     local key = prefix .. ':v:' .. (tbl and ('t:' .. tbl) or dep)
-    if not num((get(key))) then
+    if not seen[key] then
+      seen[key] = true
+      keys[#keys + 1] = key
+    end
+  end
+  local values = redis.call('MGET', unpack(keys))
+  local fresh = nil
+  for i, key in ipairs(keys) do
+    if not num(values[i]) then -- missing, or of another type (MGET reads it as nil)
       if not fresh then
         local _, s = next_generation(prefix)
         fresh = s
