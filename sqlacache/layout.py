@@ -7,7 +7,7 @@ and the values an object had when the database (or a valid entry) produced it, k
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,16 @@ class MapperLayout:
     # Table dependencies seen on get entries (eager loads, column_property subqueries): the row's own
     # dependencies (``*``, ``a:``, ``r:``) are always in a get's hint already.
     get_hint: set[str] = field(default_factory=set)
+    # (key, codec.decode, the type that decodes to itself), in the columns' order: a hit's rebuild
+    # decodes every column of every row with these.
+    decoders: tuple[tuple[str, Callable[[Any], Any], type], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.decoders = tuple((k, c.decode, c.same or _Never) for k, c in self.columns.items())
+
+
+class _Never:
+    """No decoded value is of this type: a codec without ``same`` always decodes."""
 
 
 _layouts: dict[Mapper[Any], MapperLayout] = {}

@@ -98,6 +98,9 @@ __all__ = ["CodecError", "ValueCodec", "codec_for"]
 class ValueCodec:
     encode: Callable[[Any], Any]
     decode: Callable[[Any], Any]
+    # A value of exactly this type decodes to itself (a JSON int, str, bool or float): a hit's
+    # rebuild skips the call for it (read/rebuild.py), once per column of every row.
+    same: type | None = None
 
 
 # PostgreSQL allows 6 array dimensions; the cap keeps ARRAY(JSON) within orjson's nesting limit too.
@@ -308,10 +311,10 @@ def _dec_json(x: Any) -> Any:
     return unescape(x) if is_escape_shaped(x) else x
 
 
-_INT: Final = ValueCodec(_enc_int, _dec_int)
-_BOOL: Final = ValueCodec(_enc_bool, _dec_bool)
-_STR: Final = ValueCodec(_enc_str, _dec_str)
-_FLOAT: Final = ValueCodec(_enc_float, _dec_float)
+_INT: Final = ValueCodec(_enc_int, _dec_int, int)
+_BOOL: Final = ValueCodec(_enc_bool, _dec_bool, bool)
+_STR: Final = ValueCodec(_enc_str, _dec_str, str)
+_FLOAT: Final = ValueCodec(_enc_float, _dec_float, float)
 _DECIMAL: Final = ValueCodec(_enc_decimal, _dec_decimal)
 _BYTES: Final = ValueCodec(_enc_bytes, _dec_bytes)
 _DATE: Final = ValueCodec(_enc_date, _dec_date)

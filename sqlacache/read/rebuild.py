@@ -20,7 +20,7 @@ from sqlalchemy.orm.base import instance_state
 
 from sqlacache import _sa
 from sqlacache.analysis.codec import CodecError
-from sqlacache.layout import MapperLayout, layout_of, mapper_for_path, remember
+from sqlacache.layout import KNOWN, MapperLayout, layout_of, mapper_for_path, remember
 from sqlacache.read.capture import PAYLOAD_FORMAT
 from sqlacache.read.plan import ENTITY, ShapeInfo
 
@@ -43,36 +43,51 @@ _Decoded = list[tuple[Mapper[Any], MapperLayout, dict[str, Any], Any, dict[str, 
 def decode_entities(table: Any, near: Mapper[Any] | None) -> _Decoded:
     """An entry's entity table, decoded and validated without touching any session: a corrupt
     entry must leave no half-built object behind in an identity map. Raises CodecError."""
-    if not isinstance(table, list):
+    if type(table) is not list:
         raise CodecError("entity table is not a list")
     decoded: _Decoded = []
+    # Entries of one class follow each other (a list of rows): its mapper and layout are found once.
+    last_path: str | None = None
+    mapper: Any = None
+    layout: Any = None
     for entry in table:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)):
+        if not (type(entry) is list and len(entry) == 3 and type(entry[0]) is str):
             raise CodecError("bad entity entry")
         cpath, raw, rels = entry
-        if not isinstance(raw, dict) or not isinstance(rels, dict):
+        if type(raw) is not dict or type(rels) is not dict:
             raise CodecError("bad entity entry")
-        mapper = mapper_for_path(cpath, near)
-        layout = layout_of(mapper)
+        if cpath != last_path:
+            mapper = mapper_for_path(cpath, near)
+            layout = layout_of(mapper)
+            last_path = cpath
+        # In the layout's order (a database load's), not the entry's: another process wrote it.
+        values = {}
+        for k, decode, same in layout.decoders:
+            if k in raw:
+                v = raw[k]
+                values[k] = v if type(v) is same else decode(v)
+        if len(values) != len(raw):
+            raise CodecError(f"entry does not fit the mapping of {cpath}: {sorted(set(raw) - set(values))}")
         try:
-            # In the layout's order (a database load's), not the entry's: another process wrote it.
-            values = {k: codec.decode(raw[k]) for k, codec in layout.columns.items() if k in raw}
-            if len(values) != len(raw):
-                raise KeyError(sorted(set(raw) - set(layout.columns)))
-            pk = tuple(values[k] for k in layout.pk_keys)
+            pk = tuple([values[k] for k in layout.pk_keys])
         except KeyError as exc:
             raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
-        for key, ref in rels.items():
-            prop = layout.relationships.get(key)
-            if prop is None:
-                raise CodecError(f"unknown relationship {key!r}")
-            for r in ref if isinstance(ref, list) else [ref]:
-                if r is not None and (type(r) is not int or not 0 <= r < len(table)):
-                    raise CodecError("bad entity reference")
-            if prop.uselist != isinstance(ref, list):
-                raise CodecError(f"bad value for relationship {key!r}")
+        if rels:
+            _check_relationships(layout, rels, len(table))
         decoded.append((mapper, layout, values, mapper.identity_key_from_primary_key(pk), rels))
     return decoded
+
+
+def _check_relationships(layout: MapperLayout, rels: dict[str, Any], size: int) -> None:
+    for key, ref in rels.items():
+        prop = layout.relationships.get(key)
+        if prop is None:
+            raise CodecError(f"unknown relationship {key!r}")
+        for r in ref if isinstance(ref, list) else [ref]:
+            if r is not None and (type(r) is not int or not 0 <= r < size):
+                raise CodecError("bad entity reference")
+        if prop.uselist != isinstance(ref, list):
+            raise CodecError(f"bad value for relationship {key!r}")
 
 
 def attach(
@@ -88,6 +103,9 @@ def attach(
     the ORM's own error, as a database result consumed then does.)"""
     objs: list[Any] = []
     new_states: list[Any] = []
+    new_slots: list[int] = []  # where each new state's object is in ``objs``
+    # What remember() keeps, set directly on new states (their info holds nothing yet).
+    known = generation is not None and generation >= 0
     for mapper, layout, values, ikey, _ in decoded:
         obj = identity_map.get(ikey)
         if obj is not None:
@@ -115,32 +133,36 @@ def attach(
                 # The query left these out (load_only/defer): load them on access, like the ORM does.
                 _sa.expire_attributes(state, dict_, missing)
             new_states.append(state)
-            remember(state, values, generation)
+            new_slots.append(len(objs))
+            if known:
+                state.info[KNOWN] = (values, generation)
         objs.append(obj)
 
-    fresh = {id(s.obj()) for s in new_states}
-    for obj, (_, layout, _, _, rels) in zip(objs, decoded):
-        dict_ = instance_state(obj).dict
-        for key, ref in rels.items():
-            if id(obj) not in fresh and key in dict_:
+    related = any(d[4] for d in decoded)
+    if related:
+        fresh = {id(s.obj()) for s in new_states}
+        for obj, (_, layout, _, _, rels) in zip(objs, decoded):
+            if not rels:
                 continue
-            prop = layout.relationships[key]
-            if prop.uselist:
-                value: Any = [None if r is None else objs[r] for r in ref]
-                if prop.collection_class is set:
-                    value = set(value)
-            else:
-                value = None if ref is None else objs[ref]
-            attributes.set_committed_value(obj, key, value)
+            dict_ = instance_state(obj).dict
+            for key, ref in rels.items():
+                if id(obj) not in fresh and key in dict_:
+                    continue
+                prop = layout.relationships[key]
+                if prop.uselist:
+                    value: Any = [None if r is None else objs[r] for r in ref]
+                    if prop.collection_class is set:
+                        value = set(value)
+                else:
+                    value = None if ref is None else objs[ref]
+                attributes.set_committed_value(obj, key, value)
 
     # What a load leaves on new states for their lazy loads: the query's propagating options, and
     # where in the query each object was loaded (their paths line up with those options).
     if new_states:
-        paths = _load_paths(decoded, roots)
-        states = {id(s): slot for slot, s in enumerate(instance_state(o) for o in objs)}
-        for state in new_states:
+        paths = _load_paths(decoded, roots) if related else {}
+        for state, slot in zip(new_states, new_slots):
             state.load_options = load_options
-            slot = states[id(state)]
             state.load_path = paths.get(slot) or _sa.mapper_path(decoded[slot][0])
 
     # New states hold only committed values (nothing to _commit_all); fire what a load fires.
