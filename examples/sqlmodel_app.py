@@ -107,7 +107,7 @@ def create_app(engine: AsyncEngine | None = None, cache: Cache | None = None) ->
     @app.get("/teams/{team_id}", response_model=TeamWithHeroes)
     async def get_team(team_id: int, session: SessionDep) -> Team:
         stmt = select(Team).where(Team.id == team_id).options(selectinload(Team.heroes))  # type: ignore[arg-type]
-        team = (await session.exec(stmt)).first()  # the team and its heroes: one cached read
+        team: Team | None = (await session.exec(stmt)).first()  # the team and its heroes: one cached read
         if team is None:
             raise HTTPException(status_code=404, detail="team not found")
         return team
@@ -128,7 +128,7 @@ def create_app(engine: AsyncEngine | None = None, cache: Cache | None = None) ->
 
     @app.get("/heroes", response_model=list[Hero])
     async def list_heroes(session: SessionDep, min_age: int = 0) -> Any:
-        stmt = select(Hero).where(Hero.age >= min_age).order_by(Hero.id)  # type: ignore[operator,arg-type]
+        stmt = select(Hero).where(Hero.age >= min_age).order_by(Hero.id)  # type: ignore[operator,arg-type,unused-ignore]
         return (await session.exec(stmt)).all()
 
     @app.patch("/heroes/{hero_id}", response_model=Hero)
