@@ -35,16 +35,12 @@ class MapperLayout:
     # Table dependencies seen on get entries (eager loads, column_property subqueries): the row's own
     # dependencies (``*``, ``a:``, ``r:``) are always in a get's hint already.
     get_hint: set[str] = field(default_factory=set)
-    # (key, codec.decode, the type that decodes to itself), in the columns' order: a hit's rebuild
-    # decodes every column of every row with these.
-    decoders: tuple[tuple[str, Callable[[Any], Any], type], ...] = ()
+    # (key, codec.decode, the type that decodes to itself or None), in the columns' order: a hit's
+    # rebuild decodes every column of every row with these.
+    decoders: tuple[tuple[str, Callable[[Any], Any], type | None], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decoders = tuple((k, c.decode, c.same or _Never) for k, c in self.columns.items())
-
-
-class _Never:
-    """No decoded value is of this type: a codec without ``same`` always decodes."""
+        self.decoders = tuple((k, c.decode, c.same) for k, c in self.columns.items())
 
 
 _layouts: dict[Mapper[Any], MapperLayout] = {}

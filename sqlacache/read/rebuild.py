@@ -20,7 +20,7 @@ from sqlalchemy.orm.base import instance_state
 
 from sqlacache import _sa
 from sqlacache.analysis.codec import CodecError
-from sqlacache.layout import KNOWN, MapperLayout, layout_of, mapper_for_path, remember
+from sqlacache.layout import MapperLayout, layout_of, mapper_for_path, remember
 from sqlacache.read.capture import PAYLOAD_FORMAT
 from sqlacache.read.plan import ENTITY, ShapeInfo
 
@@ -65,10 +65,10 @@ def decode_entities(table: Any, near: Mapper[Any] | None) -> _Decoded:
         for k, decode, same in layout.decoders:
             if k in raw:
                 v = raw[k]
-                values[k] = v if type(v) is same else decode(v)
-        if len(values) != len(raw):
-            raise CodecError(f"entry does not fit the mapping of {cpath}: {sorted(set(raw) - set(values))}")
+                values[k] = v if type(v) is same else decode(v)  # (same None: never)
         try:
+            if len(values) != len(raw):
+                raise KeyError(sorted(set(raw) - set(values)))
             pk = tuple([values[k] for k in layout.pk_keys])
         except KeyError as exc:
             raise CodecError(f"entry does not fit the mapping of {cpath}: {exc}") from exc
@@ -104,8 +104,6 @@ def attach(
     objs: list[Any] = []
     new_states: list[Any] = []
     new_slots: list[int] = []  # where each new state's object is in ``objs``
-    # What remember() keeps, set directly on new states (their info holds nothing yet).
-    known = generation is not None and generation >= 0
     for mapper, layout, values, ikey, _ in decoded:
         obj = identity_map.get(ikey)
         if obj is not None:
@@ -134,19 +132,18 @@ def attach(
                 _sa.expire_attributes(state, dict_, missing)
             new_states.append(state)
             new_slots.append(len(objs))
-            if known:
-                state.info[KNOWN] = (values, generation)
+            remember(state, values, generation)
         objs.append(obj)
 
     related = any(d[4] for d in decoded)
     if related:
-        fresh = {id(s.obj()) for s in new_states}
-        for obj, (_, layout, _, _, rels) in zip(objs, decoded):
+        fresh = set(new_slots)
+        for slot, (obj, (_, layout, _, _, rels)) in enumerate(zip(objs, decoded)):
             if not rels:
                 continue
             dict_ = instance_state(obj).dict
             for key, ref in rels.items():
-                if id(obj) not in fresh and key in dict_:
+                if slot not in fresh and key in dict_:
                     continue
                 prop = layout.relationships[key]
                 if prop.uselist:

@@ -656,8 +656,7 @@ class RedisBackend:
         side = self._sync or self._async
         if side is None:  # only an async client factory (from_url) without a sync client: never
             raise ValueError("RedisBackend has no client to subscribe with")
-        verifier = Verifier(self._fanout_keys) if self._fanout_keys is not None else None
-        subscriber = Subscriber(side.client, self.prefix, listener, heartbeat, verifier)
+        subscriber = Subscriber(side.client, self.prefix, listener, heartbeat, Verifier(self._fanout_keys))
         subscriber.start()
         return subscriber
 

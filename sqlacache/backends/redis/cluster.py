@@ -1045,7 +1045,7 @@ class RedisClusterBackend:
                 "RedisClusterBackend(client=RedisCluster(…), async_client=…)"
             )
         stripes = [self._stripe_of(i) for i in range(self._stripes)]
-        verifier = Verifier(self._fanout_keys) if self._fanout_keys is not None else None
+        verifier = Verifier(self._fanout_keys)
         subscriber = ClusterSubscriber(side.client, stripes, self._groups_of, listener, heartbeat, verifier)
         with self._lock:
             self._subscribers = [s for s in self._subscribers if not s.closed] + [subscriber]

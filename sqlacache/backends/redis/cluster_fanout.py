@@ -100,7 +100,8 @@ class ClusterSubscriber:
         verifier: Verifier | None = None,
     ) -> None:
         self._cluster = client
-        self._verifier = verifier  # with a secret: only signed messages are applied (signing.py)
+        # With a secret, only signed messages are applied (signing.py); without, every one is.
+        self._verifier = verifier if verifier is not None else Verifier(None)
         self._groups_of = groups_of
         self._listener = listener
         self._heartbeat = heartbeat
@@ -164,7 +165,7 @@ class ClusterSubscriber:
     @property
     def forged(self) -> int:
         """Messages ignored for a missing or bad signature, or a nonce heard before (with a secret)."""
-        return self._verifier.forged if self._verifier is not None else 0
+        return self._verifier.forged
 
     @property
     def closed(self) -> bool:
@@ -270,9 +271,7 @@ class ClusterSubscriber:
                 # way what was published meanwhile is unknown.
                 self._resync(node, group)
             elif kind == "smessage":
-                data = message["data"]
-                if self._verifier is not None:  # out of step too: every nonce heard is remembered
-                    data = self._verifier.open(group, data)
+                data = self._verifier.open(group, message["data"])  # out of step too: nonces remembered
                 if data is not None:
                     self._message(node, group, data)
             else:  # "sunsubscribe": the slot moved to another node (resharding, failover)

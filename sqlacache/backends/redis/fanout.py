@@ -115,7 +115,8 @@ class Subscriber:
         self._client, self._sentinel = _own_client(client, heartbeat)
         self.channel = f"{prefix}:fanout"
         self._prefix = prefix
-        self._verifier = verifier  # with a secret: only signed messages are applied (signing.py)
+        # With a secret, only signed messages are applied (signing.py); without, every one is.
+        self._verifier = verifier if verifier is not None else Verifier(None)
         self._seq_key = f"{prefix}:seq"
         self._listener = listener
         self._heartbeat = heartbeat
@@ -182,10 +183,8 @@ class Subscriber:
                 expected = None
                 self._resync()
             elif kind == "message":
-                data = message["data"]
-                if self._verifier is not None:
-                    # Checked out of step too: every nonce heard is remembered (signing.py).
-                    data = self._verifier.open(self._prefix, data)
+                # Checked out of step too: every nonce heard is remembered (signing.py).
+                data = self._verifier.open(self._prefix, message["data"])
                 if data is not None and self.position is not None:
                     self._message(data)
             elif kind == "pong" and expected is not None:
@@ -196,7 +195,7 @@ class Subscriber:
     @property
     def forged(self) -> int:
         """Messages ignored for a missing or bad signature, or a nonce heard before (with a secret)."""
-        return self._verifier.forged if self._verifier is not None else 0
+        return self._verifier.forged
 
     def caught_up(self, position: Position) -> bool:
         """Whether every bump up to ``position`` (read from Redis) has been applied here."""
