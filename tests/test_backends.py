@@ -830,3 +830,86 @@ def test_a_store_sent_without_waiting_lands_with_no_further_command(redis_url: s
         _wipe(client, key_prefix)
         backend.close()
         client.close()
+
+
+def _named(raw: redis.Redis, name: str) -> int:
+    """How many connections named ``name`` the server has open."""
+    return sum(1 for c in raw.client_list() if c.get("name") == name)
+
+
+async def test_async_own_connections_survive_a_server_close_a_script_flush_and_a_cancelled_call(
+    redis_url: str, key_prefix: str
+) -> None:
+    """With an asyncio client the lookup and the store run on connections of our own too
+    (own.py, ``AsyncConnections``): one the server closed is reconnected, a flushed script is
+    loaded again, and a call cancelled while Redis holds its reply leaves nothing behind that the
+    next call could read as its own."""
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2)
+    backend = RedisBackend(async_client=client, prefix=key_prefix)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        found, token = await backend.alease("k", 5.0, ["t:a"])
+        assert found.entry is None and isinstance(token, str)
+        assert await backend.astore("k", b"v", ["t:a"], found.generation, TTL, lease=token)
+        assert (await backend.alease("k", 5.0, ["t:a"]))[0].entry == Entry(b"v", ("t:a",))
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert (await backend.alease("k", 5.0, ["t:a"]))[0].entry == Entry(b"v", ("t:a",))
+        admin.script_flush()
+        assert (await backend.alease("k", 5.0, ["t:a"]))[0].entry == Entry(b"v", ("t:a",))
+        found, token = await backend.alease("other", 5.0, ["t:a"])
+        assert await backend.astore("other", b"w", ["t:a"], found.generation, TTL, lease=token)
+
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")  # Redis holds every other client's reply
+        held = asyncio.ensure_future(backend.alease("k", 5.0, ["t:a"]))
+        await asyncio.sleep(0.05)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await asyncio.sleep(0.4)  # the cancelled call's reply has been sent by now
+        for _ in range(3):
+            assert (await backend.alease("other", 5.0, ["t:a"]))[0].entry == Entry(b"w", ("t:a",))
+            assert (await backend.alease("k", 5.0, ["t:a"]))[0].entry == Entry(b"v", ("t:a",))
+    finally:
+        _wipe(admin, key_prefix)
+        await backend.aclose()
+        await client.aclose()
+        admin.close()
+
+
+async def test_async_calls_beyond_the_own_connections_use_the_clients_pool_and_close_leaves_none(
+    redis_url: str, key_prefix: str
+) -> None:
+    """At most 16 connections of our own are open at once (``most``): more concurrent calls than
+    that go through the client, all answered right; no connection is opened for nothing, and after
+    ``aclose()`` (and the client's) none is left."""
+    from sqlacache.backends.redis.own import AsyncConnections
+
+    few = AsyncConnections(redis.asyncio.Redis.from_url(redis_url), most=2)
+    first, second = few.take(), few.take()
+    assert first is not None and second is not None and few.take() is None  # the client's turn
+    few.give_back(first)
+    assert few.take() is first
+
+    name = f"{key_prefix}-conns"
+    client = redis.asyncio.Redis.from_url(redis_url, client_name=name, socket_timeout=2)
+    backend = RedisBackend(async_client=client, prefix=key_prefix)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        for i in range(40):
+            found, token = await backend.alease(f"k{i}", 5.0, ["t:a"])
+            assert await backend.astore(f"k{i}", b"%d" % i, ["t:a"], found.generation, TTL, lease=token)
+
+        async def read(i: int) -> bytes | None:
+            entry = (await backend.alease(f"k{i}", 5.0, ["t:a"]))[0].entry
+            return entry.payload if entry is not None else None
+
+        for _ in range(5):
+            got = await asyncio.gather(*(read(i) for i in range(40)))
+            assert got == [b"%d" % i for i in range(40)]
+        assert _named(admin, name) <= 40  # one per call in flight at most, ours and the pool's
+        await backend.aclose()
+        await client.aclose()
+        assert _named(admin, name) == 0
+    finally:
+        _wipe(admin, key_prefix)
+        admin.close()

@@ -482,7 +482,12 @@ class Resilient:
                 self.count("stores" if reply else "stores_refused")
 
     async def _astore(self, astore: Any, job: StoreJob) -> None:
-        if not await greenlet_spawn(self._storable, job):
+        # _storable may need I/O (deliver kept invalidations, give a refused store's lease back),
+        # which needs the greenlet; without kept invalidations or limits it would only say yes.
+        unlimited = self.quota is None and (
+            self.max_entry_size is None or len(job.payload) <= self.max_entry_size
+        )
+        if not (unlimited and not self._pending) and not await greenlet_spawn(self._storable, job):
             return
         store = self._with_lease(astore, job)
         try:

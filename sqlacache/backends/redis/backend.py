@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import math
 import threading
+import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -25,7 +27,7 @@ from sqlacache.backends.redis import sentinel as sentinel_url
 from sqlacache.backends.redis.errors import FAILURES, failure
 from sqlacache.backends.redis.fanout import Subscriber, parse_position
 from sqlacache.backends.redis.identity import ServerWatch
-from sqlacache.backends.redis.own import OwnScript, Sender, can_own
+from sqlacache.backends.redis.own import AsyncConnections, AsyncOwnScript, OwnScript, Sender, can_own
 from sqlacache.backends.redis.signing import FanoutKeys, Verifier, count_arg, signing_keys
 
 __all__ = ["RedisBackend"]
@@ -78,9 +80,10 @@ class _Side:
         self.client: Any = client
         # Sync clients return results, asyncio clients coroutines; resolve turns either into a result.
         self.resolve = resolve
-        self.lookup: Script | AsyncScript | OwnScript = client.register_script(scripts.LOOKUP)
+        self.lookup: Script | AsyncScript | OwnScript | AsyncOwnScript
+        self.lookup = client.register_script(scripts.LOOKUP)
         self.generation: Script | AsyncScript = client.register_script(scripts.GENERATION)
-        self.store: Script | AsyncScript = client.register_script(scripts.STORE)
+        self.store: Script | AsyncScript | AsyncOwnScript = client.register_script(scripts.STORE)
         self.bump: Script | AsyncScript = client.register_script(scripts.BUMP)
         self.release: Script | AsyncScript = client.register_script(scripts.RELEASE)
 
@@ -160,7 +163,9 @@ class RedisBackend:
             # Stores sent without waiting, and the read path's lookup, on connections of our own.
             self._sender = Sender(client)
             self._sync.lookup = OwnScript(client, scripts.LOOKUP, self._sync.lookup.sha)
-        self._async = _Side(async_client, _await) if async_client is not None else None
+        self._own_async: AsyncConnections | None = None
+        self._async_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # see _async_side
+        self._async = self._async_side_of(async_client) if async_client is not None else None
         self._async_factory: Callable[[], redis.asyncio.Redis] | None = None
         self._owns_clients = False
         self._sentinels: list[Any] = []  # Sentinel managers built by from_url (closed with it)
@@ -178,7 +183,16 @@ class RedisBackend:
         client = self._async_factory()
         if self._watch is not None:
             self._watch.install(client)
-        return _Side(client, _await)
+        return self._async_side_of(client)
+
+    def _async_side_of(self, client: redis.asyncio.Redis) -> _Side:
+        side = _Side(client, _await)
+        if can_own(client):
+            # The read path's lookup and a miss's store on connections of our own (own.py).
+            self._own_async = AsyncConnections(client)
+            side.lookup = AsyncOwnScript(self._own_async, client, scripts.LOOKUP)
+            side.store = AsyncOwnScript(self._own_async, client, scripts.STORE)
+        return side
 
     @classmethod
     def from_url(
@@ -283,12 +297,9 @@ class RedisBackend:
         if self._closed:
             raise BackendError("RedisBackend is closed")
         if (self._async is not None or self._async_factory is not None) and _in_greenlet():
-            if self._async is None:
-                with self._lock:
-                    if self._async is None and self._async_factory is not None:
-                        self._async = self._new_async_side()
-            if self._async is not None:
-                return self._async
+            side = self._async_side()
+            if side is not None:
+                return side
         if self._sync is not None:
             return self._sync
         raise BackendError(
@@ -359,13 +370,25 @@ class RedisBackend:
                 return found
 
     def _async_side(self) -> _Side | None:
+        """The asyncio client's side, if there is one and this is its event loop.
+
+        An asyncio client belongs to the loop it first ran on. Called from another loop (a commit
+        on one loop evicts through every cache of that database in the process, another loop's
+        too), the sync client answers instead, when there is one."""
         if self._closed:
             raise BackendError("RedisBackend is closed")
         if self._async is None and self._async_factory is not None:
             with self._lock:
                 if self._async is None:
                     self._async = self._new_async_side()
-        return self._async
+        if self._async is None or self._sync is None:
+            return self._async
+        loop = asyncio.get_running_loop()
+        bound = self._async_loop() if self._async_loop is not None else None
+        if bound is None or bound.is_closed():  # (a loop that ended leaves its successor the client)
+            self._async_loop = weakref.ref(loop)
+            return self._async
+        return self._async if bound is loop else None
 
     def _lookup_steps(
         self, key: str, hint: Sequence[str], lease: tuple[str, int] | None = None
@@ -724,6 +747,11 @@ class RedisBackend:
             self._sender.close()
         if self._sync is not None and isinstance(self._sync.lookup, OwnScript):
             self._sync.lookup.close()
+        if self._own_async is not None:
+            if _in_greenlet():
+                _await(self._own_async.aclose())
+            else:
+                self._own_async.forget()
 
     def close(self) -> None:
         """Close the clients this backend built (see :meth:`from_url`); further calls fail.
@@ -754,6 +782,8 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Like :meth:`close`, from async code on the event loop the asyncio client is bound to."""
         self._closed = True
+        if self._own_async is not None:
+            await self._own_async.aclose()
         self._close_own()
         if not self._owns_clients:
             return
