@@ -913,3 +913,50 @@ async def test_async_calls_beyond_the_own_connections_use_the_clients_pool_and_c
     finally:
         _wipe(admin, key_prefix)
         admin.close()
+
+
+def test_a_store_sent_without_waiting_lands_after_a_script_flush_and_a_new_connection(
+    redis_url: str, key_prefix: str
+) -> None:
+    """The replies of stores sent without waiting are read late (several at a time), so a store
+    Redis answers with NOSCRIPT would only be run again then: the store script is loaded on every
+    new connection of the sender, and again with the lookup's after a flush. After a flush the
+    next store lands at once; after the server closed the sender's connection, the store written
+    on it is lost (as a write to any closed socket is) and the next one reconnects and lands."""
+    client = redis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=key_prefix)
+    admin = redis.Redis.from_url(redis_url)
+
+    def kill() -> None:
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+    def miss_and_store(key: str, lease: bool = True) -> bool:
+        if lease:
+            found, token = backend.lease(key, 5.0, ["t:a"])
+            assert found.entry is None and isinstance(token, str)
+        else:  # (without a lease a miss whose versions exist is answered by an MGET: no script)
+            found, token = backend.lookup(key, ["t:a"]), None
+            assert found.entry is None
+        try:
+            assert backend.send_store(key, b"v", ["t:a"], found.generation, TTL, lease=token)
+        except BackendError:  # the write itself failed (a closed socket): nothing sent
+            return False
+        return _landed(client, f"{key_prefix}:e:{key}", within=1.0) is not None
+
+    try:
+        assert miss_and_store("first")
+        admin.script_flush()
+        assert miss_and_store("after a flush")
+        for n, upset in enumerate([kill, lambda: (admin.script_flush(), kill())]):
+            upset()
+            tries = [miss_and_store(f"after a kill {n} {i}") for i in range(3)]
+            assert tries[1:] == [True, True], tries
+        admin.script_flush()
+        kill()
+        tries = [miss_and_store(f"no script run {i}", lease=False) for i in range(3)]
+        assert tries[1:] == [True, True], tries
+    finally:
+        _wipe(client, key_prefix)
+        backend.close()
+        client.close()
+        admin.close()

@@ -54,6 +54,9 @@ _MAGIC = b"\xa7q"
 # A generation may trail the highest one seen by this much without meaning lost data (Redis
 # generations are microseconds; a burst of bumps can push them a little ahead of its clock).
 _SLACK = 1000
+# Stores sent without waiting have their replies read this many at a time (and whenever the
+# counters are asked for): they only move counters, and each read is a system call on the miss path.
+_SETTLE_EVERY = 16
 
 Row = tuple[str, Mapping[str, str], "int | None"]
 
@@ -117,6 +120,7 @@ class Resilient:
         self.native: NativeAsyncio | None = backend if isinstance(backend, NativeAsyncio) else None
         self._loop_bound: LoopBound | None = backend if isinstance(backend, LoopBound) else None
         self.sender: SendsStores | None = backend if isinstance(backend, SendsStores) else None
+        self._unsettled = 0  # stores sent since their replies were last read (approximate: threads)
         self._lock = threading.Lock()
         self._pending = Pending(self._send, self._threads_allowed, count, self.internal_error, retry_interval)
         # The highest generation this process has been given, and when its answer arrived: only a
@@ -452,7 +456,9 @@ class Resilient:
         """Send the store and return; its reply is read with the next one's. False: store inline."""
         if not self._storable(job):
             return True
-        self.settle_stores()
+        if self._unsettled >= _SETTLE_EVERY:
+            # The replies of the stores sent before, read together: one socket read for many.
+            self.settle_stores()
         try:
             sent: bool = self._call(
                 "store",
@@ -465,12 +471,14 @@ class Resilient:
             )
         except (BackendError, _Skipped):
             return True  # counted; its lease expires on its own
+        self._unsettled += sent
         return sent
 
     def settle_stores(self) -> None:
         """Count what the stores sent so far answered (stored, refused, failed)."""
         if self.sender is None:
             return
+        self._unsettled = 0
         try:
             replies = self._call("store", self.sender.store_replies)
         except (BackendError, _Skipped):
@@ -478,6 +486,7 @@ class Resilient:
         for reply in replies:
             if isinstance(reply, BackendError):
                 self._failed("store", reply)
+                self._unsettled = _SETTLE_EVERY  # read the next one's at once, until all is well
             else:
                 self.count("stores" if reply else "stores_refused")
 

@@ -161,8 +161,8 @@ class RedisBackend:
         self._sender: Sender | None = None
         if client is not None and self._sync is not None and can_own(client):
             # Stores sent without waiting, and the read path's lookup, on connections of our own.
-            self._sender = Sender(client)
-            self._sync.lookup = OwnScript(client, scripts.LOOKUP, self._sync.lookup.sha)
+            self._sender = Sender(client, scripts.STORE)
+            self._sync.lookup = OwnScript(client, scripts.LOOKUP, self._sync.lookup.sha, (scripts.STORE,))
         self._own_async: AsyncConnections | None = None
         self._async_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # see _async_side
         self._async = self._async_side_of(async_client) if async_client is not None else None

@@ -97,10 +97,11 @@ class OwnScript:
     """A Lua script called on this thread's own connection: ``script(keys=…, args=…)``, as redis-py's
     ``Script`` is called."""
 
-    def __init__(self, client: redis.Redis, text: bytes, sha: str) -> None:
+    def __init__(self, client: redis.Redis, text: bytes, sha: str, also: Sequence[bytes] = ()) -> None:
         self._client = client
         self._pool = client.connection_pool
         self._text = text
+        self._also = also  # loaded with it after a NOSCRIPT (the Sender's store, read late)
         self.sha = sha
         self._local = threading.local()
         self._made: weakref.WeakSet[Any] = weakref.WeakSet()  # for close(): every thread's
@@ -125,7 +126,10 @@ class OwnScript:
         """Any command on this thread's connection (the strict near-cache's position read too)."""
         connection = self._connection()
         packed = _pack(connection, parts)
-        for attempt in range(2):
+        # Once more after each of the two things a restarted Redis does to a call (it closed the
+        # connection, and it lost the scripts), never twice for the same one.
+        reconnected = reloaded = False
+        while True:
             try:
                 if connection._sock is None:
                     # connect() itself: send_packed_command's own reconnect would go back to the
@@ -134,9 +138,11 @@ class OwnScript:
                 connection.send_packed_command(packed, check_health=False)
                 return connection.read_response()
             except NoScriptError:  # a Redis that restarted or flushed its scripts
-                if attempt:
+                if reloaded:
                     raise
-                self._client.script_load(self._text)
+                reloaded = True
+                for text in (self._text, *self._also):
+                    self._client.script_load(text)
             except ResponseError:  # an error reply: the connection is fine
                 raise
             except _Dropped:
@@ -144,19 +150,20 @@ class OwnScript:
                 # client's own retry does (a timeout is not a _Dropped: a server that doesn't answer
                 # is not asked twice).
                 connection.disconnect()
-                if attempt:
+                if reconnected:
                     raise
+                reconnected = True
             except BaseException:
                 connection.disconnect()  # a late reply must not be read as the next call's
                 raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Sender:
-    """One connection, taken from ``client``'s pool for good, that only carries stores."""
+    """One connection of our own that only carries stores (the script ``text``)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, text: bytes) -> None:
         self._pool = client.connection_pool
+        self._text = text
         self._lock = threading.Lock()
         self._connection: Any = None
         self._pid = os.getpid()
@@ -174,21 +181,34 @@ class Sender:
             self._connection = _connection_like(self._pool)
         if self._connection._sock is None:
             self._connection.connect()  # (see OwnScript.command)
+            # Loaded on every new connection (a Redis that restarted lost it): the replies are read
+            # late, so a store refused with NOSCRIPT would only be run again then.
+            self._connection.send_command("SCRIPT", "LOAD", self._text, check_health=False)
+            self._connection.read_response()
         return self._connection
 
     def send(self, sha: str, call: Call) -> None:
         """Write the store script's call; raises the client's error if it could not be written."""
         keys, args = call
         with self._lock:
-            connection = self._ready()
-            try:
-                connection.send_packed_command(
-                    _pack(connection, ("EVALSHA", sha, len(keys), *keys, *args)), check_health=False
-                )
-            except BaseException:
-                self._drop()
-                raise
-            self._sent.append(call)
+            for attempt in range(2):
+                try:
+                    connection = self._ready()
+                    connection.send_packed_command(
+                        _pack(connection, ("EVALSHA", sha, len(keys), *keys, *args)), check_health=False
+                    )
+                except _Dropped:
+                    # A connection the server closed (its replies are read late, so this is where
+                    # that shows): on a new one, once more, as OwnScript.command does.
+                    self._drop()
+                    if attempt:
+                        raise
+                    continue
+                except BaseException:
+                    self._drop()
+                    raise
+                self._sent.append(call)
+                return
 
     def replies(self, rerun: Callable[[Call], Any]) -> list[Any]:
         """The replies of the stores sent so far, in order: each the script's reply, or the exception
@@ -291,16 +311,18 @@ class AsyncOwnScript:
         if connection is None:
             return await self._fallback(keys=keys, args=args)
         packed = _pack(connection, ("EVALSHA", self.sha, len(keys), *keys, *args))
-        for attempt in range(2):
+        reconnected = reloaded = False  # (see OwnScript.command)
+        while True:
             try:
                 if not connection.is_connected:
                     await connection.connect()  # (see OwnScript.command: a Sentinel-managed one asks)
                 await connection.send_packed_command(packed, check_health=False)
                 reply = await connection.read_response()
             except NoScriptError:  # a Redis that restarted or flushed its scripts
-                if attempt:
+                if reloaded:
                     connections.give_back(connection)
                     raise
+                reloaded = True
                 try:
                     await self._client.script_load(self._text)
                 except BaseException:
@@ -311,13 +333,13 @@ class AsyncOwnScript:
                 raise
             except _Dropped:  # closed by the server while idle: once more, on a new socket
                 await connection.disconnect(nowait=True)
-                if attempt:
+                if reconnected:
                     await connections.lose(connection)
                     raise
+                reconnected = True
             except BaseException:  # a timeout, a cancelled task: a late reply must not be read
                 await connections.lose(connection)  # as the next call's
                 raise
             else:
                 connections.give_back(connection)
                 return reply
-        raise AssertionError("unreachable")  # pragma: no cover
