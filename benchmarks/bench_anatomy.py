@@ -1,7 +1,7 @@
-"""Where a cached read's time goes: a ``session.get`` hit and miss (sync and asyncio) taken apart, next to the
-physical floor of each, measured in the same run (issue 11: "where a target cannot be reached, show
-the profile that proves what the remaining time is spent on and how far it is from the physical
-limit").
+"""Where a cached read's time goes: a ``session.get`` hit and miss (sync and asyncio) taken apart,
+next to the physical floor of each, measured in the same run (issue 11: "where a target cannot be
+reached, show the profile that proves what the remaining time is spent on and how far it is from the
+physical limit").
 
     .venv/bin/python benchmarks/bench_anatomy.py [--iterations N] [--output FILE.md]
 
@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -161,6 +162,47 @@ def table(
     return rows
 
 
+@dataclass
+class Samples:
+    """One kind of session's measurements: the floor's parts, the reads, and their pieces."""
+
+    ping: list[int] = field(default_factory=list)
+    plain_get: list[int] = field(default_factory=list)
+    session_only: list[int] = field(default_factory=list)
+    hit_total: list[int] = field(default_factory=list)
+    miss_total: list[int] = field(default_factory=list)
+    hit_parts: dict[str, list[int]] = field(default_factory=dict)
+    miss_parts: dict[str, list[int]] = field(default_factory=dict)
+
+
+def hit_and_miss(
+    m: Samples, suffix: str, session: str, plain: str, ping: str, hit_server: float
+) -> list[str]:
+    """The two tables of one kind of session: a hit and a miss, each next to its floor."""
+    rt = median_us(m.ping)
+    lines = table(
+        f"A hit{suffix}",
+        m.hit_total,
+        {f"{session} + close (measured alone)": m.session_only, **m.hit_parts},
+        [
+            (f"a Redis round trip ({ping})", rt),
+            ("the lookup script's server time", hit_server),
+            (f"{session} + close, no read", median_us(m.session_only)),
+        ],
+    )
+    lines += table(
+        f"A miss{suffix}",
+        m.miss_total,
+        m.miss_parts,
+        [
+            (f"a plain {plain}'s get (one SELECT), open to close", median_us(m.plain_get)),
+            (f"a Redis round trip ({ping})", rt),
+        ],
+        inside=(f"the get as a plain {plain} does it (measured alone)", median_us(m.plain_get)),
+    )
+    return lines
+
+
 def run(iterations: int) -> str:
     schema = f"sqlacache_anatomy_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_URL)
@@ -212,13 +254,7 @@ def measure(
     pieces.wrap(execute_mod, "invoke", "the SELECT (statement)")
     pieces.wrap(Resilient, "_send_store", "store sent (not awaited)")
 
-    ping: list[int] = []
-    plain_get: list[int] = []
-    session_only: list[int] = []
-    hit_total: list[int] = []
-    miss_total: list[int] = []
-    hit_parts: dict[str, list[int]] = {}
-    miss_parts: dict[str, list[int]] = {}
+    m = Samples()
 
     def timed(fn: Callable[[], Any]) -> int:
         t0 = time.perf_counter_ns()
@@ -240,32 +276,31 @@ def measure(
     store_calls = store_usec = 0
     for r in range(n):
         i = uid(r)
-        ping.append(timed(client.ping))
-        plain_get.append(timed(get_with(plain, i)))
-        session_only.append(timed(open_close))
+        m.ping.append(timed(client.ping))
+        m.plain_get.append(timed(get_with(plain, i)))
+        m.session_only.append(timed(open_close))
 
         pieces.take()
         c0, u0 = server_usec(client, "evalsha")
-        hit_total.append(timed(get_with(caching, i)))
+        m.hit_total.append(timed(get_with(caching, i)))
         c1, u1 = server_usec(client, "evalsha")
         lookup_calls, lookup_usec = lookup_calls + c1 - c0, lookup_usec + u1 - u0
         for k, v in pieces.take().items():
-            hit_parts.setdefault(k, []).append(v)
+            m.hit_parts.setdefault(k, []).append(v)
 
         cache.invalidate(User, pks=[i])
         cache.io.settle_stores()
         pieces.take()
         c0, u0 = server_usec(client, "evalsha")
-        miss_total.append(timed(get_with(caching, i)))
+        m.miss_total.append(timed(get_with(caching, i)))
         for k, v in pieces.take().items():
-            miss_parts.setdefault(k, []).append(v)
+            m.miss_parts.setdefault(k, []).append(v)
         cache.io.settle_stores()  # the store's reply, outside the timed region
         c1, u1 = server_usec(client, "evalsha")
         store_calls, store_usec = store_calls + c1 - c0, store_usec + u1 - u0
     pieces.restore()
     stats = cache.stats()
 
-    rt = median_us(ping)
     hit_server = lookup_usec / max(1, lookup_calls)
     miss_server = store_usec / max(1, store_calls)
 
@@ -278,27 +313,7 @@ def measure(
         "(the lookup that takes the lease, then the store).",
         "",
     ]
-    hit_parts = {"CachingSession() + close (measured alone)": session_only, **hit_parts}
-    lines += table(
-        "A hit",
-        hit_total,
-        hit_parts,
-        [
-            ("a Redis round trip (PING)", rt),
-            ("the lookup script's server time", hit_server),
-            ("CachingSession() + close, no read", median_us(session_only)),
-        ],
-    )
-    lines += table(
-        "A miss",
-        miss_total,
-        miss_parts,
-        [
-            ("a plain Session's get (one SELECT), open to close", median_us(plain_get)),
-            ("a Redis round trip (PING)", rt),
-        ],
-        inside=("the get as a plain Session does it (measured alone)", median_us(plain_get)),
-    )
+    lines += hit_and_miss(m, "", "CachingSession()", "Session", "PING", hit_server)
     lines.append(f"Cache stats at the end: {stats}")
     return lines
 
@@ -343,38 +358,32 @@ async def ameasure(client: redis.Redis, url: str, schema: str, n: int) -> list[s
         pieces.wrap(session_mod, "finish_get", "decode + attach")
         pieces.wrap(execute_mod, "invoke", "the SELECT (statement)")
         pieces.awrap(Resilient, "_astore", store)
-        ping: list[int] = []
-        plain_get: list[int] = []
-        session_only: list[int] = []
-        hit_total: list[int] = []
-        miss_total: list[int] = []
-        hit_parts: dict[str, list[int]] = {}
-        miss_parts: dict[str, list[int]] = {}
+        m = Samples()
         lookup_calls = lookup_usec = store_calls = store_usec = 0
         for r in range(n):
             i = uid(r)
-            ping.append(await atimed(aclient.ping))
-            plain_get.append(await atimed(get_with(plain, i)))
-            session_only.append(await atimed(open_close))
+            m.ping.append(await atimed(aclient.ping))
+            m.plain_get.append(await atimed(get_with(plain, i)))
+            m.session_only.append(await atimed(open_close))
 
             pieces.take()
             c0, u0 = server_usec(client, "evalsha")
-            hit_total.append(await atimed(get_with(caching, i)))
+            m.hit_total.append(await atimed(get_with(caching, i)))
             c1, u1 = server_usec(client, "evalsha")
             lookup_calls, lookup_usec = lookup_calls + c1 - c0, lookup_usec + u1 - u0
             for k, v in pieces.take().items():
-                hit_parts.setdefault(k, []).append(v)
+                m.hit_parts.setdefault(k, []).append(v)
 
             await cache.ainvalidate(User, pks=[i])
             await cache.await_for_stores()
             pieces.take()
             c0, u0 = server_usec(client, "evalsha")
-            miss_total.append(await atimed(get_with(caching, i)))
+            m.miss_total.append(await atimed(get_with(caching, i)))
             await cache.await_for_stores()  # the store's task: landed, outside the timed region
             c1, u1 = server_usec(client, "evalsha")
             store_calls, store_usec = store_calls + c1 - c0, store_usec + u1 - u0
             for k, v in pieces.take().items():
-                miss_parts.setdefault(k, []).append(v)
+                m.miss_parts.setdefault(k, []).append(v)
         pieces.restore()
         stats = cache.stats()
     finally:
@@ -382,11 +391,10 @@ async def ameasure(client: redis.Redis, url: str, schema: str, n: int) -> list[s
         await engine.dispose()
         await aclient.aclose()
 
-    rt = median_us(ping)
     hit_server = lookup_usec / max(1, lookup_calls)
     miss_server = store_usec / max(1, store_calls)
-    stored = median_us(miss_parts.pop(store, []))
-    miss_parts.pop("decode + attach", None)  # (a miss has nothing to decode: its ticket, ~1 µs)
+    stored = median_us(m.miss_parts.pop(store, []))
+    m.miss_parts.pop("decode + attach", None)  # (a miss has nothing to decode: its ticket, ~1 µs)
     lines = [
         "## Anatomy of a cached `session.get` (asyncio: asyncpg + redis.asyncio, on loopback)",
         "",
@@ -395,26 +403,8 @@ async def ameasure(client: redis.Redis, url: str, schema: str, n: int) -> list[s
         "round trip of the floor is the asyncio client's own `PING`.",
         "",
     ]
-    hit_parts = {"CachingAsyncSession() + close (measured alone)": session_only, **hit_parts}
-    lines += table(
-        "A hit (async)",
-        hit_total,
-        hit_parts,
-        [
-            ("a Redis round trip (the asyncio client's PING)", rt),
-            ("the lookup script's server time", hit_server),
-            ("CachingAsyncSession() + close, no read", median_us(session_only)),
-        ],
-    )
-    lines += table(
-        "A miss (async)",
-        miss_total,
-        miss_parts,
-        [
-            ("a plain AsyncSession's get (one SELECT), open to close", median_us(plain_get)),
-            ("a Redis round trip (the asyncio client's PING)", rt),
-        ],
-        inside=("the get as a plain AsyncSession does it (measured alone)", median_us(plain_get)),
+    lines += hit_and_miss(
+        m, " (async)", "CachingAsyncSession()", "AsyncSession", "the asyncio client's PING", hit_server
     )
     lines.append(
         f"The store runs as a task of the event loop, which the read doesn't wait for: {stored:.1f} µs "

@@ -280,7 +280,7 @@ class Cache:
     :param max_entries: Entries the memory backend keeps (an int >= 1; default 10 000).
     :param background_stores: A miss never waits for its store. ``False`` (default): with Redis, a
         sync reader sends the store on a connection of its own without waiting for the reply
-        (read with the next store's, or by :meth:`stats`); inside an ``AsyncSession`` the store is
+        (read with later stores', or by :meth:`stats`); inside an ``AsyncSession`` the store is
         a task of the event loop. ``True``: sync stores are handed to a worker thread instead
         (slower on a busy interpreter; kept for backends that can't send without waiting). Either
         way the store is the same atomic check against the generation the read began at, so a

@@ -960,3 +960,30 @@ def test_a_store_sent_without_waiting_lands_after_a_script_flush_and_a_new_conne
         backend.close()
         client.close()
         admin.close()
+
+
+def test_a_backend_called_from_a_second_event_loop_answers_there_with_its_sync_client(
+    redis_url: str, key_prefix: str
+) -> None:
+    """An asyncio client belongs to the event loop it first ran on. A backend with both clients
+    that is called from another live loop (a commit there evicts through every cache of its
+    database in the process) answers with its sync client there: right answers on both loops, and
+    ``aclose()`` on the first loop finds no connection of another loop's."""
+    backend = RedisBackend.from_url(redis_url, prefix=key_prefix)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        g = first.run_until_complete(backend.alookup("k", ["t:a"])).generation  # binds the client
+        assert backend.store("k", b"v", ["t:a"], g, TTL)
+        for loop in (second, first, second):
+            assert loop.run_until_complete(backend.alookup("k", ["t:a"])).entry == Entry(b"v", ("t:a",))
+            found = loop.run_until_complete(greenlet_spawn(backend.lookup, "k", ["t:a"]))
+            assert found.entry == Entry(b"v", ("t:a",))
+        second.run_until_complete(greenlet_spawn(backend.bump, ["t:a"]))
+        assert first.run_until_complete(backend.alookup("k", ["t:a"])).entry is None
+        first.run_until_complete(backend.aclose())  # raises if a connection belonged to `second`
+    finally:
+        _wipe(raw, key_prefix)
+        raw.close()
+        first.close()
+        second.close()

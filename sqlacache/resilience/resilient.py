@@ -453,7 +453,7 @@ class Resilient:
             self.store(job)
 
     def _send_store(self, job: StoreJob) -> bool:
-        """Send the store and return; its reply is read with the next one's. False: store inline."""
+        """Send the store and return; its reply is read later, with others'. False: store inline."""
         if not self._storable(job):
             return True
         if self._unsettled >= _SETTLE_EVERY:

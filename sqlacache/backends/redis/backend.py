@@ -111,7 +111,7 @@ class RedisBackend:
     With both clients, calls made inside SQLAlchemy's greenlet (the sync core of an ``AsyncSession``)
     await the asyncio client without blocking the event loop, and all other calls use the sync
     client. An asyncio client is bound to the event loop it first connected on: use one backend per
-    event loop.
+    event loop (called from another loop, a backend with both clients uses the sync one there).
 
     Clients passed in are not closed by :meth:`close` (their owner closes them); clients built by
     :meth:`from_url` are.

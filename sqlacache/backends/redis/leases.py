@@ -21,7 +21,8 @@ def _new_process() -> None:
     _prefix = secrets.token_hex(6)  # a forked child must not hand out its parent's tokens
 
 
-os.register_at_fork(after_in_child=_new_process)
+if hasattr(os, "register_at_fork"):  # (not on Windows, which doesn't fork)
+    os.register_at_fork(after_in_child=_new_process)
 
 
 def new_token() -> str:

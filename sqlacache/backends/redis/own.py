@@ -4,12 +4,12 @@ On loopback, a redis-py client call spends about as long in its pool, retry and 
 the round trip itself takes. The read path's lookup therefore writes its script call on a
 connection of its own (one per thread), and a miss's store is written on another and not waited
 for (``Sender``): a reader that missed has its rows, and the store's reply — stored, or refused
-because a commit came first — changes nothing for it. The reply is read with the next store's, or
+because a commit came first — changes nothing for it. The replies are read sixteen at a time, or
 when someone asks for the counters. The scripts are unchanged: the same atomic, generation-checked
 steps, which Redis runs as soon as the bytes arrive — a late store still cannot install stale data.
 The connections are the client's own kind, made by its pool with its settings (timeouts, TLS, auth,
 database). An asyncio client's lookups and stores run on connections of our own as well
-(``AsyncConnections``: one per call in flight, a few at most), awaited as the client's are.
+(``AsyncConnections``: one per call in flight, sixteen at most), awaited as the client's are.
 """
 
 from __future__ import annotations
