@@ -247,10 +247,11 @@ class AsyncConnections:
     """Connections of our own for an asyncio client: the read path's lookup and a miss's store.
 
     On loopback, a ``redis.asyncio`` script call spends some 25 µs in the client's command
-    machinery, its pool and its packer — a quarter of the round trip. A connection here carries one call
-    at a time (asyncio tasks interleave, so each call in flight holds one); at most ``most`` are
-    open, and a call beyond that goes through the client as before. Like the client's, they belong
-    to the event loop they were opened on (one backend per event loop, as for the client)."""
+    machinery, its pool and its packer — a quarter of the round trip. A connection here carries
+    one call at a time (asyncio tasks interleave, so each call in flight holds one); at most
+    ``most`` are open, and a call beyond that goes through the client as before. Like the
+    client's, they belong to the event loop they were opened on (one backend per event loop, as
+    for the client)."""
 
     def __init__(self, client: redis.asyncio.Redis, most: int = 16) -> None:
         self._client = client
@@ -273,11 +274,13 @@ class AsyncConnections:
         return _connection_like(self._pool)
 
     def give_back(self, connection: Any) -> None:
-        self._idle.append(connection)
+        if asyncio.get_running_loop() is self._loop:  # (else the backend moved to another loop)
+            self._idle.append(connection)
 
     async def lose(self, connection: Any) -> None:
         """A connection that must not be used again (a reply may still be on its way): closed."""
-        self._open -= 1
+        if asyncio.get_running_loop() is self._loop:
+            self._open -= 1
         with contextlib.suppress(Exception):  # redis-py has mostly closed it already
             await connection.disconnect(nowait=True)
 
