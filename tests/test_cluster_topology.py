@@ -105,6 +105,20 @@ def _owner(cluster: RedisClusterProcs, slot: int) -> int:
     raise AssertionError(f"no node serves slot {slot}")
 
 
+def _caught_up(primary: redis.Redis, replica: redis.Redis, timeout: float = 10.0) -> None:
+    """Wait until ``replica`` has applied everything ``primary`` has written so far."""
+    target = int(primary.info("replication")["master_repl_offset"])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if int(replica.info("replication").get("slave_repl_offset", -1)) >= target:
+                return
+            time.sleep(0.02)
+    finally:
+        replica.close()
+    raise AssertionError("the replica did not catch up")
+
+
 def _wait_promoted(cluster: RedisClusterProcs, replica: int, timeout: float = 20.0) -> float:
     started = time.monotonic()
     client = cluster.node(replica)
@@ -138,6 +152,8 @@ def test_lost_bump_after_failover_is_not_served(
     master = _master_of(cluster6, cache.backend, "users")
     replica = master + cluster6.masters
     primary = cluster6.node(master)
+    # The cached entry must be on the replica before it is cut off (replication is asynchronous).
+    _caught_up(primary, cluster6.node(replica))
     # Cut the replica off (stopped, its link closed by the master): the next bump stays on the master.
     cluster6.servers[replica].pause()
     primary.execute_command("CLIENT", "KILL", "TYPE", "replica")
