@@ -642,6 +642,42 @@ def test_max_keys_per_shape_bounds_one_off_entries(tmp_path: Any, redis_url: str
         engine.dispose()
 
 
+async def test_async_stores_refused_by_the_limits_give_their_leases_back(
+    tmp_path: Any, redis_url: str, key_prefix: str
+) -> None:
+    """Inside an AsyncSession the store is a task of the event loop: the limits refuse it there as
+    in a sync session (``max_keys_per_shape``, ``max_entry_size``), counted, and the fill lease its
+    miss took is given back at once — nobody waits for a fill that will not come."""
+    _engine(tmp_path).dispose()
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'sec.db'}")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    cache = Cache(client, prefix=key_prefix, max_keys_per_shape=5)
+    small = Cache(client, prefix=f"{key_prefix}-small", max_entry_size=10)
+    try:
+        for i in range(30):  # a search box: one value per request
+            async with CachingAsyncSession(engine, cache=cache) as s:
+                assert (await s.scalars(select(Account).where(Account.email == f"search-{i}"))).all() == []
+        await cache.await_for_stores()
+        assert 4 <= _entries(redis_url, key_prefix) <= 5
+        assert cache.stats()["limited"] == 25
+        for _ in range(2):
+            async with CachingAsyncSession(engine, cache=small) as s:
+                assert (await s.get(Account, 1)).email == "u1@example.com"
+        await small.await_for_stores()
+        assert small.stats()["too_large"] == 2 and small.stats()["hits"] == 0
+        for prefix in (key_prefix, f"{key_prefix}-small"):
+            assert list(admin.scan_iter(f"{prefix}:l:*")) == []  # every lease given back
+    finally:
+        await cache.ainvalidate_all()
+        await small.ainvalidate_all()
+        await cache.aclose()
+        await small.aclose()
+        await client.aclose()
+        admin.close()
+        await engine.dispose()
+
+
 def test_max_bytes_stored_and_expiry(tmp_path: Any, redis_url: str, key_prefix: str) -> None:
     engine = _engine(tmp_path)
     cache = Cache(redis_url, prefix=key_prefix, max_bytes_stored=600, models={"*": {"ttl": 1.0}})

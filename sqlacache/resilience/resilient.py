@@ -407,20 +407,25 @@ class Resilient:
         inner = _ENVELOPE.pack(_MAGIC, refresh_at) + job.payload
         return inner if self.seal is None else self.seal.close(job.key, inner)
 
-    def _storable(self, job: StoreJob) -> bool:
+    def _admitted(self, job: StoreJob) -> bool:
+        """Whether the limits let ``job`` be stored (no I/O: what they refuse is counted here)."""
         if self.max_entry_size is not None and len(job.payload) > self.max_entry_size:
             self.count("too_large")
-            if job.lease is not None:
-                self.release(job.key, job.lease)
             return False
         if self.quota is not None:
             passed = self.quota.admit(job.key, job.shape, len(job.payload) + len(job.key), job.ttl)
             if passed is not None:
                 self.count("limited")
                 self.warn("limited", "sqlacache: not storing %s: this process reached %s", job.key, passed)
-                if job.lease is not None:
-                    self.release(job.key, job.lease)
                 return False
+        return True
+
+    def _storable(self, job: StoreJob) -> bool:
+        """``_admitted``, a refused store's lease given back, and kept invalidations delivered first."""
+        if not self._admitted(job):
+            if job.lease is not None:
+                self.release(job.key, job.lease)
+            return False
         return not self._pending or self.deliver_pending()
 
     @staticmethod
@@ -491,12 +496,13 @@ class Resilient:
                 self.count("stores" if reply else "stores_refused")
 
     async def _astore(self, astore: Any, job: StoreJob) -> None:
-        # _storable may need I/O (deliver kept invalidations, give a refused store's lease back),
-        # which needs the greenlet; without kept invalidations or limits it would only say yes.
-        unlimited = self.quota is None and (
-            self.max_entry_size is None or len(job.payload) <= self.max_entry_size
-        )
-        if not (unlimited and not self._pending) and not await greenlet_spawn(self._storable, job):
+        # The limits are checked here on the loop; what needs I/O (a refused store's lease given
+        # back, kept invalidations delivered) runs in the greenlet, and only when there is any.
+        if not self._admitted(job):
+            if job.lease is not None:
+                await greenlet_spawn(self.release, job.key, job.lease)
+            return
+        if self._pending and not await greenlet_spawn(self.deliver_pending):
             return
         store = self._with_lease(astore, job)
         try:

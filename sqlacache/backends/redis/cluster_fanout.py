@@ -96,12 +96,12 @@ class ClusterSubscriber:
         stripes: list[str],
         groups_of: Callable[[str, Sequence[str]], set[str]],
         listener: Listener,
-        heartbeat: float = 1.0,
-        verifier: Verifier | None = None,
+        heartbeat: float,
+        verifier: Verifier,
     ) -> None:
         self._cluster = client
         # With a secret, only signed messages are applied (signing.py); without, every one is.
-        self._verifier = verifier if verifier is not None else Verifier(None)
+        self._verifier = verifier
         self._groups_of = groups_of
         self._listener = listener
         self._heartbeat = heartbeat

@@ -106,8 +106,8 @@ class Subscriber:
         client: Any,
         prefix: str,
         listener: Listener,
-        heartbeat: float = 1.0,
-        verifier: Verifier | None = None,
+        heartbeat: float,
+        verifier: Verifier,
     ) -> None:
         # A client of our own on the same server and settings (``client`` is the backend's, sync or
         # asyncio): the pub/sub connection must not come from (or go back to) the application's
@@ -116,7 +116,7 @@ class Subscriber:
         self.channel = f"{prefix}:fanout"
         self._prefix = prefix
         # With a secret, only signed messages are applied (signing.py); without, every one is.
-        self._verifier = verifier if verifier is not None else Verifier(None)
+        self._verifier = verifier
         self._seq_key = f"{prefix}:seq"
         self._listener = listener
         self._heartbeat = heartbeat
